@@ -1,0 +1,28 @@
+"""t2t_avg: drop-in, metric-aware replacement for T2T's checkpoint averaging scripts."""
+import re
+
+import setuptools
+
+with open("t2t_avg/__init__.py", encoding="utf-8") as f:
+  VERSION = re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+
+setuptools.setup(
+    name="t2t_avg",
+    version=VERSION,
+    description=("Average TensorFlow checkpoints: a drop-in replacement for "
+                 "Tensor2Tensor's avg_checkpoints.py and t2t-avg-all, with "
+                 "metric-weighted averaging, TF2 checkpoints and streaming."),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=["t2t_avg"],
+    python_requires=">=3.9",
+    # TensorFlow itself is an extra so that installing t2t_avg never puts a
+    # second TensorFlow (tensorflow next to tensorflow-cpu) into an environment.
+    install_requires=["absl-py", "numpy", "ml_dtypes", "google-crc32c"],
+    extras_require={
+        "tensorflow": ["tensorflow>=2.11"],
+        "tensorflow-cpu": ["tensorflow-cpu>=2.11"],
+        "test": ["pytest", "hypothesis", "six"],
+    },
+    entry_points={"console_scripts": ["t2t-avg-all = t2t_avg.cli:run_avg_all"]},
+)

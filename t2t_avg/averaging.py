@@ -1,0 +1,374 @@
+"""The streaming engine: validate the inputs, average tensor by tensor, write atomically."""
+import dataclasses
+import datetime
+import os
+import re
+import time
+from typing import Optional, Sequence, Union
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+import t2t_avg
+from t2t_avg import checkpoints
+from t2t_avg import weighting
+from t2t_avg import writer
+from t2t_avg.checkpoints import Checkpoint
+from t2t_avg.errors import AveragingError
+
+_PROGRESS_SECONDS = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointRow:
+  """One input as averaged: where it is, its step, its weight."""
+  path: str
+  step: Optional[int]
+  step_source: str
+  weight: float
+  metric: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AveragingResult:
+  """What was (or, for a dry run, would be) written."""
+  output_path: str  # The output checkpoint prefix.
+  written: bool
+  rows: tuple
+  effective_count: float
+  record: dict
+
+
+def average_checkpoints(
+    checkpoints_: Sequence[Union[str, Checkpoint]],
+    output_path: str,
+    *,
+    weights: Optional[Sequence[float]] = None,
+    metrics: Optional[Sequence[Optional[float]]] = None,
+    output_step: Union[str, int] = "zero",
+    exclude_variables: str = "",
+    allow_nonfinite: bool = False,
+    step_from: str = "auto",
+    write_meta: bool = False,
+    dry_run: bool = False,
+    update_state_file: bool = True,
+    record_extra: Optional[dict] = None,
+) -> AveragingResult:
+  """Averages checkpoints into `<output_path>-<output step>`.
+
+  Args:
+    checkpoints_: checkpoint prefixes (or directories, meaning their latest
+      checkpoint), or `Checkpoint`s whose steps are already known; the sum
+      runs in this order, as legacy T2T's did.
+    output_path: the output prefix before `-<step>`.
+    weights: one per checkpoint, >= 0 with a positive sum, normalised here;
+      None means uniform. Checkpoints of weight 0 are not read; when the
+      others have equal weights the result is bit for bit the uniform average
+      of those.
+    metrics: the metric value per checkpoint, for the log and the record.
+    output_step: 'zero' (legacy), 'last' (the newest input's step) or an int.
+    exclude_variables: a regex; variables it matches (re.search) are left out.
+    allow_nonfinite: average tensors that hold NaN or inf instead of refusing.
+    step_from: 'auto', 'name' or a tensor key (see checkpoints.read_step).
+    write_meta: also write a `.meta` graph of the bare variables (legacy).
+    dry_run: validate and return the plan; write nothing.
+    update_state_file: point the output directory's `checkpoint` file at the
+      output (never done in a directory that holds input checkpoints).
+    record_extra: more entries for the JSON record (metric tag, weighting).
+
+  Returns:
+    An AveragingResult.
+
+  Raises:
+    AveragingError: the inputs cannot be averaged (the message names the
+      checkpoint and variable); nothing is left under the output name.
+    ValueError: bad arguments.
+  """
+  if not checkpoints_:
+    raise ValueError("no checkpoints to average")
+  inputs, readers = _open(checkpoints_, step_from)
+  specs = _validate_variables(inputs, readers)
+  weights = _normalised(weights, len(inputs))
+  step = _output_step(output_step, inputs)
+  output_prefix = f"{output_path}-{step}"
+  _refuse_overwriting(output_prefix, inputs)
+  newest = _newest(inputs)
+  exclude = _compile(exclude_variables)
+  plan = _plan(specs, exclude)
+  rows = tuple(
+      CheckpointRow(c.path, c.step, c.step_source, w,
+                    None if metrics is None else metrics[i])
+      for i, (c, w) in enumerate(zip(inputs, weights)))
+  record = _record(rows, weights, output_prefix, step, exclude_variables,
+                   plan, record_extra)
+  result = AveragingResult(output_prefix, False, rows, weighting.effective_count(weights),
+                           record)
+  _log_plan(result, newest, plan, exclude)
+  if dry_run:
+    return result
+
+  with writer.CheckpointWriter(output_prefix) as out:
+    _stream(plan, inputs, readers, weights, newest, step, allow_nonfinite,
+            out)
+    extra = []
+    if write_meta:
+      meta_tmp = out.temporary_path("meta")
+      _write_meta(meta_tmp, plan)
+      extra.append((meta_tmp, output_prefix + ".meta"))
+    record_tmp = out.temporary_path("record.json")
+    writer.write_json(record_tmp, record)
+    extra.append((record_tmp, output_prefix + checkpoints.RECORD_SUFFIX))
+    out.commit(extra_files=extra)
+  if update_state_file:
+    writer.update_state_file(os.path.dirname(output_prefix), output_prefix,
+                             input_paths=[c.path for c in inputs])
+  logging.info("Averaged checkpoint saved as %s; decode with "
+               "--checkpoint_path=%s", output_prefix, output_prefix)
+  return dataclasses.replace(result, written=True)
+
+
+def _open(items, step_from):
+  inputs = [item if isinstance(item, Checkpoint) else
+            checkpoints.load(item, step_from) for item in items]
+  readers = [checkpoints.open_reader(c.path) for c in inputs]
+  seen = set()
+  for c in inputs:
+    if c.path in seen:
+      raise AveragingError(f"checkpoint {c.path} is listed twice")
+    seen.add(c.path)
+  return inputs, readers
+
+
+def _validate_variables(inputs, readers) -> dict:
+  """The variables of the first checkpoint, checked against every other."""
+  first = checkpoints.variable_specs(readers[0])
+  for c, reader in zip(inputs[1:], readers[1:]):
+    other = checkpoints.variable_specs(reader)
+    for name in sorted(set(first) ^ set(other)):
+      having, lacking = ((inputs[0].path, c.path) if name in first
+                         else (c.path, inputs[0].path))
+      raise AveragingError(f"variable {name} is in checkpoint {having} but "
+                           f"not in {lacking}")
+    for name, spec in first.items():
+      if other[name].shape != spec.shape:
+        raise AveragingError(
+            f"variable {name} has shape {list(spec.shape)} in checkpoint "
+            f"{inputs[0].path} but {list(other[name].shape)} in {c.path}")
+      if other[name].dtype != spec.dtype:
+        raise AveragingError(
+            f"variable {name} has dtype {spec.dtype.name} in checkpoint "
+            f"{inputs[0].path} but {other[name].dtype.name} in {c.path}")
+  return first
+
+
+def _normalised(weights, n) -> list:
+  if weights is None:
+    return [1.0 / n] * n
+  weights = np.asarray(weights, np.float64)
+  if weights.shape != (n,):
+    raise ValueError(f"{weights.size} weights for {n} checkpoints")
+  if not np.all(np.isfinite(weights)) or np.any(weights < 0) or (
+      weights.sum() <= 0):
+    raise ValueError(f"weights must be finite, >= 0 and sum to more than 0: "
+                     f"{weights.tolist()}")
+  return (weights / weights.sum()).tolist()
+
+
+def _output_step(output_step, inputs) -> int:
+  if output_step == "zero":
+    return 0
+  if output_step == "last":
+    unknown = [c.path for c in inputs if c.step is None]
+    if unknown:
+      raise AveragingError(f"--output_step=last: the step of checkpoint "
+                           f"{unknown[0]} is unknown (use --step_from)")
+    return max(c.step for c in inputs)
+  if isinstance(output_step, int) and output_step >= 0:
+    return output_step
+  raise ValueError(f"--output_step must be 'zero', 'last' or an integer >= 0, "
+                   f"not {output_step!r}")
+
+
+def _refuse_overwriting(output_prefix, inputs) -> None:
+  def norm(p):
+    return os.path.abspath(p) if writer.is_local(p) else p
+  for c in inputs:
+    if norm(c.path) == norm(output_prefix):
+      raise AveragingError(f"output {output_prefix} is one of the input "
+                           "checkpoints; choose another --output_path")
+  if checkpoints.exists(output_prefix) and not (
+      checkpoints.is_output_of_this_tool(output_prefix)):
+    raise AveragingError(f"output {output_prefix} already exists and was not "
+                         "written by t2t_avg; remove it or choose another "
+                         "--output_path")
+
+
+def _newest(inputs) -> int:
+  """Index of the newest input: highest step, ties to the last listed."""
+  if any(c.step is None for c in inputs):
+    return len(inputs) - 1
+  return max(range(len(inputs)), key=lambda i: (inputs[i].step, i))
+
+
+def _compile(pattern):
+  if not pattern:
+    return None
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"--exclude_variables: bad regex {pattern!r}: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class _Item:
+  spec: checkpoints.VariableSpec
+  action: str  # 'average', 'copy' (from the newest) or 'step' (output step)
+
+
+def _plan(specs, exclude) -> list:
+  items = []
+  for name in sorted(specs):
+    spec = specs[name]
+    if exclude and exclude.search(name):
+      continue
+    if name == checkpoints.GLOBAL_STEP:
+      action = "step"
+    elif spec.dtype.is_floating:
+      action = "average"
+    else:
+      action = "copy"
+    items.append(_Item(spec, action))
+  name_based = checkpoints.OBJECT_GRAPH_KEY not in specs
+  wanted = not (exclude and exclude.search(checkpoints.GLOBAL_STEP))
+  if checkpoints.GLOBAL_STEP not in specs and name_based and wanted:
+    # Legacy always wrote an int64 global_step; T2T and Estimator read it.
+    items.append(_Item(checkpoints.VariableSpec(
+        checkpoints.GLOBAL_STEP, (), tf.int64), "step"))
+  return items
+
+
+def format_table(result: AveragingResult) -> str:
+  """The checkpoints, steps, metric values and weights, as a text table."""
+  width = max(len(r.path) for r in result.rows)
+  lines = [f"{'checkpoint':<{width}}  {'step':>10}  {'metric':>12}  "
+           f"{'weight':>8}"]
+  for r in result.rows:
+    metric = "-" if r.metric is None else f"{r.metric:.6g}"
+    step = "?" if r.step is None else str(r.step)
+    lines.append(f"{r.path:<{width}}  {step:>10}  {metric:>12}  "
+                 f"{r.weight:>8.4f}")
+  lines.append(f"effective number of checkpoints: {result.effective_count:.2f}"
+               f" of {len(result.rows)}; output: {result.output_path}")
+  return "\n".join(lines)
+
+
+def _log_plan(result, newest, plan, exclude) -> None:
+  logging.info("Averaging %d checkpoints (newest: %s):\n%s",
+               sum(r.weight > 0 for r in result.rows),
+               result.rows[newest].path, format_table(result))
+  copied = [i.spec.name for i in plan if i.action == "copy"]
+  if copied:
+    logging.info("Copying %d non-float tensors from the newest checkpoint: %s",
+                 len(copied), ", ".join(copied[:10]) +
+                 (", ..." if len(copied) > 10 else ""))
+  if exclude:
+    logging.info("Leaving out variables matching %r", exclude.pattern)
+
+
+def _stream(plan, inputs, readers, weights, newest, step, allow_nonfinite,
+            out: writer.CheckpointWriter) -> None:
+  active = [i for i, w in enumerate(weights) if w > 0]
+  uniform = len({weights[i] for i in active}) == 1
+  total = sum(_nbytes(i.spec) for i in plan if i.action == "average")
+  done, last_log, start = 0, time.monotonic(), time.monotonic()
+  for item in plan:
+    spec = item.spec
+    if item.action == "step":
+      value = np.asarray(step, spec.dtype.as_numpy_dtype)
+    elif item.action == "copy":
+      value = _read(readers[newest], inputs[newest].path, spec.name)
+    else:
+      value = _average(spec, [readers[i] for i in active],
+                       [inputs[i].path for i in active],
+                       None if uniform else [weights[i] for i in active],
+                       allow_nonfinite)
+      done += _nbytes(spec)
+    logging.debug("%s %s %s %s", item.action, spec.name, spec.dtype.name,
+                  list(spec.shape))
+    out.add(spec.name, value)
+    if time.monotonic() - last_log > _PROGRESS_SECONDS:
+      last_log = time.monotonic()
+      logging.info("Averaged %.1f of %.1f MB per checkpoint (%d checkpoints, "
+                   "%.0f s)", done / 1e6, total / 1e6, len(active),
+                   last_log - start)
+
+
+def _nbytes(spec) -> int:
+  return int(np.prod(spec.shape, dtype=np.int64)) * spec.dtype.size
+
+
+def _read(reader, path, name):
+  try:
+    return reader.get_tensor(name)
+  except (tf.errors.OpError, ValueError) as e:
+    raise AveragingError(f"cannot read variable {name} from checkpoint {path}: "
+                         f"{checkpoints.error_text(e)}") from e
+
+
+def _average(spec, readers, paths, weights, allow_nonfinite):
+  """float64 sum in checkpoint order, then / n (or weighted), cast once."""
+  total = np.zeros(spec.shape, np.float64)
+  for i, (reader, path) in enumerate(zip(readers, paths)):
+    value = _read(reader, path, spec.name)
+    if weights is None:
+      np.add(total, value, out=total)
+    else:
+      np.add(total, np.multiply(value, weights[i], dtype=np.float64),
+             out=total)
+  if weights is None:
+    total /= len(readers)
+  if not allow_nonfinite and not np.isfinite(total).all():
+    _raise_nonfinite(spec, readers, paths)
+  return total.astype(spec.dtype.as_numpy_dtype)
+
+
+def _raise_nonfinite(spec, readers, paths):
+  for reader, path in zip(readers, paths):
+    if not np.isfinite(_read(reader, path, spec.name)).all():
+      raise AveragingError(
+          f"variable {spec.name} in checkpoint {path} holds NaN or inf (pass "
+          "--allow_nonfinite to average it anyway)")
+  raise AveragingError(f"variable {spec.name}: the average is not finite")
+
+
+def _write_meta(path, plan) -> None:
+  """A `.meta` graph of the bare variables, as legacy T2T wrote."""
+  graph = tf.Graph()
+  with graph.as_default():
+    var_list = {}
+    for i, item in enumerate(plan):
+      spec = item.spec
+      op_name = re.sub(r"[^A-Za-z0-9_.\-/]", "_", spec.name).lstrip("_./-")
+      var_list[spec.name] = tf.compat.v1.get_variable(
+          op_name or f"variable_{i}", shape=spec.shape, dtype=spec.dtype,
+          initializer=tf.compat.v1.zeros_initializer(), use_resource=False)
+    saver = tf.compat.v1.train.Saver(var_list)
+    saver.export_meta_graph(path)
+
+
+def _record(rows, weights, output_prefix, step, exclude_pattern, plan,
+            extra) -> dict:
+  record = {
+      "t2t_avg_version": t2t_avg.__version__,
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      "output": output_prefix,
+      "output_step": step,
+      "inputs": [dataclasses.asdict(r) for r in rows],
+      "effective_count": weighting.effective_count(weights),
+      "averaged_variables": sum(i.action == "average" for i in plan),
+      "copied_variables": sum(i.action == "copy" for i in plan),
+      "exclude_variables": exclude_pattern,
+  }
+  record.update(extra or {})
+  return record

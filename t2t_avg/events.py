@@ -1,0 +1,266 @@
+"""Scalar metrics from TensorBoard event files, every logged point kept.
+
+TensorFlow is imported on first read, not on import, so `MetricPoint` and
+`infer_direction` are usable (e.g. from `weighting` or for flag validation)
+without paying for it.
+"""
+import dataclasses
+import functools
+import math
+import os
+import re
+import struct
+from typing import Iterator, Sequence
+
+from absl import logging
+from google.protobuf import message
+import google_crc32c
+
+from t2t_avg.errors import AveragingError
+
+_HEADER = struct.Struct("<QI")  # record length, masked crc32c of the length
+_FOOTER = struct.Struct("<I")  # masked crc32c of the data
+_MAX_TAGS_LISTED = 40
+_MAX_CONFLICT_WARNINGS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricPoint:
+  """One logged value of a scalar tag."""
+  step: int
+  wall_time: float
+  value: float
+
+
+def read_metric(sources: Sequence[str], tag: str) -> list[MetricPoint]:
+  """Reads every logged value of a scalar tag, one point per step.
+
+  Both encodings are read: `simple_value` (TF1 FileWriter, Estimator, T2T)
+  and 0-d numeric tensors (TF2 `tf.summary.scalar`, Keras). Nothing is
+  sampled and nothing is dropped after restart markers. A step logged more
+  than once (restarts, several files) keeps the point with the latest wall
+  time. NaN and inf values are returned as they are.
+
+  A truncated last record (a file still being written) ends that file
+  quietly; a record whose CRC does not match, or that does not parse, ends
+  that file with a warning naming it and the record's byte offset.
+
+  Args:
+    sources: event files, or directories whose files with `tfevents` in their
+      name are read in name order (not recursively). Any `tf.io.gfile` path.
+    tag: the scalar tag, e.g.
+      `metrics-translate_ende/targets/approx_bleu_score`.
+
+  Returns:
+    The points, sorted by step.
+
+  Raises:
+    AveragingError: a source does not exist or holds no event files, or the
+      tag was not logged as a scalar (the message lists the scalar tags that
+      were).
+    ValueError: no sources.
+  """
+  if not sources:
+    raise ValueError("read_metric needs at least one event file or directory")
+  paths = [path for source in sources for path in _event_files(source)]
+  points: dict[int, MetricPoint] = {}
+  tags: set[str] = set()
+  conflicts = 0
+  for path in paths:
+    for point in _read_file(path, tag, tags):
+      old = points.get(point.step)
+      if old is not None and not _same_value(old.value, point.value):
+        conflicts += 1
+        if conflicts <= _MAX_CONFLICT_WARNINGS:
+          logging.warning(
+              "Tag %r logged twice at step %d with different values: %r "
+              "(wall time %.3f) and %r (wall time %.3f); the later one counts",
+              tag, point.step, old.value, old.wall_time, point.value,
+              point.wall_time)
+      if old is None or point.wall_time >= old.wall_time:
+        points[point.step] = point
+  if conflicts > _MAX_CONFLICT_WARNINGS:
+    logging.warning("Tag %r: %d steps in all were logged twice with different "
+                    "values", tag, conflicts)
+  if not points:
+    raise _unknown_tag(tag, sources, tags)
+  logging.info("Read %d points of %r from %d event files", len(points), tag,
+               len(paths))
+  return [points[step] for step in sorted(points)]
+
+
+def _same_value(a: float, b: float) -> bool:
+  return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def _unknown_tag(tag: str, sources: Sequence[str],
+                 tags: set[str]) -> AveragingError:
+  where = ", ".join(sources)
+  if not tags:
+    return AveragingError(
+        f"Metric tag {tag!r} not found: no scalar tags were found in {where}")
+  listed = sorted(tags)
+  shown = ", ".join(listed[:_MAX_TAGS_LISTED])
+  if len(listed) > _MAX_TAGS_LISTED:
+    shown += f", ... ({len(listed) - _MAX_TAGS_LISTED} more)"
+  return AveragingError(f"Metric tag {tag!r} not found in {where}; "
+                        f"scalar tags there: {shown}")
+
+
+def _event_files(source: str) -> list[str]:
+  """The event files of one source: itself, or a directory's (one run)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  if tf.io.gfile.isdir(source):
+    names = sorted(name.rstrip("/") for name in tf.io.gfile.listdir(source))
+    if any(name.endswith(".index") or name == "checkpoint" for name in names):
+      logging.warning(
+          "%s holds checkpoints as well as events: that is usually training "
+          "loss, not eval (Estimator and T2T write eval summaries to its "
+          "eval/ subdirectory)", source)
+    paths = [os.path.join(source, name) for name in names if "tfevents" in name]
+    if not paths:
+      raise AveragingError(
+          f"No TensorBoard event files (*tfevents*) in directory {source}")
+    return paths
+  if not tf.io.gfile.exists(source):
+    raise AveragingError(f"Event file or directory {source} does not exist")
+  return [source]
+
+
+def _read_file(path: str, tag: str, tags: set[str]) -> Iterator[MetricPoint]:
+  """Yields the points of `tag` in one file; adds every scalar tag to `tags`."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from tensorflow.core.util import event_pb2
+  for offset, record in _records(path):
+    try:
+      event = event_pb2.Event.FromString(record)
+    except message.DecodeError:
+      logging.warning("%s: record at byte %d is not an Event; ignoring the "
+                      "rest of this file", path, offset)
+      return
+    if not event.HasField("summary"):
+      continue
+    for value in event.summary.value:
+      kind = value.WhichOneof("value")
+      if kind == "simple_value":
+        number = value.simple_value
+      elif (kind == "tensor" and not value.tensor.tensor_shape.dim and
+            _is_numeric(value.tensor.dtype)):
+        number = None  # converted only when it is the tag asked for
+      else:
+        continue  # images, histograms, strings (e.g. `checkpoint_path`)...
+      tags.add(value.tag)
+      if value.tag == tag:
+        if number is None:
+          number = tf.make_ndarray(value.tensor).item()
+        yield MetricPoint(step=event.step, wall_time=event.wall_time,
+                          value=float(number))
+
+
+@functools.lru_cache(maxsize=None)
+def _is_numeric(dtype_enum: int) -> bool:
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  try:
+    dtype = tf.dtypes.as_dtype(dtype_enum)
+  except TypeError:
+    return False
+  return dtype.is_floating or dtype.is_integer
+
+
+def _masked_crc(data: bytes) -> int:
+  crc = google_crc32c.value(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _records(path: str) -> Iterator[tuple[int, bytes]]:
+  """Yields (byte offset, data) of each TFRecord whose two CRCs match.
+
+  Stops quietly at a truncated tail, and with a warning at the first record
+  that fails a CRC: after that, record boundaries cannot be trusted.
+  """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  offset = 0
+  with tf.io.gfile.GFile(path, "rb") as f:
+    while True:
+      header = f.read(_HEADER.size)
+      if len(header) < _HEADER.size:
+        if header:
+          logging.debug("%s: truncated record header at byte %d (still being "
+                        "written?)", path, offset)
+        return
+      length, length_crc = _HEADER.unpack(header)
+      if _masked_crc(header[:8]) != length_crc:
+        logging.warning("%s: corrupted record (length CRC mismatch) at byte "
+                        "%d; ignoring the rest of this file", path, offset)
+        return
+      body = f.read(length + _FOOTER.size)
+      if len(body) < length + _FOOTER.size:
+        logging.debug("%s: truncated record at byte %d (still being "
+                      "written?)", path, offset)
+        return
+      data = body[:length]
+      if _masked_crc(data) != _FOOTER.unpack(body[length:])[0]:
+        logging.warning("%s: corrupted record (data CRC mismatch) at byte %d; "
+                        "ignoring the rest of this file", path, offset)
+        return
+      yield offset, data
+      offset += _HEADER.size + length + _FOOTER.size
+
+
+_HIGHER_BETTER = ("accuracy", "acc", "bleu", "rouge", "f1", "fscore", "chrf",
+                  "precision", "recall", "likelihood")
+_LOWER_BETTER = ("loss", "perplexity", "ppl", "wer", "ter", "cer", "error",
+                 "distance", "rmse", "mse", "mae")
+
+
+def _matches(tokens: Sequence[str], keywords: Sequence[str]) -> bool:
+  """Whether a token holds a keyword (see `infer_direction`)."""
+  for token in tokens:
+    for keyword in keywords:
+      if len(keyword) >= 4:
+        if keyword in token:
+          return True
+      elif (token.startswith(keyword) and
+            not re.search(r"[a-z]", token[len(keyword):])):
+        return True
+  return False
+
+
+def infer_direction(tag: str) -> str:
+  """Whether a lower or a higher value of a metric is better, from its tag.
+
+  The tag's last `/` component is split on `_` and `-` and lower-cased.
+  Higher is better ('max') when a token starts with `neg` (T2T's
+  `neg_log_perplexity`) or matches one of accuracy, acc, bleu, rouge, f1,
+  fscore, chrf, precision, recall, likelihood, or the name holds `r_squared`;
+  otherwise lower is better ('min') when a token matches one of loss,
+  perplexity, ppl, wer, ter, cer, error, distance, rmse, mse, mae.
+
+  A token matches a keyword of 4 or more letters when it contains it
+  (`rougeL`, `sacrebleu`, `valloss`), and a shorter keyword when it is the
+  keyword followed by no letters (`acc`, `acc5`, `f1`; not `accumulated`,
+  `term` or `certainty`). So `approx_bleu_score`, `rouge_2_fscore`,
+  `BLEU_cased`, `accuracy_per_sequence` give 'max'; `val_loss`, `perplexity`,
+  `edit_distance` give 'min'; `lr`, `learning_rate`, `global_step` are errors.
+  Note that `neg_log_likelihood` gives 'max', by the `neg` rule.
+
+  Args:
+    tag: a scalar tag, e.g. `metrics-translate_ende/targets/approx_bleu_score`.
+
+  Returns:
+    'min' or 'max'.
+
+  Raises:
+    AveragingError: the tag says neither; the message asks for
+      `--metric_mode=min|max`.
+  """
+  tokens = re.split(r"[_-]", tag.rsplit("/", 1)[-1].lower())
+  if (any(token.startswith("neg") for token in tokens) or
+      _matches(tokens, _HIGHER_BETTER) or "r_squared" in "_".join(tokens)):
+    return "max"
+  if _matches(tokens, _LOWER_BETTER):
+    return "min"
+  raise AveragingError(
+      f"Cannot tell whether a lower or a higher {tag!r} is better; pass "
+      "--metric_mode=min|max")

@@ -1,0 +1,174 @@
+"""Shared test helpers: real checkpoints from TF's own savers, the legacy T2T oracle, the CLI."""
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LEGACY_DIR = os.environ.get("T2T_LEGACY_DIR", os.path.join(REPO, ".legacy"))
+
+
+def write_tf1_series(directory, steps, make_vars, *, basename="model.ckpt",
+                     shards=1):
+  """Writes one checkpoint per step with a TF1 `Saver`, as T2T training does.
+
+  Args:
+    directory: where the checkpoints and their `checkpoint` state file go.
+    steps: the global steps to save at, oldest first.
+    make_vars: step -> {variable name: numpy value}; same names, shapes and
+      dtypes for every step. A `global_step` (int64) is added.
+    basename: the checkpoint basename.
+    shards: >1 places variables round-robin on that many CPU devices and
+      saves with `Saver(sharded=True)`, giving that many `.data-*` files.
+
+  Returns:
+    The checkpoint prefixes, oldest first.
+  """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tf1 = tf.compat.v1
+  os.makedirs(directory, exist_ok=True)
+  first = make_vars(steps[0])
+  graph = tf.Graph()
+  with graph.as_default():
+    variables, placeholders, assigns = {}, {}, []
+    for i, (name, value) in enumerate(sorted(first.items())):
+      with tf.device(f"/cpu:{i % shards}"):
+        var = tf1.get_variable(name, shape=value.shape,
+                               dtype=tf.as_dtype(value.dtype),
+                               initializer=tf1.zeros_initializer())
+        ph = tf1.placeholder(var.dtype.base_dtype, shape=value.shape)
+      variables[name], placeholders[name] = var, ph
+      assigns.append(var.assign(ph))
+    global_step = tf1.train.get_or_create_global_step()
+    step_ph = tf1.placeholder(tf.int64, shape=())
+    assigns.append(global_step.assign(step_ph))
+    saver = tf1.train.Saver(max_to_keep=len(steps) + 1, sharded=shards > 1)
+    config = tf1.ConfigProto(device_count={"CPU": shards})
+    prefixes = []
+    with tf1.Session(config=config) as sess:
+      sess.run(tf1.global_variables_initializer())
+      for step in steps:
+        values = make_vars(step)
+        feed = {placeholders[n]: values[n] for n in placeholders}
+        feed[step_ph] = step
+        sess.run(assigns, feed)
+        prefixes.append(saver.save(sess, os.path.join(directory, basename),
+                                   global_step=step))
+  return prefixes
+
+
+def read_checkpoint(prefix):
+  """Returns {name: numpy value} of every tensor in a checkpoint."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  reader = tf.train.load_checkpoint(prefix)
+  return {name: reader.get_tensor(name)
+          for name in reader.get_variable_to_shape_map()}
+
+
+def tree_fingerprint(directory):
+  """{relative path: (sha256, mtime_ns)} of every file below a directory."""
+  result = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+      result[os.path.relpath(path, directory)] = (digest,
+                                                  os.stat(path).st_mtime_ns)
+  return result
+
+
+def _env(**extra):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  env.update(extra)
+  return env
+
+
+def run_cli(*args, module="t2t_avg", timeout=300):
+  """Runs `python -m <module> args...`; returns the CompletedProcess."""
+  return subprocess.run([sys.executable, "-m", module, *args],
+                        capture_output=True, text=True, timeout=timeout,
+                        env=_env(), cwd=REPO, check=False)
+
+
+_LEGACY_MAIN = """
+import sys
+import tensorflow.compat.v1 as tf
+tf.disable_v2_behavior()
+from absl import app
+from tensor2tensor.{module} import {name}
+app.run({name}.main)
+"""
+
+
+def _require_legacy():
+  if not os.path.isdir(os.path.join(LEGACY_DIR, "tensor2tensor")):
+    message = (f"tensor2tensor==1.15.7 is not installed in {LEGACY_DIR} "
+               "(.ci/run installs it)")
+    if os.environ.get("CI"):
+      pytest.fail(message)
+    pytest.skip(message)
+
+
+def run_legacy(script, *args, timeout=300):
+  """Runs the real T2T 1.15.7 script ('avg_checkpoints' or 't2t_avg_all').
+
+  tensor2tensor lives in its own --target directory, put on PYTHONPATH for
+  this child only, so its own `t2t-avg-all` console script never shadows ours.
+  """
+  _require_legacy()
+  module = {"avg_checkpoints": "utils", "t2t_avg_all": "bin"}[script]
+  code = _LEGACY_MAIN.format(module=module, name=script)
+  result = subprocess.run([sys.executable, "-c", code, *args],
+                          capture_output=True, text=True, timeout=timeout,
+                          env=_env(PYTHONPATH=LEGACY_DIR), check=False)
+  if result.returncode:
+    raise AssertionError(f"legacy {script} failed:\n{result.stderr[-3000:]}")
+  return result
+
+
+def error_line(result):
+  """The last stderr line of a failed run, asserting the error contract."""
+  assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("t2t_avg: error: "), result.stderr[-2000:]
+  return last
+
+
+def step_valued(names_shapes, dtype=np.float32):
+  """make_vars for write_tf1_series: every element of every variable = step."""
+  def make(step):
+    return {name: np.full(shape, step, dtype=dtype)
+            for name, shape in names_shapes.items()}
+  return make
+
+
+@pytest.fixture
+def random_series(tmp_path):
+  """Four TF1 checkpoints of random float32/float16/float64 and an int counter."""
+  rng = np.random.default_rng(1234)
+  values = {}
+
+  def make(step):
+    if step not in values:
+      values[step] = {
+          "transformer/body/encoder/layer_0/ffn/kernel":
+              rng.standard_normal((16, 32)).astype(np.float32),
+          "transformer/body/decoder/layer_0/ffn/bias":
+              rng.standard_normal((32,)).astype(np.float32),
+          "transformer/symbol_modality/shared/weights_0":
+              rng.standard_normal((50, 16)).astype(np.float16),
+          "transformer/scale": rng.standard_normal(()).astype(np.float64),
+          "train_stats/problem_0_steps": np.int32(step * 3),
+      }
+    return values[step]
+
+  prefixes = write_tf1_series(str(tmp_path / "train"), [100, 200, 300, 400],
+                              make)
+  return prefixes

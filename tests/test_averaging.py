@@ -1,0 +1,316 @@
+"""One-shot averaging: the numbers, against the real legacy T2T script."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from conftest import (REPO, read_checkpoint, run_cli, run_legacy,
+                      step_valued, tree_fingerprint, write_tf1_series)
+
+
+def _float_items(values):
+  return {k: v for k, v in values.items()
+          if getattr(v, "dtype", None) is not None and v.dtype.kind == "f"
+          or getattr(v, "dtype", None) == ml_dtypes.bfloat16}
+
+
+def _assert_bit_identical(ours, legacy):
+  floats = _float_items(legacy)
+  assert floats, "no float tensors compared"
+  for name, value in floats.items():
+    assert ours[name].dtype == value.dtype, name
+    assert ours[name].tobytes() == value.tobytes(), name
+
+
+def _mixed_series(directory, steps, seed=7, shards=1):
+  rng = np.random.default_rng(seed)
+  cache = {}
+
+  def make(step):
+    if step not in cache:
+      cache[step] = {
+          "transformer/body/encoder/layer_0/self_attention/q/kernel":
+              rng.standard_normal((24, 24)).astype(np.float32),
+          "transformer/body/encoder/layer_0/ffn/conv1/bias":
+              rng.standard_normal((48,)).astype(np.float32),
+          "transformer/body/decoder/layer_0/layer_prepostprocess/scale":
+              rng.standard_normal((24,)).astype(np.float16),
+          "transformer/symbol_modality/shared/weights_0":
+              rng.standard_normal((40, 24)).astype(ml_dtypes.bfloat16),
+          "transformer/body/scale64": rng.standard_normal((7,)),
+          "train_stats/problem_0_steps": np.int32(step * 5 + 1),
+      }
+    return cache[step]
+  return write_tf1_series(directory, steps, make, shards=shards)
+
+
+def test_uniform_matches_legacy_bit_for_bit_for_every_float_dtype(tmp_path):
+  prefixes = _mixed_series(str(tmp_path / "train"), [100, 200, 300, 400])
+  listed = ",".join(prefixes)
+  run_legacy("avg_checkpoints", f"--checkpoints={listed}",
+             f"--output_path={tmp_path}/legacy/avg.ckpt")
+  result = run_cli(f"--checkpoints={listed}",
+                   f"--output_path={tmp_path}/ours/avg.ckpt")
+  assert result.returncode == 0, result.stderr[-2000:]
+  ours = read_checkpoint(f"{tmp_path}/ours/avg.ckpt-0")
+  legacy = read_checkpoint(f"{tmp_path}/legacy/avg.ckpt-0")
+  assert set(ours) == set(legacy)
+  _assert_bit_identical(ours, legacy)
+  assert ours["global_step"] == 0 and ours["global_step"].dtype == np.int64
+  # Legacy averaged and truncated integers; t2t_avg copies the newest.
+  assert ours["train_stats/problem_0_steps"] == 400 * 5 + 1
+  assert legacy["train_stats/problem_0_steps"] != 400 * 5 + 1
+
+
+def test_num_last_checkpoints_matches_legacy_and_leaves_state_file(tmp_path):
+  prefixes = _mixed_series(str(tmp_path / "train"), [10, 20, 30, 40, 50])
+  before = tree_fingerprint(tmp_path / "train")
+  flags = [f"--prefix={tmp_path}/train/", "--num_last_checkpoints=3"]
+  run_legacy("avg_checkpoints", *flags,
+             f"--output_path={tmp_path}/legacy/avg.ckpt")
+  result = run_cli(*flags, f"--output_path={tmp_path}/ours/avg.ckpt")
+  assert result.returncode == 0, result.stderr[-2000:]
+  _assert_bit_identical(read_checkpoint(f"{tmp_path}/ours/avg.ckpt-0"),
+                        read_checkpoint(f"{tmp_path}/legacy/avg.ckpt-0"))
+  assert tree_fingerprint(tmp_path / "train") == before
+  record = json.loads(open(f"{tmp_path}/ours/avg.ckpt-0.t2t_avg.json").read())
+  assert [r["path"] for r in record["inputs"]] == prefixes[-3:]
+  assert [r["step"] for r in record["inputs"]] == [30, 40, 50]
+  state = open(f"{tmp_path}/ours/checkpoint").read()
+  assert 'model_checkpoint_path: "avg.ckpt-0"' in state
+  assert f"--checkpoint_path={tmp_path}/ours/avg.ckpt-0" in result.stderr
+
+
+def test_sharded_inputs_match_legacy(tmp_path):
+  prefixes = _mixed_series(str(tmp_path / "train"), [1, 2, 3], shards=2)
+  assert len([f for f in os.listdir(tmp_path / "train")
+              if f.startswith("model.ckpt-3.data-")]) > 1
+  listed = ",".join(prefixes)
+  run_legacy("avg_checkpoints", f"--checkpoints={listed}",
+             f"--output_path={tmp_path}/legacy/avg.ckpt")
+  result = run_cli(f"--checkpoints={listed}",
+                   f"--output_path={tmp_path}/ours/avg.ckpt")
+  assert result.returncode == 0, result.stderr[-2000:]
+  _assert_bit_identical(read_checkpoint(f"{tmp_path}/ours/avg.ckpt-0"),
+                        read_checkpoint(f"{tmp_path}/legacy/avg.ckpt-0"))
+
+
+def test_directory_means_its_latest_and_prefix_is_prepended(tmp_path):
+  from t2t_avg import average_checkpoints
+  write_tf1_series(str(tmp_path / "a"), [1, 2],
+                   step_valued({"w": (2, 3)}))
+  write_tf1_series(str(tmp_path / "b"), [5, 7],
+                   step_valued({"w": (2, 3)}))
+  result = average_checkpoints([str(tmp_path / "a"), str(tmp_path / "b")],
+                               str(tmp_path / "out/avg"), output_step="last")
+  assert [r.path for r in result.rows] == [f"{tmp_path}/a/model.ckpt-2",
+                                           f"{tmp_path}/b/model.ckpt-7"]
+  assert result.output_path == f"{tmp_path}/out/avg-7"
+  out = read_checkpoint(result.output_path)
+  np.testing.assert_array_equal(out["w"], np.full((2, 3), 4.5, np.float32))
+  assert out["global_step"] == 7
+
+  from t2t_avg import oneshot
+  chosen = oneshot.choose(["model.ckpt-1", " model.ckpt-2 ", ""],
+                          f"{tmp_path}/a/", 0)
+  assert chosen == [f"{tmp_path}/a/model.ckpt-1", f"{tmp_path}/a/model.ckpt-2"]
+
+
+def test_output_step_integer_and_global_step(tmp_path):
+  from t2t_avg import average_checkpoints
+  prefixes = write_tf1_series(str(tmp_path / "t"), [3, 9],
+                              step_valued({"v": (4,)}, np.float64))
+  result = average_checkpoints(prefixes, str(tmp_path / "o/avg"),
+                               output_step=1234)
+  out = read_checkpoint(result.output_path)
+  assert result.output_path.endswith("avg-1234") and out["global_step"] == 1234
+  np.testing.assert_array_equal(out["v"], np.full((4,), 6.0))
+
+
+def _keras_run(directory, saves):
+  """A Keras model and Adam saved with tf.train.Checkpoint after each epoch."""
+  import keras  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  keras.utils.set_random_seed(0)
+  model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
+                            keras.layers.Dense(2)])
+  optimizer = keras.optimizers.Adam(0.05)
+  model.compile(optimizer, "mse")
+  ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer)
+  x = np.random.default_rng(0).random((64, 4), np.float32)
+  y = np.random.default_rng(1).random((64, 2), np.float32)
+  paths, weights = [], []
+  for _ in range(saves):
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    paths.append(ckpt.save(os.path.join(directory, "ckpt")))
+    weights.append([w.numpy() for w in model.weights])
+  return paths, weights
+
+
+def _fresh_keras():
+  import keras  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
+                            keras.layers.Dense(2)])
+  optimizer = keras.optimizers.Adam(0.05)
+  optimizer.build(model.trainable_variables)
+  return model, tf.train.Checkpoint(model=model, optimizer=optimizer)
+
+
+def test_keras_object_based_checkpoint_restores_with_the_mean(tmp_path):
+  from t2t_avg import average_checkpoints
+  paths, weights = _keras_run(str(tmp_path / "k"), 3)
+  result = average_checkpoints(paths, str(tmp_path / "avg/ckpt"),
+                               output_step="last")
+  # Steps come from the optimizer's iteration counter, not the save count.
+  assert [r.step_source for r in result.rows] == [
+      "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"] * 3
+  assert [r.step for r in result.rows] == [8, 16, 24]
+  model, ckpt = _fresh_keras()
+  ckpt.restore(result.output_path).assert_existing_objects_matched()
+  for i, variable in enumerate(model.weights):
+    stacked = np.stack([w[i].astype(np.float64) for w in weights])
+    expected = (stacked.sum(axis=0) / 3).astype(np.float32)
+    np.testing.assert_array_equal(variable.numpy(), expected)
+  assert "global_step" not in read_checkpoint(result.output_path)
+
+
+def test_tf2_state_file_listing_only_newest_uses_unlisted_older_saves(
+    tmp_path):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  directory = tmp_path / "tf2"
+  variable = tf.Variable(np.zeros(3, np.float32))
+  ckpt = tf.train.Checkpoint(v=variable)
+  for value in range(1, 6):
+    variable.assign(np.full(3, value, np.float32))
+    ckpt.save(str(directory / "ckpt"))
+  state = open(directory / "checkpoint").read()
+  assert "ckpt-1" not in state and 'model_checkpoint_path: "ckpt-5"' in state
+  # An earlier output of this tool in the same directory is never an input.
+  for name in os.listdir(directory):
+    if name.startswith("ckpt-2."):
+      os.remove(directory / name)
+  from t2t_avg import average_checkpoints
+  average_checkpoints([f"{directory}/ckpt-1"], str(directory / "ckpt"),
+                      output_step=2)
+  assert open(directory / "checkpoint").read() == state
+  result = run_cli(f"--prefix={directory}/ckpt", "--num_last_checkpoints=4",
+                   f"--output_path={tmp_path}/out/avg")
+  assert result.returncode == 0, result.stderr[-2000:]
+  record = json.loads(open(f"{tmp_path}/out/avg-0.t2t_avg.json").read())
+  used = [os.path.basename(r["path"]) for r in record["inputs"]]
+  assert used == ["ckpt-1", "ckpt-3", "ckpt-4", "ckpt-5"]
+  out = read_checkpoint(f"{tmp_path}/out/avg-0")
+  np.testing.assert_array_equal(out["v/.ATTRIBUTES/VARIABLE_VALUE"],
+                                np.full(3, 13 / 4, np.float32))
+
+
+def test_moved_training_directory_uses_same_basenames(tmp_path):
+  _mixed_series(str(tmp_path / "old/train"), [1, 2, 3])
+  state = open(tmp_path / "old/train/checkpoint").read()
+  assert str(tmp_path / "old/train") in state  # Absolute paths, as TF1 wrote.
+  shutil.move(str(tmp_path / "old/train"), str(tmp_path / "new"))
+  result = run_cli(f"--prefix={tmp_path}/new/model.ckpt",
+                   "--num_last_checkpoints=2",
+                   f"--output_path={tmp_path}/out/avg")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "was moved" in result.stderr
+  record = json.loads(open(f"{tmp_path}/out/avg-0.t2t_avg.json").read())
+  assert [r["path"] for r in record["inputs"]] == [
+      f"{tmp_path}/new/model.ckpt-2", f"{tmp_path}/new/model.ckpt-3"]
+
+
+def test_output_in_training_directory_leaves_its_state_file(tmp_path):
+  prefixes = write_tf1_series(str(tmp_path / "t"), [1, 2],
+                              step_valued({"w": (2,)}))
+  state = open(tmp_path / "t/checkpoint").read()
+  result = run_cli(f"--checkpoints={','.join(prefixes)}",
+                   f"--output_path={tmp_path}/t/averaged.ckpt",
+                   "--write_meta", "--exclude_variables=^global_step$")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert open(tmp_path / "t/checkpoint").read() == state
+  assert "Not touching" in result.stderr
+  out = read_checkpoint(f"{tmp_path}/t/averaged.ckpt-0")
+  assert set(out) == {"w"}
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  graph = tf.Graph()
+  with graph.as_default():
+    saver = tf.compat.v1.train.import_meta_graph(
+        f"{tmp_path}/t/averaged.ckpt-0.meta")
+    with tf.compat.v1.Session() as sess:
+      saver.restore(sess, f"{tmp_path}/t/averaged.ckpt-0")
+      np.testing.assert_array_equal(
+          sess.run(graph.get_tensor_by_name("w:0")), [1.5, 1.5])
+
+
+def test_dry_run_prints_the_table_and_writes_nothing(tmp_path):
+  prefixes = write_tf1_series(str(tmp_path / "t"), [10, 20],
+                              step_valued({"w": (2,)}))
+  result = run_cli(f"--checkpoints={','.join(prefixes)}",
+                   f"--output_path={tmp_path}/out/avg", "--dry_run")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "out")
+  lines = result.stdout.strip().splitlines()
+  assert lines[0].split() == ["checkpoint", "step", "metric", "weight"]
+  assert lines[1].split() == [prefixes[0], "10", "-", "0.5000"]
+  assert lines[2].split() == [prefixes[1], "20", "-", "0.5000"]
+  assert "effective number of checkpoints: 2.00 of 2" in lines[3]
+
+
+def test_warns_when_num_last_is_ignored_and_when_fewer_are_found(tmp_path):
+  prefixes = write_tf1_series(str(tmp_path / "t"), [1, 2],
+                              step_valued({"w": (2,)}))
+  result = run_cli(f"--checkpoints={prefixes[0]}", "--num_last_checkpoints=5",
+                   f"--output_path={tmp_path}/a/avg")
+  assert result.returncode == 0 and "is ignored" in result.stderr
+  result = run_cli(f"--prefix={tmp_path}/t/model.ckpt",
+                   "--num_last_checkpoints=5",
+                   f"--output_path={tmp_path}/b/avg")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "only 2 checkpoints were found" in result.stderr
+
+
+def test_importing_without_tensorflow_says_how_to_install():
+  code = (f"import sys; sys.path.insert(0, {REPO!r}); import t2t_avg")
+  result = subprocess.run([sys.executable, "-S", "-c", code],
+                          capture_output=True, text=True, check=False)
+  assert result.returncode == 1
+  assert "pip install 't2t_avg[tensorflow-cpu]'" in result.stderr
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float32,
+                                   np.float64])
+def test_weighted_average_is_float64_sum_cast_once(tmp_path, dtype):
+  from t2t_avg import average_checkpoints
+  rng = np.random.default_rng(3)
+  values = {s: {"x": rng.standard_normal((1000,)).astype(dtype)}
+            for s in (1, 2, 3)}
+  prefixes = write_tf1_series(str(tmp_path / "t"), [1, 2, 3],
+                              lambda s: values[s])
+  weights = [0.2, 0.3, 0.5]
+  result = average_checkpoints(prefixes, str(tmp_path / "o/avg"),
+                               weights=weights)
+  expected = np.zeros(1000)
+  for w, s in zip(weights, (1, 2, 3)):
+    expected += w * values[s]["x"].astype(np.float64)
+  out = read_checkpoint(result.output_path)["x"]
+  assert out.dtype == np.dtype(dtype)
+  assert out.tobytes() == expected.astype(dtype).tobytes()
+
+
+def test_zero_weights_are_left_out_and_equal_ones_are_uniform(tmp_path):
+  from t2t_avg import average_checkpoints
+  prefixes = _mixed_series(str(tmp_path / "t"), [1, 2, 3, 4])
+  picked = average_checkpoints(prefixes, str(tmp_path / "a/avg"),
+                               weights=[0, 1, 0, 1])
+  uniform = average_checkpoints([prefixes[1], prefixes[3]],
+                                str(tmp_path / "b/avg"))
+  _assert_bit_identical(read_checkpoint(picked.output_path),
+                        read_checkpoint(uniform.output_path))
+  assert [r.weight for r in picked.rows] == [0, 0.5, 0, 0.5]
+  assert picked.effective_count == pytest.approx(2.0)
