@@ -1,16 +1,20 @@
 """The streaming engine: validate the inputs, average tensor by tensor, write atomically."""
+import concurrent.futures
 import dataclasses
 import datetime
 import os
 import re
+import threading
 import time
 from typing import Optional, Sequence, Union
 
 from absl import logging
+import crc32c
 import numpy as np
 import tensorflow as tf
 
 import t2t_avg
+from t2t_avg import bundle
 from t2t_avg import checkpoints
 from t2t_avg import weighting
 from t2t_avg import writer
@@ -18,6 +22,8 @@ from t2t_avg.checkpoints import Checkpoint
 from t2t_avg.errors import AveragingError
 
 _PROGRESS_SECONDS = 10.0
+_CHUNK_BYTES = 8 << 20  # Read from each input per step.
+_WORKERS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,30 +284,149 @@ def _log_plan(result, newest, plan, exclude) -> None:
 
 def _stream(plan, inputs, readers, weights, newest, step, allow_nonfinite,
             out: writer.CheckpointWriter) -> None:
+  """Computes every output tensor and hands it to the writer.
+
+  Float tensors whose bytes can be located in every input's data files are
+  averaged chunk by chunk straight from those files into the output's, by
+  `_WORKERS` threads (numpy, file reads and crc32c release the GIL), so
+  memory stays at a few chunks whatever the tensor and model size. The rest
+  (non-float copies, the step, partitioned variables) go through TF's reader.
+  """
   active = [i for i, w in enumerate(weights) if w > 0]
-  uniform = len({weights[i] for i in active}) == 1
-  total = sum(_nbytes(i.spec) for i in plan if i.action == "average")
-  done, last_log, start = 0, time.monotonic(), time.monotonic()
+  sources = [_Source(inputs[i].path, readers[i],
+                     bundle.read_entries(inputs[i].path)) for i in active]
+  active_weights = (None if len({weights[i] for i in active}) == 1
+                    else [weights[i] for i in active])
+  direct = []
   for item in plan:
     spec = item.spec
+    if item.action == "average" and all(s.locates(spec) for s in sources):
+      direct.append(item)
+      continue
     if item.action == "step":
       value = np.asarray(step, spec.dtype.as_numpy_dtype)
     elif item.action == "copy":
       value = _read(readers[newest], inputs[newest].path, spec.name)
     else:
-      value = _average(spec, [readers[i] for i in active],
-                       [inputs[i].path for i in active],
-                       None if uniform else [weights[i] for i in active],
-                       allow_nonfinite)
-      done += _nbytes(spec)
+      value = _average(spec, sources, active_weights, allow_nonfinite)
     logging.debug("%s %s %s %s", item.action, spec.name, spec.dtype.name,
                   list(spec.shape))
     out.add(spec.name, value)
-    if time.monotonic() - last_log > _PROGRESS_SECONDS:
-      last_log = time.monotonic()
-      logging.info("Averaged %.1f of %.1f MB per checkpoint (%d checkpoints, "
-                   "%.0f s)", done / 1e6, total / 1e6, len(active),
-                   last_log - start)
+  # Largest first, so the two workers end close together.
+  direct.sort(key=lambda item: -_nbytes(item.spec))
+  progress = _Progress(sum(_nbytes(i.spec) for i in direct), len(sources))
+  todo = iter(direct)
+  lock, stop = threading.Lock(), threading.Event()
+
+  def work():
+    raw, files = None, {}
+    try:
+      while not stop.is_set():
+        with lock:
+          item = next(todo, None)
+        if item is None:
+          return
+        if raw is None:
+          raw = out.raw_piece()
+        _average_direct(item.spec, sources, files, active_weights,
+                        allow_nonfinite, raw, progress)
+    except BaseException:
+      stop.set()
+      raise
+    finally:
+      for f in files.values():
+        f.close()
+      if raw is not None:
+        raw.close()
+
+  with concurrent.futures.ThreadPoolExecutor(_WORKERS) as pool:
+    futures = [pool.submit(work) for _ in range(_WORKERS)]
+    while not concurrent.futures.wait(futures, _PROGRESS_SECONDS).not_done == (
+        set()):
+      progress.log()
+    for future in futures:
+      future.result()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """One input being averaged: its path, TF reader and raw tensor entries."""
+  path: str
+  reader: object
+  entries: Optional[dict]
+
+  def locates(self, spec) -> bool:
+    entry = (self.entries or {}).get(spec.name)
+    return entry is not None and entry.size == _nbytes(spec)
+
+
+class _Progress:
+  """Bytes averaged so far, logged every _PROGRESS_SECONDS."""
+
+  def __init__(self, total: int, inputs: int):
+    self._total, self._inputs = total, inputs
+    self._done, self._start = 0, time.monotonic()
+    self._lock = threading.Lock()
+
+  def add(self, nbytes: int) -> None:
+    with self._lock:
+      self._done += nbytes
+
+  def log(self) -> None:
+    logging.info("Averaged %.0f of %.0f MB per checkpoint (%d checkpoints, "
+                 "%.0f s)", self._done / 1e6, self._total / 1e6, self._inputs,
+                 time.monotonic() - self._start)
+
+
+def _average_direct(spec, sources, files, weights, allow_nonfinite,
+                    raw: bundle.RawBundleWriter, progress: _Progress) -> None:
+  """`_average`, chunk by chunk from the inputs' data files into `raw`.
+
+  Each chunk is summed in float64 in checkpoint order and divided (or
+  weighted) exactly as the whole tensor would be, so the bytes are the same;
+  every input's crc32c is checked as its bytes stream past.
+  """
+  dtype = spec.dtype.as_numpy_dtype
+  itemsize = np.dtype(dtype).itemsize
+  count = _nbytes(spec) // itemsize
+  step = max(1, _CHUNK_BYTES // itemsize)
+  buffer = np.empty(min(step, count) * itemsize, np.uint8)
+  total = np.empty(min(step, count), np.float64)
+  scaled = None if weights is None else np.empty_like(total)
+  crcs = [0] * len(sources)
+  entries = [s.entries[spec.name] for s in sources]
+  raw.begin(spec.name, spec.dtype, spec.shape)
+  for start in range(0, count, step):
+    size = min(step, count - start)
+    acc, chunk = total[:size], buffer[:size * itemsize]
+    acc.fill(0)
+    for i, entry in enumerate(entries):
+      data_file = files.get(entry.data_file)
+      if data_file is None:
+        data_file = files[entry.data_file] = bundle.DataFile(entry.data_file)
+      data_file.read_into(memoryview(chunk), entry.offset + start * itemsize)
+      crcs[i] = crc32c.crc32c(chunk, crcs[i])
+      if weights is None:
+        np.add(acc, chunk.view(dtype), out=acc)
+      else:
+        np.multiply(chunk.view(dtype), weights[i], out=scaled[:size],
+                    dtype=np.float64)
+        np.add(acc, scaled[:size], out=acc)
+    if weights is None:
+      acc /= len(entries)
+    # A sum of finite values read from float32 or narrower cannot overflow
+    # float64, so one sum finds any NaN or inf; the exact test only runs then.
+    if not allow_nonfinite and not np.isfinite(acc.sum()) and not (
+        np.isfinite(acc).all()):
+      _raise_nonfinite(spec, sources)
+    raw.write(acc.astype(dtype))
+    progress.add(size * itemsize)
+  for source, entry, crc in zip(sources, entries, crcs):
+    if bundle.masked_crc(crc) != entry.crc:
+      raise AveragingError(f"checkpoint {source.path} is corrupted: variable "
+                           f"{spec.name} fails its checksum in "
+                           f"{entry.data_file}")
+  raw.end()
 
 
 def _nbytes(spec) -> int:
@@ -311,34 +436,35 @@ def _nbytes(spec) -> int:
 def _read(reader, path, name):
   try:
     return reader.get_tensor(name)
-  except (tf.errors.OpError, ValueError) as e:
+  # A truncated data file (still being copied) raises IndexError.
+  except (tf.errors.OpError, ValueError, IndexError) as e:
     raise AveragingError(f"cannot read variable {name} from checkpoint {path}: "
                          f"{checkpoints.error_text(e)}") from e
 
 
-def _average(spec, readers, paths, weights, allow_nonfinite):
+def _average(spec, sources, weights, allow_nonfinite):
   """float64 sum in checkpoint order, then / n (or weighted), cast once."""
   total = np.zeros(spec.shape, np.float64)
-  for i, (reader, path) in enumerate(zip(readers, paths)):
-    value = _read(reader, path, spec.name)
+  for i, source in enumerate(sources):
+    value = _read(source.reader, source.path, spec.name)
     if weights is None:
       np.add(total, value, out=total)
     else:
       np.add(total, np.multiply(value, weights[i], dtype=np.float64),
              out=total)
   if weights is None:
-    total /= len(readers)
+    total /= len(sources)
   if not allow_nonfinite and not np.isfinite(total).all():
-    _raise_nonfinite(spec, readers, paths)
+    _raise_nonfinite(spec, sources)
   return total.astype(spec.dtype.as_numpy_dtype)
 
 
-def _raise_nonfinite(spec, readers, paths):
-  for reader, path in zip(readers, paths):
-    if not np.isfinite(_read(reader, path, spec.name)).all():
+def _raise_nonfinite(spec, sources):
+  for source in sources:
+    if not np.isfinite(_read(source.reader, source.path, spec.name)).all():
       raise AveragingError(
-          f"variable {spec.name} in checkpoint {path} holds NaN or inf (pass "
-          "--allow_nonfinite to average it anyway)")
+          f"variable {spec.name} in checkpoint {source.path} holds NaN or inf "
+          "(pass --allow_nonfinite to average it anyway)")
   raise AveragingError(f"variable {spec.name}: the average is not finite")
 
 

@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 from absl import logging
 from google.protobuf import message
-import google_crc32c
+import crc32c
 
 from t2t_avg.errors import AveragingError
 
@@ -169,7 +169,7 @@ def _is_numeric(dtype_enum: int) -> bool:
 
 
 def _masked_crc(data: bytes) -> int:
-  crc = google_crc32c.value(data)
+  crc = crc32c.crc32c(data)
   return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
@@ -264,3 +264,28 @@ def infer_direction(tag: str) -> str:
   raise AveragingError(
       f"Cannot tell whether a lower or a higher {tag!r} is better; pass "
       "--metric_mode=min|max")
+
+
+def write_weight_summaries(directory: str, rows: Sequence, tag: str) -> None:
+  """Writes each checkpoint's weight (and metric) as TensorBoard scalars.
+
+  Under `t2t_avg/weight` and `t2t_avg/<tag>` at each checkpoint's step, so
+  `tensorboard --logdir` shows on the training curve which checkpoints were
+  used, and how much.
+
+  Args:
+    directory: where the event file goes (e.g. `<output dir>/t2t_avg`).
+    rows: `averaging.CheckpointRow`s (step, weight, metric).
+    tag: the metric's tag.
+  """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  writer = tf.summary.create_file_writer(directory)
+  with writer.as_default():
+    for row in rows:
+      if row.step is None:
+        continue
+      tf.summary.scalar("t2t_avg/weight", row.weight, step=row.step)
+      if row.metric is not None:
+        tf.summary.scalar(f"t2t_avg/{tag}", row.metric, step=row.step)
+  writer.close()
+  logging.info("Wrote the weights as TensorBoard scalars in %s", directory)

@@ -1,6 +1,7 @@
 """Atomic checkpoint output: pieces under temporary names, then renames; state files."""
 import json
 import os
+import threading
 from typing import Optional, Sequence
 
 from absl import logging
@@ -8,6 +9,7 @@ from google.protobuf import text_format
 import tensorflow as tf
 from tensorflow.python.training import checkpoint_state_pb2
 
+from t2t_avg import bundle
 from t2t_avg import checkpoints
 from t2t_avg.errors import AveragingError
 
@@ -46,6 +48,7 @@ class CheckpointWriter:
     self._pending = []  # (name, tensor)
     self._pending_bytes = 0
     self._pieces = []
+    self._lock = threading.Lock()
     out_dir = os.path.dirname(output_prefix) or "."
     base = os.path.basename(output_prefix)
     _make_dirs(out_dir)
@@ -69,12 +72,26 @@ class CheckpointWriter:
       self._save_piece(self._pending)
       self._pending, self._pending_bytes = [], 0
 
+  def raw_piece(self) -> bundle.RawBundleWriter:
+    """A piece written directly in TF's format, for tensors built in chunks.
+
+    The caller closes it before `commit`.
+    """
+    return bundle.RawBundleWriter(self._new_piece_prefix())
+
+  def _new_piece_prefix(self) -> str:
+    with self._lock:
+      prefix = os.path.join(self._tmp_dir, "pieces",
+                            f"piece-{len(self._pieces)}")
+      self._pieces.append(prefix)
+    tf.io.gfile.makedirs(os.path.dirname(prefix))
+    return prefix
+
   def _save_piece(self, items) -> None:
-    prefix = os.path.join(self._tmp_dir, "pieces", f"piece-{len(self._pieces)}")
+    prefix = self._new_piece_prefix()
     names, values = zip(*items)
     tf.raw_ops.SaveV2(prefix=prefix, tensor_names=list(names),
                       shape_and_slices=[""] * len(names), tensors=list(values))
-    self._pieces.append(prefix)
 
   def commit(self, *, extra_files: Sequence[tuple] = ()) -> str:
     """Publishes the checkpoint under its name; returns its prefix.

@@ -314,3 +314,64 @@ def test_zero_weights_are_left_out_and_equal_ones_are_uniform(tmp_path):
                         read_checkpoint(uniform.output_path))
   assert [r.weight for r in picked.rows] == [0, 0.5, 0, 0.5]
   assert picked.effective_count == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("weights", [None, [0.5, 0.25, 0.25]])
+def test_chunked_streaming_equals_whole_tensor_average(tmp_path, monkeypatch,
+                                                       weights):
+  from t2t_avg import averaging, average_checkpoints
+  prefixes = _mixed_series(str(tmp_path / "t"), [1, 2, 3])
+  whole = average_checkpoints(prefixes, str(tmp_path / "whole/avg"),
+                              weights=weights)
+  assert len(os.listdir(tmp_path / "whole")) > 0
+  # 1000 bytes: many chunks per tensor, boundaries inside rows, and a last
+  # chunk shorter than the others.
+  monkeypatch.setattr(averaging, "_CHUNK_BYTES", 1000)
+  chunked = average_checkpoints(prefixes, str(tmp_path / "chunked/avg"),
+                                weights=weights)
+  ours, reference = (read_checkpoint(chunked.output_path),
+                     read_checkpoint(whole.output_path))
+  assert set(ours) == set(reference)
+  for name, value in reference.items():
+    assert ours[name].tobytes() == value.tobytes(), name
+  expected = np.zeros((24, 24))
+  for prefix, w in zip(prefixes, weights or [1 / 3] * 3):
+    key = "transformer/body/encoder/layer_0/self_attention/q/kernel"
+    expected += w * read_checkpoint(prefix)[key].astype(np.float64)
+  if weights is None:
+    expected = sum(read_checkpoint(p)[key].astype(np.float64)
+                   for p in prefixes) / 3
+  assert ours[key].tobytes() == expected.astype(np.float32).tobytes()
+
+
+def test_partitioned_variables_match_legacy(tmp_path):
+  """TF1 partitioned variables are saved as slices: TF's reader joins them."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tf1 = tf.compat.v1
+  rng = np.random.default_rng(5)
+  graph = tf.Graph()
+  with graph.as_default():
+    var = tf1.get_variable("embedding", shape=(10, 4), dtype=tf.float32,
+                           partitioner=tf1.fixed_size_partitioner(3))
+    value = tf1.placeholder(tf.float32, (10, 4))
+    assign = [p.assign(value[s:s + p.shape[0]]) for p, s in
+              zip(var, np.cumsum([0] + [p.shape[0] for p in var])[:-1])]
+    tf1.train.get_or_create_global_step()
+    saver = tf1.train.Saver(max_to_keep=5)
+    prefixes = []
+    with tf1.Session() as sess:
+      sess.run(tf1.global_variables_initializer())
+      for step in (1, 2, 3):
+        sess.run(assign, {value: rng.standard_normal((10, 4))})
+        prefixes.append(saver.save(sess, str(tmp_path / "t/model.ckpt"),
+                                   global_step=step))
+  listed = ",".join(prefixes)
+  run_legacy("avg_checkpoints", f"--checkpoints={listed}",
+             f"--output_path={tmp_path}/legacy/avg.ckpt")
+  result = run_cli(f"--checkpoints={listed}",
+                   f"--output_path={tmp_path}/ours/avg.ckpt")
+  assert result.returncode == 0, result.stderr[-2000:]
+  ours = read_checkpoint(f"{tmp_path}/ours/avg.ckpt-0")
+  legacy = read_checkpoint(f"{tmp_path}/legacy/avg.ckpt-0")
+  assert ours["embedding"].shape == (10, 4)
+  _assert_bit_identical(ours, legacy)
