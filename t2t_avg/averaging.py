@@ -99,7 +99,7 @@ def average_checkpoints(
   step = _output_step(output_step, inputs)
   output_prefix = f"{output_path}-{step}"
   _refuse_overwriting(output_prefix, inputs)
-  newest = _newest(inputs)
+  newest = _newest(inputs, weights)
   exclude = _compile(exclude_variables)
   plan = _plan(specs, exclude)
   rows = tuple(
@@ -210,11 +210,16 @@ def _refuse_overwriting(output_prefix, inputs) -> None:
                          "--output_path")
 
 
-def _newest(inputs) -> int:
-  """Index of the newest input: highest step, ties to the last listed."""
-  if any(c.step is None for c in inputs):
-    return len(inputs) - 1
-  return max(range(len(inputs)), key=lambda i: (inputs[i].step, i))
+def _newest(inputs, weights) -> int:
+  """Index of the newest input averaged: highest step, ties to the last listed.
+
+  Inputs of weight 0 (left out by top_k, a NaN metric, an explicit 0) do not
+  count, so top_k's non-float tensors are those of a uniform run over the k.
+  """
+  active = [i for i, w in enumerate(weights) if w > 0]
+  if any(inputs[i].step is None for i in active):
+    return active[-1]
+  return max(active, key=lambda i: (inputs[i].step, i))
 
 
 def _compile(pattern):

@@ -226,7 +226,12 @@ def read_step(reader, path: str, step_from: str = "auto") -> Checkpoint:
 
 
 def _scalar_int(reader, path: str, key: str) -> int:
-  value = reader.get_tensor(key)
+  try:
+    value = reader.get_tensor(key)
+  # A truncated data file (still being copied) raises IndexError.
+  except (tf.errors.OpError, ValueError, IndexError) as e:
+    raise AveragingError(f"cannot read tensor {key} from checkpoint {path}: "
+                         f"{error_text(e)}") from e
   if getattr(value, "shape", ()) != () or not hasattr(value, "dtype") or (
       value.dtype.kind not in "iu"):
     raise AveragingError(f"tensor {key} in checkpoint {path} is not an "

@@ -1,4 +1,7 @@
 """Command-line flags (legacy avg_checkpoints and t2t-avg-all names) → library calls."""
+import math
+import os
+import re
 import sys
 
 from absl import app
@@ -123,10 +126,16 @@ def _explicit_weights():
   if not _WEIGHTS.value:
     raise ValueError("--weighting=explicit needs --weights")
   try:
-    return [float(w) for w in _WEIGHTS.value.split(",")]
+    weights = [float(w) for w in _WEIGHTS.value.split(",")]
   except ValueError as e:
     raise ValueError(f"--weights must be comma-separated numbers, not "
                      f"{_WEIGHTS.value!r}") from e
+  # Checked here, before TensorFlow is imported, as every flag is.
+  if not all(math.isfinite(w) and w >= 0 for w in weights) or not (
+      sum(weights) > 0):
+    raise ValueError(f"--weights must be finite and >= 0 with a sum > 0, not "
+                     f"{_WEIGHTS.value!r}")
+  return weights
 
 
 def _check_weighting_flags() -> None:
@@ -143,6 +152,18 @@ def _check_weighting_flags() -> None:
     raise ValueError("--temperature goes with --weighting=softmax")
   if _MAX_STEP_GAP.value < 0:
     raise ValueError(f"--max_step_gap must be >= 0, not {_MAX_STEP_GAP.value}")
+  if scheme in _METRIC_SCHEMES and _METRIC_MODE.value == "auto":
+    # Raises, asking for --metric_mode, when the tag does not say.
+    from t2t_avg import events  # pylint: disable=import-outside-toplevel
+    events.infer_direction(_METRIC.value)
+
+
+def _check_exclude_variables() -> None:
+  try:
+    re.compile(_EXCLUDE_VARIABLES.value)
+  except re.error as e:
+    raise ValueError(f"--exclude_variables: bad regex "
+                     f"{_EXCLUDE_VARIABLES.value!r}: {e}") from e
 
 
 def _weighting_args() -> dict:
@@ -180,7 +201,13 @@ def _run_once(argv) -> None:
     raise ValueError("--num_last_checkpoints needs --prefix (its dirname "
                      "holds the `checkpoint` state file)")
   _check_weighting_flags()
+  _check_exclude_variables()
   weighting = _weighting_args()
+  listed = [c for c in _CHECKPOINTS.value.split(",") if c.strip()]
+  if weighting["explicit"] is not None and listed and (
+      len(weighting["explicit"]) != len(listed)):
+    raise ValueError(f"--weights gives {len(weighting['explicit'])} weights "
+                     f"for the {len(listed)} checkpoints of --checkpoints")
 
   # TensorFlow prints start-up notices: imported only once flags are valid.
   from t2t_avg import oneshot  # pylint: disable=import-outside-toplevel
@@ -204,9 +231,17 @@ def _run_continuous(argv) -> None:
     raise ValueError("--model_dir is required")
   if _N.value < 1:
     raise ValueError(f"--n must be >= 1, not {_N.value}")
+  same = (os.path.realpath(_MODEL_DIR.value) == os.path.realpath(
+      _OUTPUT_DIR.value)) if "://" not in _MODEL_DIR.value else (
+          _MODEL_DIR.value.rstrip("/") == _OUTPUT_DIR.value.rstrip("/"))
+  if same:
+    raise ValueError(f"--output_dir {_OUTPUT_DIR.value} is the training "
+                     f"directory --model_dir {_MODEL_DIR.value}; choose "
+                     "another --output_dir")
   if _WAIT_MINUTES.value < 0 or _MIN_STEPS.value < 0:
     raise ValueError("--wait_minutes and --min_steps must be >= 0")
   _check_weighting_flags()
+  _check_exclude_variables()
   weighting = _weighting_args()
   from t2t_avg import watch  # pylint: disable=import-outside-toplevel
   watch.run(model_dir=_MODEL_DIR.value, output_dir=_OUTPUT_DIR.value,

@@ -1,0 +1,567 @@
+"""Continuous mode (t2t-avg-all): watch a training dir, average each window."""
+import collections
+import dataclasses
+import os
+import re
+import shutil
+import time
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+from absl import logging
+import tensorflow as tf
+
+from t2t_avg import averaging
+from t2t_avg import checkpoints
+from t2t_avg import events
+from t2t_avg import oneshot
+from t2t_avg import weighting
+from t2t_avg import writer
+from t2t_avg.errors import AveragingError
+
+OUTPUT_BASENAME = "model.ckpt"
+# Copied from the training directory for t2t-bleu and t2t-translate-all.
+RUN_FILES = ("flags.txt", "hparams.json", "flags_t2t.txt")
+WRITTEN, EXISTED, SKIPPED = "written", "existed", "skipped"
+# What reading a damaged checkpoint raises (IndexError: a truncated data file).
+_READ_ERRORS = (tf.errors.OpError, ValueError, IndexError)
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFile:
+  """A checkpoint found in the watched directory (T2T's `StepFile`)."""
+  path: str  # The checkpoint prefix.
+  step: int  # The trailing -N of its name.
+  mtime_ns: int  # Of its `.index` file.
+  ctime_ns: int  # Of its `.index` file; its mtime where there is no ctime.
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowOutcome:
+  """What became of one window of n consecutive checkpoints."""
+  step: int  # The newest checkpoint's name number: the output's.
+  output_path: str  # `<output_dir>/model.ckpt-<step>`.
+  inputs: tuple  # The window's StepFiles, oldest first.
+  status: str  # WRITTEN, EXISTED (left as it was) or SKIPPED.
+  reason: str = ""  # Why it was skipped.
+  result: Optional[averaging.AveragingResult] = None  # When written.
+
+
+def stepfiles(model_dir: str, *, min_steps: int = 0, wait_minutes: float = 0,
+              poll_seconds: float = 10.0, clock: Clock = time.time,
+              sleep: Sleep = time.sleep) -> Iterator[StepFile]:
+  """Yields the checkpoints of a directory as they appear, oldest first.
+
+  As T2T's `bleu_hook.stepfiles_iterator`: files `<model_dir>/*-<N>.index`,
+  none skipped, each with a higher step than the one before. Once those found
+  are used up, the directory is polled for up to `wait_minutes` after the
+  ctime of the last one yielded (after the start, before the first), then
+  the generator ends. A checkpoint may be deleted (by the trainer's
+  `max_to_keep`) after it was yielded: the caller checks.
+
+  Args:
+    model_dir: the training directory (any `tf.io.gfile` path).
+    min_steps: ignore checkpoints with a lower step.
+    wait_minutes: how long to wait for the next checkpoint.
+    poll_seconds: how often to look while waiting.
+    clock: the wall-clock time in seconds (ctimes are wall-clock times).
+    sleep: sleeps for that many seconds.
+
+  Yields:
+    StepFiles, by increasing step.
+  """
+  pattern = os.path.join(model_dir, "*-[0-9]*.index")
+  found = _list_stepfiles(pattern, min_steps)
+  logging.info("Found %d checkpoints in %s with steps: %s", len(found),
+               model_dir, ", ".join(str(s.step) for s in found) or "none")
+  deadline = clock() + wait_minutes * 60
+  while True:
+    if not found and wait_minutes:
+      logging.info("Waiting till %s for a new checkpoint %s",
+                   time.asctime(time.localtime(deadline)), pattern)
+      while True:
+        found = _list_stepfiles(pattern, min_steps)
+        if found or clock() > deadline:
+          break
+        sleep(poll_seconds)
+    if not found:
+      logging.info("No new checkpoint in %s%s; done", model_dir,
+                   f" for {wait_minutes:g} minutes" if wait_minutes else "")
+      return
+    step_file = found.popleft()
+    deadline = step_file.ctime_ns / 1e9 + wait_minutes * 60
+    min_steps = step_file.step + 1
+    yield step_file
+
+
+def _list_stepfiles(pattern: str, min_steps: int) -> collections.deque:
+  """The checkpoints matching `pattern` with a step >= min_steps, by step."""
+  found = []
+  for index_file in _glob(pattern):
+    path = index_file[:-len(".index")]
+    step = checkpoints.name_step(path)
+    if step is None or step < min_steps:
+      continue
+    times = _times(index_file)
+    if times is None:
+      logging.info("%s was deleted, so skipping it", index_file)
+      continue
+    if checkpoints.is_output_of_this_tool(path):
+      logging.debug("%s is an output of t2t_avg, not a training checkpoint",
+                    path)
+      continue
+    found.append(StepFile(path, step, *times))
+  found.sort(key=lambda s: (s.step, s.path))
+  return collections.deque(found)
+
+
+def _glob(pattern: str) -> list:
+  # GCS globbing can fail on a temporary file deleted meanwhile (T2T's
+  # `_try_twice_tf_glob`).
+  try:
+    return tf.io.gfile.glob(pattern)
+  except tf.errors.NotFoundError:
+    return tf.io.gfile.glob(pattern)
+
+
+def _times(path: str) -> Optional[tuple]:
+  """(mtime_ns, ctime_ns) of a file, or None when it is gone."""
+  if writer.is_local(path):
+    # tf.io.gfile.stat truncates local mtimes to whole seconds.
+    try:
+      stat = os.stat(path)
+    except FileNotFoundError:
+      return None
+    return stat.st_mtime_ns, stat.st_ctime_ns
+  try:
+    mtime = tf.io.gfile.stat(path).mtime_nsec
+  except tf.errors.NotFoundError:
+    return None
+  return mtime, mtime
+
+
+def windows(step_files: Iterable[StepFile],
+            n: int) -> Iterator[tuple]:
+  """Yields each run of n consecutive checkpoints, once n have been seen.
+
+  Args:
+    step_files: checkpoints, oldest first (e.g. from `stepfiles`).
+    n: the window size, >= 1.
+
+  Yields:
+    Tuples of n StepFiles, oldest first; one per checkpoint from the n-th.
+
+  Raises:
+    ValueError: n < 1.
+  """
+  if n < 1:
+    raise ValueError(f"--n must be >= 1, not {n}")
+  window = collections.deque(maxlen=n)
+  for step_file in step_files:
+    window.append(step_file)
+    if len(window) == n:
+      yield tuple(window)
+
+
+def output_prefix(output_dir: str, step: int) -> str:
+  """`<output_dir>/model.ckpt-<step>`, the name t2t-avg-all gave its outputs."""
+  return os.path.join(output_dir, f"{OUTPUT_BASENAME}-{step}")
+
+
+def average_all(
+    model_dir: str, output_dir: str, *, n: int = 8, min_steps: int = 0,
+    wait_minutes: float = 0, poll_seconds: float = 10.0,
+    clock: Clock = time.time, sleep: Sleep = time.sleep,
+    exclude_variables: str = "", allow_nonfinite: bool = False,
+    step_from: str = "auto", weight_summaries: bool = False,
+    scheme: str = "uniform", explicit: Optional[Sequence[float]] = None,
+    event_sources: Sequence[str] = (), tag: str = "loss", mode: str = "auto",
+    temperature: float = 0.0, top_k: int = 0, max_step_gap: int = 0,
+    missing_metric: str = "error") -> Iterator[WindowOutcome]:
+  """Averages every window of n consecutive checkpoints as they appear.
+
+  For each checkpoint from the n-th on (see `stepfiles`), the window of it
+  and the n - 1 before it is averaged into `<output_dir>/model.ckpt-<step>`
+  (its name number) with `global_step` = step: float tensors exactly as a
+  one-shot `average_checkpoints` of the window, other tensors from the
+  newest. The output's files get the newest checkpoint's `.index` time;
+  `flags.txt`, `hparams.json` and `flags_t2t.txt` are copied with their
+  times; the output directory's `checkpoint` state file lists the outputs.
+
+  A window whose output already exists is left as it is (a restart). A
+  window with a checkpoint that vanished, is incomplete or cannot be read is
+  skipped with a warning naming it. Under a metric scheme, a window waits up
+  to `wait_minutes` (after its newest checkpoint's ctime) for that
+  checkpoint's metric, then is skipped with a warning.
+
+  Arguments are checked on the call; the work happens as the returned
+  iterator is consumed.
+
+  Args:
+    model_dir: the training directory.
+    output_dir: where the averages go; must differ from `model_dir`.
+    n: checkpoints per window.
+    min_steps: ignore checkpoints with a lower step.
+    wait_minutes: how long to wait for a new checkpoint (and for a metric).
+    poll_seconds: how often to look while waiting.
+    clock: wall-clock seconds; injectable for tests.
+    sleep: sleeps for some seconds; injectable for tests.
+    exclude_variables, allow_nonfinite, step_from: as for
+      `averaging.average_checkpoints`.
+    weight_summaries: also write each window's metrics and weights as
+      TensorBoard scalars in `<output_dir>/t2t_avg/`.
+    scheme, explicit, event_sources, tag, mode, temperature, top_k,
+      max_step_gap, missing_metric: the weighting, as for `oneshot.weigh`;
+      `explicit` gives one weight per window position, oldest first.
+
+  Returns:
+    An iterator of WindowOutcomes, one per window, oldest first.
+
+  Raises:
+    AveragingError: `output_dir` is `model_dir`, or `model_dir` does not
+      exist and there is no time to wait for it. While iterating: a window
+      that cannot be averaged for a reason other than its inputs going
+      missing or being unreadable (mismatched variables, NaN).
+    ValueError: bad arguments.
+  """
+  model_dir = os.path.expanduser(model_dir)
+  output_dir = os.path.expanduser(output_dir)
+  _check_arguments(model_dir, output_dir, n=n, min_steps=min_steps,
+                   wait_minutes=wait_minutes, poll_seconds=poll_seconds,
+                   scheme=scheme, explicit=explicit,
+                   event_sources=event_sources, top_k=top_k)
+  if scheme in weighting.METRIC_SCHEMES and mode == "auto":
+    mode = events.infer_direction(tag)
+    logging.info("Metric %s: %s is better (from its name; override with "
+                 "--metric_mode)", tag, "lower" if mode == "min" else "higher")
+  if not tf.io.gfile.isdir(model_dir) and not wait_minutes:
+    raise AveragingError(f"--model_dir {model_dir} is not a directory (pass "
+                         "--wait_minutes to wait for it)")
+  averager = _Averager(
+      model_dir, output_dir, n=n, wait_minutes=wait_minutes,
+      poll_seconds=poll_seconds, clock=clock, sleep=sleep,
+      exclude_variables=exclude_variables, allow_nonfinite=allow_nonfinite,
+      step_from=step_from, weight_summaries=weight_summaries,
+      weighting_args=dict(
+          scheme=scheme, explicit=explicit, event_sources=list(event_sources),
+          tag=tag, mode=mode, temperature=temperature, top_k=top_k,
+          max_step_gap=max_step_gap, missing_metric=missing_metric))
+  found = stepfiles(model_dir, min_steps=min_steps, wait_minutes=wait_minutes,
+                    poll_seconds=poll_seconds, clock=clock, sleep=sleep)
+  return averager.run(found)
+
+
+def _check_arguments(model_dir, output_dir, *, n, min_steps, wait_minutes,
+                     poll_seconds, scheme, explicit, event_sources,
+                     top_k) -> None:
+  if not model_dir:
+    raise ValueError("--model_dir is required")
+  if not output_dir:
+    raise ValueError("--output_dir is required")
+  if _normalised_dir(model_dir) == _normalised_dir(output_dir):
+    raise AveragingError(
+        f"--output_dir {output_dir} is the training directory --model_dir "
+        f"{model_dir}: the averages would be taken for training checkpoints "
+        "and its `checkpoint` state file would change; choose another "
+        "--output_dir")
+  if n < 1:
+    raise ValueError(f"--n must be >= 1, not {n}")
+  if min_steps < 0 or wait_minutes < 0 or poll_seconds < 0:
+    raise ValueError("--min_steps, --wait_minutes and the poll interval must "
+                     "be >= 0")
+  if scheme not in weighting.SCHEMES:
+    raise ValueError(f"unknown weighting {scheme!r}; expected one of "
+                     f"{', '.join(weighting.SCHEMES)}")
+  if scheme in weighting.METRIC_SCHEMES and not event_sources:
+    raise ValueError(f"--weighting={scheme} needs --metrics_from_events")
+  if scheme == "explicit" and (explicit is None or len(explicit) != n):
+    raise ValueError(f"--weighting=explicit in continuous mode needs --n={n} "
+                     "weights, one per window position (oldest first), not "
+                     f"{0 if explicit is None else len(explicit)}")
+  if scheme == "top_k" and not 1 <= top_k <= n:
+    raise ValueError(f"--top_k must be between 1 and --n={n}, not {top_k}")
+
+
+def _normalised_dir(path: str) -> str:
+  if writer.is_local(path):
+    return os.path.realpath(path)
+  return path.rstrip("/")
+
+
+class _Averager:
+  """Turns windows into outputs; holds the settings and what was warned."""
+
+  def __init__(self, model_dir, output_dir, *, n, wait_minutes, poll_seconds,
+               clock, sleep, exclude_variables, allow_nonfinite, step_from,
+               weight_summaries, weighting_args):
+    self._model_dir = model_dir
+    self._output_dir = output_dir
+    self._n = n
+    self._wait_minutes = wait_minutes
+    self._poll_seconds = poll_seconds
+    self._clock = clock
+    self._sleep = sleep
+    self._exclude_variables = exclude_variables
+    self._allow_nonfinite = allow_nonfinite
+    self._step_from = step_from
+    self._weight_summaries = weight_summaries
+    self._weighting_args = weighting_args
+    self._copied = set()
+    self._warned_times = False
+
+  def run(self, found: Iterator[StepFile]) -> Iterator[WindowOutcome]:
+    """The generator behind `average_all`."""
+    tf.io.gfile.makedirs(self._output_dir)
+    self._copy_run_files()
+    counts = collections.Counter()
+    for window in windows(found, self._n):
+      outcome = self._process(window)
+      counts[outcome.status] += 1
+      yield outcome
+    if not counts:
+      logging.warning("No window of --n=%d checkpoints was formed in %s (with "
+                      "--min_steps and --wait_minutes as given)", self._n,
+                      self._model_dir)
+    logging.info("Continuous averaging done: %d written, %d existed already, "
+                 "%d skipped", counts[WRITTEN], counts[EXISTED],
+                 counts[SKIPPED])
+
+  def _process(self, window: tuple) -> WindowOutcome:
+    newest = window[-1]
+    prefix = output_prefix(self._output_dir, newest.step)
+
+    def skipped(reason):
+      logging.warning("Skipping %s: %s", prefix, reason)
+      return WindowOutcome(newest.step, prefix, window, SKIPPED, reason)
+
+    if checkpoints.exists(prefix):
+      logging.info("%s exists; skipped, not recomputed", prefix)
+      return WindowOutcome(newest.step, prefix, window, EXISTED)
+    members, problem = self._open(window)
+    if problem:
+      return skipped(problem)
+    weighing = None
+    if self._weighting_args["scheme"] != "uniform":
+      weighing, problem = self._weigh(members, newest)
+      if problem:
+        return skipped(problem)
+    try:
+      result = self._average(members, weighing, newest.step)
+    except (AveragingError,) + _READ_ERRORS as e:
+      problem = _unreadable_input(window, e)
+      if problem is None:
+        raise
+      return skipped(problem)
+    self._finish(result, newest, members)
+    return WindowOutcome(newest.step, prefix, window, WRITTEN, result=result)
+
+  def _open(self, window: tuple) -> tuple:
+    """The window's Checkpoints, or None and why one cannot be used."""
+    members = []
+    for step_file in window:
+      path = step_file.path
+      if not checkpoints.exists(path):
+        return None, (f"checkpoint {path} vanished (deleted by the trainer's "
+                      "max_to_keep?)")
+      try:
+        reader = checkpoints.open_reader(path)
+      except AveragingError as e:
+        return None, f"{e} (still being written?)"
+      try:
+        # An AveragingError here (--step_from naming no tensor) is the
+        # user's to fix, not a checkpoint's fault: it propagates.
+        members.append(checkpoints.read_step(reader, path, self._step_from))
+      except _READ_ERRORS as e:
+        return None, (f"cannot read checkpoint {path}: "
+                      f"{checkpoints.error_text(e)}")
+    return members, None
+
+  def _weigh(self, members: list, newest: StepFile) -> tuple:
+    """A Weighing once the newest checkpoint's metric is in, or why not."""
+    args = self._weighting_args
+    step = members[-1].step
+    deadline = newest.ctime_ns / 1e9 + self._wait_minutes * 60
+    waiting = False
+    while True:
+      problem = self._metric_missing(step)
+      if problem is None:
+        break
+      if self._clock() > deadline:
+        return None, (f"the newest checkpoint of its window, {newest.path} "
+                      f"(step {step}), has no {args['tag']} metric after "
+                      f"--wait_minutes={self._wait_minutes:g}: {problem}")
+      if not waiting:
+        logging.info("Waiting till %s for the %s metric of step %s",
+                     time.asctime(time.localtime(deadline)), args["tag"], step)
+        waiting = True
+      self._sleep(self._poll_seconds)
+    try:
+      return oneshot.weigh(members, **args), None
+    except AveragingError as e:
+      return None, f"cannot weigh its checkpoints: {e}"
+
+  def _metric_missing(self, step: Optional[int]) -> Optional[str]:
+    """None when `step` has a metric point; else what is missing."""
+    args = self._weighting_args
+    if step is None:
+      return "its step is unknown (see --step_from)"
+    try:
+      points = events.read_metric(args["event_sources"], args["tag"])
+    except AveragingError as e:
+      return str(e)
+    aligned = weighting.align_metrics_to_checkpoints(
+        [step], points, max_step_gap=args["max_step_gap"])
+    if aligned[0] is None:
+      return (f"no point at step {step} (--max_step_gap="
+              f"{args['max_step_gap']}); the last is at step "
+              f"{points[-1].step}")
+    return None
+
+  def _average(self, members, weighing, step) -> averaging.AveragingResult:
+    extra = {"continuous": {"model_dir": self._model_dir, "n": self._n}}
+    if weighing is None:
+      chosen, weights, metrics = members, None, None
+      extra["weighting"] = {"scheme": "uniform"}
+    else:
+      chosen, weights, metrics = (weighing.checkpoints, weighing.weights,
+                                  weighing.metrics)
+      extra.update(weighing.record)
+    return averaging.average_checkpoints(
+        chosen, os.path.join(self._output_dir, OUTPUT_BASENAME),
+        weights=weights, metrics=metrics, output_step=step,
+        exclude_variables=self._exclude_variables,
+        allow_nonfinite=self._allow_nonfinite, step_from=self._step_from,
+        update_state_file=False, record_extra=extra)
+
+  def _finish(self, result, newest: StepFile, members) -> None:
+    """Times, run files and the state file, as downstream tools expect."""
+    prefix = result.output_path
+    # t2t-bleu and t2t-translate-all date an average by its index file.
+    for path in tf.io.gfile.glob(prefix + ".data-*") + [prefix + ".index"]:
+      self._set_mtime(path, newest.mtime_ns)
+    self._copy_run_files()
+    outputs = present_outputs(self._output_dir)
+    writer.update_state_file(self._output_dir, outputs[-1], outputs,
+                             input_paths=[c.path for c in members])
+    if self._weight_summaries:
+      events.write_weight_summaries(
+          os.path.join(self._output_dir, "t2t_avg"), result.rows,
+          self._weighting_args["tag"])
+
+  def _set_mtime(self, path: str, mtime_ns: int) -> None:
+    if writer.is_local(path):
+      os.utime(path, ns=(mtime_ns, mtime_ns))
+    elif not self._warned_times:
+      logging.warning("Cannot set file times on %s: outputs and copied files "
+                      "keep the time they were written (t2t-bleu's relative "
+                      "times will be off)", path)
+      self._warned_times = True
+
+  def _copy_run_files(self) -> None:
+    """Copies flags.txt etc. with their times, unless already there."""
+    for name in RUN_FILES:
+      if name in self._copied:
+        continue
+      source = os.path.join(self._model_dir, name)
+      target = os.path.join(self._output_dir, name)
+      try:
+        if tf.io.gfile.exists(target):
+          self._copied.add(name)
+          continue
+        if not tf.io.gfile.exists(source):
+          continue
+        _copy_with_times(source, target, self._set_mtime)
+      except (OSError, tf.errors.OpError) as e:
+        logging.warning("Cannot copy %s to %s: %s", source, target,
+                        checkpoints.error_text(e))
+        continue
+      self._copied.add(name)
+      logging.info("Copied %s to %s with its times", source, target)
+
+
+def _copy_with_times(source: str, target: str, set_mtime) -> None:
+  tmp = f"{target}.t2t_avg-tmp.{os.getpid()}"
+  if writer.is_local(source) and writer.is_local(target):
+    shutil.copy2(source, tmp)
+    os.replace(tmp, target)
+    return
+  tf.io.gfile.copy(source, tmp, overwrite=True)
+  tf.io.gfile.rename(tmp, target, overwrite=True)
+  set_mtime(target, tf.io.gfile.stat(source).mtime_nsec)
+
+
+def _unreadable_input(window: tuple, error: Exception) -> Optional[str]:
+  """Which input made averaging fail by vanishing or not reading; else None.
+
+  The inputs are checked again rather than the error's wording trusted: any
+  that is gone or lacks a data shard, then any the error names that TF's
+  own reader cannot read in full (checksums included). When all of them
+  read, the error is the averaging's own (mismatched variables, NaN, the
+  output) and is not the inputs' fault.
+  """
+  for step_file in window:
+    if not checkpoints.exists(step_file.path):
+      return f"checkpoint {step_file.path} vanished while being averaged"
+    missing = checkpoints.missing_data_files(step_file.path)
+    if missing:
+      return (f"checkpoint {step_file.path} became incomplete while being "
+              f"averaged: {missing} is missing")
+  text = checkpoints.error_text(error)
+  for step_file in window:
+    if re.search(re.escape(step_file.path) + r"(?!\d)", text):
+      problem = _read_in_full(step_file.path)
+      if problem:
+        return (f"checkpoint {step_file.path} cannot be read ({problem}): "
+                f"{text}")
+  return None
+
+
+def _read_in_full(path: str) -> Optional[str]:
+  """None when TF's reader reads every tensor of a checkpoint; else why not."""
+  try:
+    reader = tf.train.load_checkpoint(path)
+    for name in reader.get_variable_to_shape_map():
+      reader.get_tensor(name)  # One tensor at a time, checksum verified.
+  except _READ_ERRORS as e:
+    return checkpoints.error_text(e)
+  return None
+
+
+def present_outputs(output_dir: str) -> list:
+  """The `model.ckpt-<N>` checkpoints in a directory, oldest first."""
+  base = os.path.join(output_dir, OUTPUT_BASENAME)
+  found = []
+  for index_file in tf.io.gfile.glob(base + "-*.index"):
+    path = index_file[:-len(".index")]
+    step = checkpoints.name_step(path)
+    if step is not None and path == f"{base}-{step}":
+      found.append((step, path))
+  return [path for _, path in sorted(found)]
+
+
+def run(*, model_dir: str, output_dir: str, n: int, min_steps: int,
+        wait_minutes: float, **kwargs) -> list:
+  """The `t2t-avg-all` job with real time: averages until nothing is new.
+
+  Args:
+    model_dir, output_dir, n, min_steps, wait_minutes: see `average_all`.
+    **kwargs: the other keyword arguments of `average_all`.
+
+  Returns:
+    The output prefixes written.
+
+  Raises:
+    AveragingError: as `average_all`; also when windows were formed but
+      every one of them was skipped.
+  """
+  outcomes = list(average_all(model_dir, output_dir, n=n, min_steps=min_steps,
+                              wait_minutes=wait_minutes, **kwargs))
+  written = [o.output_path for o in outcomes if o.status == WRITTEN]
+  skipped = [o for o in outcomes if o.status == SKIPPED]
+  if skipped and len(skipped) == len(outcomes):
+    raise AveragingError(
+        f"no window could be averaged ({len(skipped)} skipped); the last, "
+        f"for step {skipped[-1].step}: {skipped[-1].reason}")
+  return written
