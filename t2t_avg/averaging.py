@@ -2,6 +2,7 @@
 import concurrent.futures
 import dataclasses
 import datetime
+import math
 import os
 import re
 import threading
@@ -73,7 +74,8 @@ def average_checkpoints(
       others have equal weights the result is bit for bit the uniform average
       of those.
     metrics: the metric value per checkpoint, for the log and the record.
-    output_step: 'zero' (legacy), 'last' (the newest input's step) or an int.
+    output_step: 'zero' (legacy), 'last' (the step of the newest input with
+      a weight above 0) or an int.
     exclude_variables: a regex; variables it matches (re.search) are left out.
     allow_nonfinite: average tensors that hold NaN or inf instead of refusing.
     step_from: 'auto', 'name' or a tensor key (see checkpoints.read_step).
@@ -96,10 +98,10 @@ def average_checkpoints(
   inputs, readers = _open(checkpoints_, step_from)
   specs = _validate_variables(inputs, readers)
   weights = _normalised(weights, len(inputs))
-  step = _output_step(output_step, inputs)
+  newest = _newest(inputs, weights)
+  step = _output_step(output_step, inputs, newest)
   output_prefix = f"{output_path}-{step}"
   _refuse_overwriting(output_prefix, inputs)
-  newest = _newest(inputs, weights)
   exclude = _compile(exclude_variables)
   plan = _plan(specs, exclude)
   rows = tuple(
@@ -178,18 +180,22 @@ def _normalised(weights, n) -> list:
       weights.sum() <= 0):
     raise ValueError(f"weights must be finite, >= 0 and sum to more than 0: "
                      f"{weights.tolist()}")
+  if abs(math.fsum(weights) - 1.0) <= 1e-12:
+    # Already normalised (by weighting.compute_weights): dividing again by a
+    # sum that is 1 only up to rounding would move the last bits.
+    return weights.tolist()
   return (weights / weights.sum()).tolist()
 
 
-def _output_step(output_step, inputs) -> int:
+def _output_step(output_step, inputs, newest) -> int:
   if output_step == "zero":
     return 0
   if output_step == "last":
-    unknown = [c.path for c in inputs if c.step is None]
-    if unknown:
+    if inputs[newest].step is None:
       raise AveragingError(f"--output_step=last: the step of checkpoint "
-                           f"{unknown[0]} is unknown (use --step_from)")
-    return max(c.step for c in inputs)
+                           f"{inputs[newest].path} is unknown (use "
+                           "--step_from)")
+    return inputs[newest].step
   if isinstance(output_step, int) and output_step >= 0:
     return output_step
   raise ValueError(f"--output_step must be 'zero', 'last' or an integer >= 0, "

@@ -244,7 +244,16 @@ def compute_weights(
     for i in selected:
       result[i] = 1.0 / top_k
     return result, details
-  return _normalised(weights), details
+  with np.errstate(all="ignore"):
+    result = _normalised(weights)
+  if not (all(math.isfinite(w) for w in result) and
+          math.isclose(math.fsum(result), 1.0)):
+    # Metric values near the limits of float64 (e.g. 1e300) overflow.
+    raise AveragingError(
+        f"{scheme} weighting overflows with metric values between "
+        f"{np.min(v[valid]):g} and {np.max(v[valid]):g}; use "
+        "--weighting=rank or top_k")
+  return result, details
 
 
 def _explicit(explicit: Sequence[float] | None, n: int) -> list[float]:
