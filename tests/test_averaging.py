@@ -49,16 +49,20 @@ def _mixed_series(directory, steps, seed=7, shards=1):
   return write_tf1_series(directory, steps, make, shards=shards)
 
 
+def _average_with_both(tmp_path, *flags):
+  """Runs legacy avg_checkpoints and t2t_avg on the same flags; their outputs."""
+  run_legacy("avg_checkpoints", *flags,
+             f"--output_path={tmp_path}/legacy/avg.ckpt")
+  result = run_cli(*flags, f"--output_path={tmp_path}/ours/avg.ckpt")
+  assert result.returncode == 0, result.stderr[-2000:]
+  return (read_checkpoint(f"{tmp_path}/ours/avg.ckpt-0"),
+          read_checkpoint(f"{tmp_path}/legacy/avg.ckpt-0"), result)
+
+
 def test_uniform_matches_legacy_bit_for_bit_for_every_float_dtype(tmp_path):
   prefixes = _mixed_series(str(tmp_path / "train"), [100, 200, 300, 400])
-  listed = ",".join(prefixes)
-  run_legacy("avg_checkpoints", f"--checkpoints={listed}",
-             f"--output_path={tmp_path}/legacy/avg.ckpt")
-  result = run_cli(f"--checkpoints={listed}",
-                   f"--output_path={tmp_path}/ours/avg.ckpt")
-  assert result.returncode == 0, result.stderr[-2000:]
-  ours = read_checkpoint(f"{tmp_path}/ours/avg.ckpt-0")
-  legacy = read_checkpoint(f"{tmp_path}/legacy/avg.ckpt-0")
+  ours, legacy, _ = _average_with_both(tmp_path,
+                                       f"--checkpoints={','.join(prefixes)}")
   assert set(ours) == set(legacy)
   _assert_bit_identical(ours, legacy)
   assert ours["global_step"] == 0 and ours["global_step"].dtype == np.int64
@@ -70,13 +74,9 @@ def test_uniform_matches_legacy_bit_for_bit_for_every_float_dtype(tmp_path):
 def test_num_last_checkpoints_matches_legacy_and_leaves_state_file(tmp_path):
   prefixes = _mixed_series(str(tmp_path / "train"), [10, 20, 30, 40, 50])
   before = tree_fingerprint(tmp_path / "train")
-  flags = [f"--prefix={tmp_path}/train/", "--num_last_checkpoints=3"]
-  run_legacy("avg_checkpoints", *flags,
-             f"--output_path={tmp_path}/legacy/avg.ckpt")
-  result = run_cli(*flags, f"--output_path={tmp_path}/ours/avg.ckpt")
-  assert result.returncode == 0, result.stderr[-2000:]
-  _assert_bit_identical(read_checkpoint(f"{tmp_path}/ours/avg.ckpt-0"),
-                        read_checkpoint(f"{tmp_path}/legacy/avg.ckpt-0"))
+  ours, legacy, result = _average_with_both(
+      tmp_path, f"--prefix={tmp_path}/train/", "--num_last_checkpoints=3")
+  _assert_bit_identical(ours, legacy)
   assert tree_fingerprint(tmp_path / "train") == before
   record = json.loads(open(f"{tmp_path}/ours/avg.ckpt-0.t2t_avg.json").read())
   assert [r["path"] for r in record["inputs"]] == prefixes[-3:]
@@ -90,14 +90,8 @@ def test_sharded_inputs_match_legacy(tmp_path):
   prefixes = _mixed_series(str(tmp_path / "train"), [1, 2, 3], shards=2)
   assert len([f for f in os.listdir(tmp_path / "train")
               if f.startswith("model.ckpt-3.data-")]) > 1
-  listed = ",".join(prefixes)
-  run_legacy("avg_checkpoints", f"--checkpoints={listed}",
-             f"--output_path={tmp_path}/legacy/avg.ckpt")
-  result = run_cli(f"--checkpoints={listed}",
-                   f"--output_path={tmp_path}/ours/avg.ckpt")
-  assert result.returncode == 0, result.stderr[-2000:]
-  _assert_bit_identical(read_checkpoint(f"{tmp_path}/ours/avg.ckpt-0"),
-                        read_checkpoint(f"{tmp_path}/legacy/avg.ckpt-0"))
+  _assert_bit_identical(*_average_with_both(
+      tmp_path, f"--checkpoints={','.join(prefixes)}")[:2])
 
 
 def test_directory_means_its_latest_and_prefix_is_prepended(tmp_path):
@@ -365,13 +359,7 @@ def test_partitioned_variables_match_legacy(tmp_path):
         sess.run(assign, {value: rng.standard_normal((10, 4))})
         prefixes.append(saver.save(sess, str(tmp_path / "t/model.ckpt"),
                                    global_step=step))
-  listed = ",".join(prefixes)
-  run_legacy("avg_checkpoints", f"--checkpoints={listed}",
-             f"--output_path={tmp_path}/legacy/avg.ckpt")
-  result = run_cli(f"--checkpoints={listed}",
-                   f"--output_path={tmp_path}/ours/avg.ckpt")
-  assert result.returncode == 0, result.stderr[-2000:]
-  ours = read_checkpoint(f"{tmp_path}/ours/avg.ckpt-0")
-  legacy = read_checkpoint(f"{tmp_path}/legacy/avg.ckpt-0")
+  ours, legacy, _ = _average_with_both(tmp_path,
+                                       f"--checkpoints={','.join(prefixes)}")
   assert ours["embedding"].shape == (10, 4)
   _assert_bit_identical(ours, legacy)
