@@ -13,7 +13,6 @@ import tensorflow as tf
 from t2t_avg import averaging
 from t2t_avg import checkpoints
 from t2t_avg import events
-from t2t_avg import oneshot
 from t2t_avg import weighting
 from t2t_avg import writer
 from t2t_avg.errors import AveragingError
@@ -380,12 +379,15 @@ class _Averager:
 
   def _weigh(self, members: list, newest: StepFile) -> tuple:
     """A Weighing once the newest checkpoint's metric is in, or why not."""
-    args = self._weighting_args
+    args = dict(self._weighting_args)
+    sources = args.pop("event_sources")
+    if not sources:  # --weighting=explicit without metrics to show.
+      return weighting.weigh_checkpoints(members, None, **args), None
     step = members[-1].step
     deadline = newest.ctime_ns / 1e9 + self._wait_minutes * 60
     waiting = False
     while True:
-      problem = self._metric_missing(step)
+      points, problem = self._metric_points(sources, step)
       if problem is None:
         break
       if self._clock() > deadline:
@@ -398,26 +400,26 @@ class _Averager:
         waiting = True
       self._sleep(self._poll_seconds)
     try:
-      return oneshot.weigh(members, **args), None
+      return weighting.weigh_checkpoints(members, points, **args), None
     except AveragingError as e:
       return None, f"cannot weigh its checkpoints: {e}"
 
-  def _metric_missing(self, step: Optional[int]) -> Optional[str]:
-    """None when `step` has a metric point; else what is missing."""
+  def _metric_points(self, sources, step: Optional[int]) -> tuple:
+    """(the metric's points, None) when `step` has one; else (None, why)."""
     args = self._weighting_args
     if step is None:
-      return "its step is unknown (see --step_from)"
+      return None, "its step is unknown (see --step_from)"
     try:
-      points = events.read_metric(args["event_sources"], args["tag"])
+      points = events.read_metric(sources, args["tag"])
     except AveragingError as e:
-      return str(e)
+      return None, str(e)
     aligned = weighting.align_metrics_to_checkpoints(
         [step], points, max_step_gap=args["max_step_gap"])
     if aligned[0] is None:
-      return (f"no point at step {step} (--max_step_gap="
-              f"{args['max_step_gap']}); the last is at step "
-              f"{points[-1].step}")
-    return None
+      return None, (f"no point at step {step} (--max_step_gap="
+                    f"{args['max_step_gap']}); the last is at step "
+                    f"{points[-1].step}")
+    return points, None
 
   def _average(self, members, weighing, step) -> averaging.AveragingResult:
     extra = {"continuous": {"model_dir": self._model_dir, "n": self._n}}

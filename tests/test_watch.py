@@ -621,3 +621,17 @@ def test_window_waits_for_its_newest_metric_then_is_skipped(tmp_path, caplog):
   rank_weights = [r.weight for r in outcomes[1].result.rows]
   assert rank_weights == pytest.approx([1 / 6, 2 / 6, 3 / 6])
   assert not os.path.exists(os.path.join(out, "model.ckpt-500.index"))
+
+
+def test_explicit_weights_apply_per_window_position(tmp_path):
+  train = str(tmp_path / "train")
+  write_tf1_series(train, [1, 2, 3], step_valued({"w": (2,)}))
+  outcomes = list(watch.average_all(train, str(tmp_path / "avg"), n=2,
+                                    scheme="explicit", explicit=[1, 3]))
+  assert [(o.step, o.status) for o in outcomes] == [(2, watch.WRITTEN),
+                                                    (3, watch.WRITTEN)]
+  for step in (2, 3):
+    value = read_checkpoint(watch.output_prefix(str(tmp_path / "avg"),
+                                                step))["w"]
+    np.testing.assert_array_equal(value, np.full(2, (step - 1 + 3 * step) / 4,
+                                                 np.float32))
