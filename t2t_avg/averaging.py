@@ -204,7 +204,8 @@ def _output_step(output_step, inputs, newest) -> int:
 
 def _refuse_overwriting(output_prefix, inputs) -> None:
   def norm(p):
-    return os.path.abspath(p) if writer.is_local(p) else p
+    # realpath: an input reached through a symlinked directory is the same.
+    return os.path.realpath(p) if writer.is_local(p) else p
   for c in inputs:
     if norm(c.path) == norm(output_prefix):
       raise AveragingError(f"output {output_prefix} is one of the input "
@@ -415,7 +416,12 @@ def _average_direct(spec, sources, files, weights, allow_nonfinite,
       data_file = files.get(entry.data_file)
       if data_file is None:
         data_file = files[entry.data_file] = bundle.DataFile(entry.data_file)
-      data_file.read_into(memoryview(chunk), entry.offset + start * itemsize)
+      try:
+        data_file.read_into(memoryview(chunk),
+                            entry.offset + start * itemsize)
+      except (AveragingError, OSError) as e:
+        raise AveragingError(f"cannot read variable {spec.name} from "
+                             f"checkpoint {sources[i].path}: {e}") from e
       crcs[i] = crc32c.crc32c(chunk, crcs[i])
       if weights is None:
         np.add(acc, chunk.view(dtype), out=acc)

@@ -147,12 +147,20 @@ def _make_dirs(directory: str) -> None:
 
 
 def _remove_stale_temporaries(out_dir: str, base: str) -> None:
-  for tmp in tf.io.gfile.glob(os.path.join(out_dir, f"{_TMP_MARK}.{base}.*")):
-    pid = tmp.rsplit(".", 1)[-1]
-    if is_local(tmp) and pid.isdigit() and _pid_alive(int(pid)):
-      continue  # Another run is writing the same output right now.
-    logging.info("Removing %s, left by an interrupted run", tmp)
-    tf.io.gfile.rmtree(tmp)
+  # This output's temporary directory, and the state file's temporary copy
+  # (`_write_atomically`), which a run killed while writing it leaves.
+  patterns = (f"{_TMP_MARK}.{base}.*",
+              f"{checkpoints.STATE_FILE}{_TMP_MARK}.*")
+  for pattern in patterns:
+    for tmp in tf.io.gfile.glob(os.path.join(out_dir, pattern)):
+      pid = tmp.rsplit(".", 1)[-1]
+      if is_local(tmp) and pid.isdigit() and _pid_alive(int(pid)):
+        continue  # Another run is writing the same output right now.
+      logging.info("Removing %s, left by an interrupted run", tmp)
+      if tf.io.gfile.isdir(tmp):
+        tf.io.gfile.rmtree(tmp)
+      else:
+        tf.io.gfile.remove(tmp)
 
 
 def _write_atomically(path: str, text: str) -> None:
