@@ -433,3 +433,44 @@ def test_infer_direction_unknown_asks_for_metric_mode(tag):
   with pytest.raises(AveragingError, match=r"--metric_mode=min\|max") as error:
     events.infer_direction(tag)
   assert repr(tag) in str(error.value)
+
+
+def test_random_truncations_and_bit_flips_never_crash_or_invent_points(
+    tmp_path):
+  """A seeded fuzz loop over real files of both encodings, bounded in time."""
+  tf2_dir = tmp_path / "tf2"
+  writer = tf.summary.create_file_writer(str(tf2_dir))
+  with writer.as_default():
+    for step in range(0, 400, 10):
+      tf.summary.scalar("loss", 5.0 - step / 100, step=step)
+  writer.close()
+  [tf2_file] = [str(tf2_dir / name) for name in os.listdir(tf2_dir)]
+  tf1_file = _write_tf1(
+      tmp_path / "tf1/events.out.tfevents.1.x",
+      [_scalars_event(step, 1000.0 + step, {"loss": step * 0.5, "other": 1.0})
+       for step in range(0, 400, 10)])
+  rng = np.random.default_rng(20261127)
+  deadline = time.monotonic() + 10
+  tried = 0
+  for path in (tf2_file, tf1_file):
+    original = {(p.step, p.value) for p in events.read_metric([path], "loss")}
+    data = open(path, "rb").read()
+    fuzzed = str(tmp_path / "fuzzed.tfevents")
+    for _ in range(150):
+      damaged = bytearray(data)
+      if rng.random() < 0.5:
+        del damaged[rng.integers(0, len(damaged)):]
+      for _ in range(rng.integers(1, 4)):
+        if damaged:
+          damaged[rng.integers(0, len(damaged))] ^= 1 << rng.integers(0, 8)
+      with open(fuzzed, "wb") as f:
+        f.write(bytes(damaged))
+      try:
+        points = events.read_metric([fuzzed], "loss")
+      except AveragingError:
+        continue  # Nothing readable: the tag is "not found".
+      assert {(p.step, p.value) for p in points} <= original
+      tried += 1
+      if time.monotonic() > deadline:
+        break
+  assert tried > 20

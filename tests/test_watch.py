@@ -306,12 +306,18 @@ _TRAINER = textwrap.dedent("""
     step_int = tf.placeholder(tf.int64, shape=())
     assigns = [w.assign(tf.fill([4], step_ph)), global_step.assign(step_int)]
     saver = tf.train.Saver(max_to_keep=keep)
+    # With a 5th argument, an eval dir: a loss is appended after each save.
+    evals = tf.summary.FileWriter(sys.argv[5]) if len(sys.argv) > 5 else None
     with tf.Session() as sess:
       sess.run(tf.global_variables_initializer())
       for step in steps:
         sess.run(assigns, {step_ph: step, step_int: step})
         saver.save(sess, os.path.join(directory, "model.ckpt"),
                    global_step=step)
+        if evals is not None:
+          evals.add_summary(tf.Summary(value=[tf.Summary.Value(
+              tag="loss", simple_value=1000.0 / step)]), step)
+          evals.flush()
         if step not in bursts:  # a burst: the next save follows at once
           time.sleep(0.25)
 """)
@@ -635,3 +641,49 @@ def test_explicit_weights_apply_per_window_position(tmp_path):
                                                 step))["w"]
     np.testing.assert_array_equal(value, np.full(2, (step - 1 + 3 * step) / 4,
                                                  np.float32))
+
+
+def test_weighted_beside_a_trainer_appending_eval_events(tmp_path, caplog):
+  """Checkpoints appear and vanish, the events file grows: no window whose
+  checkpoints were all still there is lost, each weighted by its metrics."""
+  train, out = str(tmp_path / "train"), str(tmp_path / "avg")
+  evals = str(tmp_path / "train/eval")
+  os.makedirs(train)
+  steps = list(range(10, 130, 10))
+  trainer = subprocess.Popen(
+      [sys.executable, "-c", _TRAINER, train, "3", ",".join(map(str, steps)),
+       "50,90", evals],
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+      stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 120
+    while not glob.glob(os.path.join(train, "*.index")):
+      assert trainer.poll() is None, trainer.stderr.read()[-2000:]
+      assert time.time() < deadline, "the trainer saved nothing"
+      time.sleep(0.05)
+    with caplog.at_level(std_logging.INFO):
+      outcomes = list(watch.average_all(
+          train, out, n=2, wait_minutes=0.1, poll_seconds=0.1,
+          scheme="softmax", event_sources=[evals], tag="loss"))
+  finally:
+    _, stderr = trainer.communicate(timeout=120)
+  assert trainer.returncode == 0, stderr[-2000:]
+  for before, after in zip(outcomes, outcomes[1:]):
+    assert after.inputs[:-1] == before.inputs[1:]
+  assert outcomes[-1].step == steps[-1]
+  for outcome in outcomes:
+    if outcome.status == watch.SKIPPED:
+      gone = [s.path for s in outcome.inputs if s.path in outcome.reason]
+      assert gone and not any(checkpoints.exists(p) for p in gone), (
+          outcome.reason)
+      continue
+    assert outcome.status == watch.WRITTEN
+    older, newer = (s.step for s in outcome.inputs)
+    # Lower loss (1000 / step) is better: the newer checkpoint weighs more.
+    losses = np.array([1000.0 / older, 1000.0 / newer], np.float32)
+    logits = -(losses.astype(np.float64) - losses.min()) / np.std(losses)
+    w = np.exp(logits) / np.exp(logits).sum()
+    expected = np.float32(w[0] * older + w[1] * newer)
+    np.testing.assert_array_equal(read_checkpoint(outcome.output_path)["w"],
+                                  np.full(4, expected, np.float32))
+  assert outcomes[-1].status == watch.WRITTEN
