@@ -22,7 +22,7 @@ setuptools.setup(
     extras_require={
         "tensorflow": ["tensorflow>=2.11"],
         "tensorflow-cpu": ["tensorflow-cpu>=2.11"],
-        "test": ["pytest", "hypothesis", "six"],
+        "test": ["pytest", "hypothesis", "six", "tensorboard"],
     },
     entry_points={"console_scripts": ["t2t-avg-all = t2t_avg.cli:run_avg_all"]},
 )

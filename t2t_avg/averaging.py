@@ -108,10 +108,10 @@ def average_checkpoints(
       CheckpointRow(c.path, c.step, c.step_source, w,
                     None if metrics is None else metrics[i])
       for i, (c, w) in enumerate(zip(inputs, weights)))
-  record = _record(rows, weights, output_prefix, step, exclude_variables,
-                   plan, record_extra)
-  result = AveragingResult(output_prefix, False, rows, weighting.effective_count(weights),
-                           record)
+  count = weighting.effective_count(weights)
+  record = _record(rows, count, output_prefix, step, exclude_variables, plan,
+                   record_extra)
+  result = AveragingResult(output_prefix, False, rows, count, record)
   _log_plan(result, newest, plan, exclude)
   if dry_run:
     return result
@@ -137,9 +137,15 @@ def average_checkpoints(
 
 
 def _open(items, step_from):
-  inputs = [item if isinstance(item, Checkpoint) else
-            checkpoints.load(item, step_from) for item in items]
-  readers = [checkpoints.open_reader(c.path) for c in inputs]
+  inputs, readers = [], []
+  for item in items:
+    path = item.path if isinstance(item, Checkpoint) else checkpoints.resolve(
+        item)
+    reader = checkpoints.open_reader(path)
+    if not isinstance(item, Checkpoint):
+      item = checkpoints.read_step(reader, path, step_from)
+    inputs.append(item)
+    readers.append(reader)
   seen = set()
   for c in inputs:
     if c.path in seen:
@@ -353,8 +359,7 @@ def _stream(plan, inputs, readers, weights, newest, step, allow_nonfinite,
 
   with concurrent.futures.ThreadPoolExecutor(_WORKERS) as pool:
     futures = [pool.submit(work) for _ in range(_WORKERS)]
-    while not concurrent.futures.wait(futures, _PROGRESS_SECONDS).not_done == (
-        set()):
+    while concurrent.futures.wait(futures, _PROGRESS_SECONDS).not_done:
       progress.log()
     for future in futures:
       future.result()
@@ -500,7 +505,7 @@ def _write_meta(path, plan) -> None:
     saver.export_meta_graph(path)
 
 
-def _record(rows, weights, output_prefix, step, exclude_pattern, plan,
+def _record(rows, count, output_prefix, step, exclude_pattern, plan,
             extra) -> dict:
   record = {
       "t2t_avg_version": t2t_avg.__version__,
@@ -508,7 +513,7 @@ def _record(rows, weights, output_prefix, step, exclude_pattern, plan,
       "output": output_prefix,
       "output_step": step,
       "inputs": [dataclasses.asdict(r) for r in rows],
-      "effective_count": weighting.effective_count(weights),
+      "effective_count": count,
       "averaged_variables": sum(i.action == "average" for i in plan),
       "copied_variables": sum(i.action == "copy" for i in plan),
       "exclude_variables": exclude_pattern,

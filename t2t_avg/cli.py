@@ -8,6 +8,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from t2t_avg import weighting
 from t2t_avg.errors import AveragingError
 
 # --- legacy avg_checkpoints.py ---------------------------------------------
@@ -27,10 +28,8 @@ _OUTPUT_PATH = flags.DEFINE_string(
 _OUTPUT_STEP = flags.DEFINE_string(
     "output_step", "zero", "'zero' (legacy: -0, global_step 0), 'last' (the "
     "newest input's step) or an integer.")
-_WEIGHTING = flags.DEFINE_enum(
-    "weighting", "uniform",
-    ["uniform", "softmax", "proportional", "rank", "top_k", "explicit"],
-    "How checkpoints are weighted.")
+_WEIGHTING = flags.DEFINE_enum("weighting", "uniform", weighting.SCHEMES,
+                               "How checkpoints are weighted.")
 _WEIGHTS = flags.DEFINE_string(
     "weights", "", "With --weighting=explicit: one weight per checkpoint, in "
     "checkpoint order.")
@@ -86,7 +85,6 @@ _WAIT_MINUTES = flags.DEFINE_integer(
 _ONE_SHOT_ONLY = ("checkpoints", "num_last_checkpoints", "prefix",
                   "output_path", "output_step", "dry_run", "write_meta")
 _CONTINUOUS_ONLY = ("output_dir", "n", "min_steps", "wait_minutes")
-_METRIC_SCHEMES = ("softmax", "proportional", "rank", "top_k")
 
 
 def _fail(message: str) -> None:
@@ -140,7 +138,7 @@ def _explicit_weights():
 
 def _check_weighting_flags() -> None:
   scheme = _WEIGHTING.value
-  if scheme in _METRIC_SCHEMES and not _METRICS_FROM_EVENTS.value:
+  if scheme in weighting.METRIC_SCHEMES and not _METRICS_FROM_EVENTS.value:
     raise ValueError(f"--weighting={scheme} needs --metrics_from_events")
   if (_TOP_K.value != 0) != (scheme == "top_k"):
     raise ValueError("--top_k goes with --weighting=top_k (and needs k >= 1)")
@@ -152,7 +150,7 @@ def _check_weighting_flags() -> None:
     raise ValueError("--temperature goes with --weighting=softmax")
   if _MAX_STEP_GAP.value < 0:
     raise ValueError(f"--max_step_gap must be >= 0, not {_MAX_STEP_GAP.value}")
-  if scheme in _METRIC_SCHEMES and _METRIC_MODE.value == "auto":
+  if scheme in weighting.METRIC_SCHEMES and _METRIC_MODE.value == "auto":
     # Raises, asking for --metric_mode, when the tag does not say.
     from t2t_avg import events  # pylint: disable=import-outside-toplevel
     events.infer_direction(_METRIC.value)
@@ -188,11 +186,12 @@ def _run_once(argv) -> None:
     if _present(name):
       raise ValueError(f"--{name} goes with --model_dir (continuous mode)")
   output_step = _output_step(_OUTPUT_STEP.value)
+  listed = [c for c in _CHECKPOINTS.value.split(",") if c.strip()]
   if _CHECKPOINTS.value:
     if _NUM_LAST.value:
       logging.warning("--num_last_checkpoints is ignored because "
                       "--checkpoints is set")
-    if not [c for c in _CHECKPOINTS.value.split(",") if c.strip()]:
+    if not listed:
       raise ValueError("--checkpoints: no checkpoints given")
   elif _NUM_LAST.value < 1:
     raise ValueError("give --checkpoints, or --num_last_checkpoints >= 1 with "
@@ -202,23 +201,22 @@ def _run_once(argv) -> None:
                      "holds the `checkpoint` state file)")
   _check_weighting_flags()
   _check_exclude_variables()
-  weighting = _weighting_args()
-  listed = [c for c in _CHECKPOINTS.value.split(",") if c.strip()]
-  if weighting["explicit"] is not None and listed and (
-      len(weighting["explicit"]) != len(listed)):
-    raise ValueError(f"--weights gives {len(weighting['explicit'])} weights "
-                     f"for the {len(listed)} checkpoints of --checkpoints")
+  weighting_args = _weighting_args()
+  explicit = weighting_args["explicit"]
+  if explicit is not None and listed and len(explicit) != len(listed):
+    raise ValueError(f"--weights gives {len(explicit)} weights for the "
+                     f"{len(listed)} checkpoints of --checkpoints")
 
   # TensorFlow prints start-up notices: imported only once flags are valid.
   from t2t_avg import oneshot  # pylint: disable=import-outside-toplevel
-  oneshot.run(checkpoints=_CHECKPOINTS.value.split(",") if _CHECKPOINTS.value
-           else None,
-           prefix=_PREFIX.value, num_last=_NUM_LAST.value,
-           output_path=_OUTPUT_PATH.value, output_step=output_step,
-           exclude_variables=_EXCLUDE_VARIABLES.value,
-           allow_nonfinite=_ALLOW_NONFINITE.value, step_from=_STEP_FROM.value,
-           write_meta=_WRITE_META.value, dry_run=_DRY_RUN.value,
-           weight_summaries=_WEIGHT_SUMMARIES.value, **weighting)
+  oneshot.run(checkpoints=listed, prefix=_PREFIX.value,
+              num_last=_NUM_LAST.value, output_path=_OUTPUT_PATH.value,
+              output_step=output_step,
+              exclude_variables=_EXCLUDE_VARIABLES.value,
+              allow_nonfinite=_ALLOW_NONFINITE.value,
+              step_from=_STEP_FROM.value, write_meta=_WRITE_META.value,
+              dry_run=_DRY_RUN.value,
+              weight_summaries=_WEIGHT_SUMMARIES.value, **weighting_args)
 
 
 def _run_continuous(argv) -> None:
@@ -242,14 +240,14 @@ def _run_continuous(argv) -> None:
     raise ValueError("--wait_minutes and --min_steps must be >= 0")
   _check_weighting_flags()
   _check_exclude_variables()
-  weighting = _weighting_args()
+  weighting_args = _weighting_args()
   from t2t_avg import watch  # pylint: disable=import-outside-toplevel
   watch.run(model_dir=_MODEL_DIR.value, output_dir=_OUTPUT_DIR.value,
             n=_N.value, min_steps=_MIN_STEPS.value,
             wait_minutes=_WAIT_MINUTES.value,
             exclude_variables=_EXCLUDE_VARIABLES.value,
             allow_nonfinite=_ALLOW_NONFINITE.value, step_from=_STEP_FROM.value,
-            weight_summaries=_WEIGHT_SUMMARIES.value, **weighting)
+            weight_summaries=_WEIGHT_SUMMARIES.value, **weighting_args)
 
 
 def _guarded(run):

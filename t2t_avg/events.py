@@ -279,13 +279,19 @@ def write_weight_summaries(directory: str, rows: Sequence, tag: str) -> None:
     tag: the metric's tag.
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  writer = tf.summary.create_file_writer(directory)
-  with writer.as_default():
+  tf1 = tf.compat.v1
+  # TF1's FileWriter (TF core, in a graph of its own) rather than
+  # tf.summary.scalar, whose implementation lives in the tensorboard package.
+  with tf.Graph().as_default():
+    writer = tf1.summary.FileWriter(directory)
     for row in rows:
       if row.step is None:
         continue
-      tf.summary.scalar("t2t_avg/weight", row.weight, step=row.step)
+      values = [tf1.Summary.Value(tag="t2t_avg/weight",
+                                  simple_value=row.weight)]
       if row.metric is not None:
-        tf.summary.scalar(f"t2t_avg/{tag}", row.metric, step=row.step)
-  writer.close()
+        values.append(tf1.Summary.Value(tag=f"t2t_avg/{tag}",
+                                        simple_value=row.metric))
+      writer.add_summary(tf1.Summary(value=values), row.step)
+    writer.close()
   logging.info("Wrote the weights as TensorBoard scalars in %s", directory)

@@ -13,7 +13,7 @@ from t2t_avg import bundle
 from t2t_avg import checkpoints
 from t2t_avg.errors import AveragingError
 
-PIECE_BYTES = 256 << 20
+PIECE_BYTES = 64 << 20
 _TMP_MARK = ".t2t_avg-tmp"
 
 
@@ -34,10 +34,12 @@ def _pid_alive(pid: int) -> bool:
 class CheckpointWriter:
   """Writes one checkpoint in pieces, visible under its name only on commit.
 
-  Tensors are saved with TF's own `SaveV2` into pieces of about `piece_bytes`
-  (a large tensor is a piece of its own) in a temporary directory beside the
-  output, merged with `MergeV2Checkpoints` as TF's sharded saver does, then
-  renamed into place: data files first, the index last. A run killed at any
+  Whole tensors (`add`) are saved with TF's own `SaveV2` into pieces of about
+  `piece_bytes` (a large tensor is a piece of its own); tensors built chunk by
+  chunk go into pieces written in TF's format directly (`raw_piece`). The
+  pieces, in a temporary directory beside the output, are merged with
+  `MergeV2Checkpoints` as TF's sharded saver does, then renamed into place:
+  data files first, the index last. A run killed at any
   moment leaves the old checkpoint, none, or the new one; the next run for
   the same output removes the temporary directory it left behind.
   """

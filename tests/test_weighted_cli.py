@@ -9,6 +9,8 @@ import logging
 import math
 import os
 import statistics
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -432,3 +434,26 @@ def test_softmax_average_beats_uniform_after_a_late_loss_spike(tmp_path):
   uniform_loss, _ = demo.evaluate(cfg, uniform, data["test"])
   softmax_loss, _ = demo.evaluate(cfg, softmax, data["test"])
   assert softmax_loss < uniform_loss - 0.02, (softmax_loss, uniform_loss)
+
+
+def test_weight_summaries_need_no_tensorboard_package(tmp_path):
+  """TF 2.21 no longer installs tensorboard; the summaries must not need it."""
+  code = f"""
+import sys
+sys.modules["tensorboard"] = None  # As if it were not installed.
+from t2t_avg import events
+from t2t_avg.averaging import CheckpointRow
+rows = [CheckpointRow("a", 10, "name", 0.25, 1.5),
+        CheckpointRow("b", 20, "name", 0.75, 0.5)]
+events.write_weight_summaries({str(tmp_path)!r}, rows, "loss")
+print([(p.step, p.value) for p in events.read_metric([{str(tmp_path)!r}],
+                                                     "t2t_avg/weight")])
+print([(p.step, p.value) for p in events.read_metric([{str(tmp_path)!r}],
+                                                     "t2t_avg/loss")])
+"""
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, check=False,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split("\n")[:2] == ["[(10, 0.25), (20, 0.75)]",
+                                           "[(10, 1.5), (20, 0.5)]"]
