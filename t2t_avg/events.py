@@ -10,6 +10,7 @@ import math
 import os
 import re
 import struct
+import uuid
 from typing import Iterator, Sequence
 
 from absl import logging
@@ -283,7 +284,10 @@ def write_weight_summaries(directory: str, rows: Sequence, tag: str) -> None:
   # TF1's FileWriter (TF core, in a graph of its own) rather than
   # tf.summary.scalar, whose implementation lives in the tensorboard package.
   with tf.Graph().as_default():
-    writer = tf1.summary.FileWriter(directory)
+    # Its file name has the time in whole seconds: a suffix keeps a second
+    # call within the same second (continuous mode) from replacing the first.
+    writer = tf1.summary.FileWriter(
+        directory, filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
     for row in rows:
       if row.step is None:
         continue

@@ -437,7 +437,8 @@ def test_softmax_average_beats_uniform_after_a_late_loss_spike(tmp_path):
 
 
 def test_weight_summaries_need_no_tensorboard_package(tmp_path):
-  """TF 2.21 no longer installs tensorboard; the summaries must not need it."""
+  """TF 2.21 no longer installs tensorboard; the summaries must not need it,
+  and calls in quick succession (continuous mode) must all be kept."""
   code = f"""
 import sys
 sys.modules["tensorboard"] = None  # As if it were not installed.
@@ -445,7 +446,9 @@ from t2t_avg import events
 from t2t_avg.averaging import CheckpointRow
 rows = [CheckpointRow("a", 10, "name", 0.25, 1.5),
         CheckpointRow("b", 20, "name", 0.75, 0.5)]
-events.write_weight_summaries({str(tmp_path)!r}, rows, "loss")
+events.write_weight_summaries({str(tmp_path)!r}, rows[:1], "loss")
+# A second call within the same second must not replace the first file.
+events.write_weight_summaries({str(tmp_path)!r}, rows[1:], "loss")
 print([(p.step, p.value) for p in events.read_metric([{str(tmp_path)!r}],
                                                      "t2t_avg/weight")])
 print([(p.step, p.value) for p in events.read_metric([{str(tmp_path)!r}],
