@@ -48,7 +48,7 @@ class AveragingResult:
 
 
 def average_checkpoints(
-    checkpoints_: Sequence[Union[str, Checkpoint]],
+    paths: Sequence[Union[str, Checkpoint]],
     output_path: str,
     *,
     weights: Optional[Sequence[float]] = None,
@@ -65,7 +65,7 @@ def average_checkpoints(
   """Averages checkpoints into `<output_path>-<output step>`.
 
   Args:
-    checkpoints_: checkpoint prefixes (or directories, meaning their latest
+    paths: checkpoint prefixes (or directories, meaning their latest
       checkpoint), or `Checkpoint`s whose steps are already known; the sum
       runs in this order, as legacy T2T's did.
     output_path: the output prefix before `-<step>`.
@@ -93,9 +93,9 @@ def average_checkpoints(
       checkpoint and variable); nothing is left under the output name.
     ValueError: bad arguments.
   """
-  if not checkpoints_:
+  if not paths:
     raise ValueError("no checkpoints to average")
-  inputs, readers = _open(checkpoints_, step_from)
+  inputs, readers = _open(paths, step_from)
   specs = _validate_variables(inputs, readers)
   weights = _normalised(weights, len(inputs))
   newest = _newest(inputs, weights)
