@@ -323,16 +323,18 @@ _TRAINER = textwrap.dedent("""
 """)
 
 
-def test_beside_a_training_process_that_deletes_old_checkpoints(
-    tmp_path, caplog):
-  train, out = str(tmp_path / "train"), str(tmp_path / "avg")
+def _average_beside_trainer(train, steps, bursts, caplog, *, evals=None,
+                            **kwargs):
+  """Runs `watch.average_all(train, **kwargs)` while `_TRAINER` saves `steps`.
+
+  Returns the outcomes, checked to be consecutive windows up to the last step.
+  """
   os.makedirs(train)
-  steps = list(range(10, 170, 10))
-  trainer = subprocess.Popen(
-      [sys.executable, "-c", _TRAINER, train, "3",
-       ",".join(map(str, steps)), "60,70,110,120"],
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-      stderr=subprocess.PIPE, text=True)
+  command = [sys.executable, "-c", _TRAINER, train, "3",
+             ",".join(map(str, steps)), ",".join(map(str, bursts))]
+  trainer = subprocess.Popen(command + ([evals] if evals else []),
+                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+                             stderr=subprocess.PIPE, text=True)
   try:
     deadline = time.time() + 120
     while not glob.glob(os.path.join(train, "*.index")):
@@ -340,16 +342,24 @@ def test_beside_a_training_process_that_deletes_old_checkpoints(
       assert time.time() < deadline, "the trainer saved nothing"
       time.sleep(0.05)
     with caplog.at_level(std_logging.INFO):
-      outcomes = list(watch.average_all(train, out, n=3, wait_minutes=0.1,
-                                        poll_seconds=0.1))
+      outcomes = list(watch.average_all(train, wait_minutes=0.1,
+                                        poll_seconds=0.1, **kwargs))
   finally:
     _, stderr = trainer.communicate(timeout=120)
   assert trainer.returncode == 0, stderr[-2000:]
-
   # Every window of consecutive checkpoints that were found got an outcome.
   for before, after in zip(outcomes, outcomes[1:]):
     assert after.inputs[:-1] == before.inputs[1:]
   assert outcomes[-1].step == steps[-1]
+  return outcomes
+
+
+def test_beside_a_training_process_that_deletes_old_checkpoints(
+    tmp_path, caplog):
+  train, out = str(tmp_path / "train"), str(tmp_path / "avg")
+  steps = list(range(10, 170, 10))
+  outcomes = _average_beside_trainer(train, steps, [60, 70, 110, 120], caplog,
+                                     output_dir=out, n=3)
   warnings = "\n".join(_warnings(caplog))
   written = 0
   for outcome in outcomes:
@@ -647,30 +657,11 @@ def test_weighted_beside_a_trainer_appending_eval_events(tmp_path, caplog):
   """Checkpoints appear and vanish, the events file grows: no window whose
   checkpoints were all still there is lost, each weighted by its metrics."""
   train, out = str(tmp_path / "train"), str(tmp_path / "avg")
-  evals = str(tmp_path / "train/eval")
-  os.makedirs(train)
   steps = list(range(10, 130, 10))
-  trainer = subprocess.Popen(
-      [sys.executable, "-c", _TRAINER, train, "3", ",".join(map(str, steps)),
-       "50,90", evals],
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-      stderr=subprocess.PIPE, text=True)
-  try:
-    deadline = time.time() + 120
-    while not glob.glob(os.path.join(train, "*.index")):
-      assert trainer.poll() is None, trainer.stderr.read()[-2000:]
-      assert time.time() < deadline, "the trainer saved nothing"
-      time.sleep(0.05)
-    with caplog.at_level(std_logging.INFO):
-      outcomes = list(watch.average_all(
-          train, out, n=2, wait_minutes=0.1, poll_seconds=0.1,
-          scheme="softmax", event_sources=[evals], tag="loss"))
-  finally:
-    _, stderr = trainer.communicate(timeout=120)
-  assert trainer.returncode == 0, stderr[-2000:]
-  for before, after in zip(outcomes, outcomes[1:]):
-    assert after.inputs[:-1] == before.inputs[1:]
-  assert outcomes[-1].step == steps[-1]
+  outcomes = _average_beside_trainer(
+      train, steps, [50, 90], caplog, evals=str(tmp_path / "train/eval"),
+      output_dir=out, n=2, scheme="softmax",
+      event_sources=[str(tmp_path / "train/eval")], tag="loss")
   for outcome in outcomes:
     if outcome.status == watch.SKIPPED:
       gone = [s.path for s in outcome.inputs if s.path in outcome.reason]
