@@ -347,7 +347,7 @@ def _stream(plan, inputs, readers, weights, newest, step, allow_nonfinite,
         if raw is None:
           raw = out.raw_piece()
         _average_direct(item.spec, sources, files, active_weights,
-                        allow_nonfinite, raw, progress)
+                        allow_nonfinite, raw, progress, stop)
     except BaseException:
       stop.set()
       raise
@@ -359,8 +359,12 @@ def _stream(plan, inputs, readers, weights, newest, step, allow_nonfinite,
 
   with concurrent.futures.ThreadPoolExecutor(_WORKERS) as pool:
     futures = [pool.submit(work) for _ in range(_WORKERS)]
-    while concurrent.futures.wait(futures, _PROGRESS_SECONDS).not_done:
-      progress.log()
+    try:
+      while concurrent.futures.wait(futures, _PROGRESS_SECONDS).not_done:
+        progress.log()
+    except BaseException:  # Ctrl-C: stop the workers at their next chunk.
+      stop.set()
+      raise
     for future in futures:
       future.result()
 
@@ -396,7 +400,8 @@ class _Progress:
 
 
 def _average_direct(spec, sources, files, weights, allow_nonfinite,
-                    raw: bundle.RawBundleWriter, progress: _Progress) -> None:
+                    raw: bundle.RawBundleWriter, progress: _Progress,
+                    stop: threading.Event) -> None:
   """`_average`, chunk by chunk from the inputs' data files into `raw`.
 
   Each chunk is summed in float64 in checkpoint order and divided (or
@@ -414,6 +419,8 @@ def _average_direct(spec, sources, files, weights, allow_nonfinite,
   entries = [s.entries[spec.name] for s in sources]
   raw.begin(spec.name, spec.dtype, spec.shape)
   for start in range(0, count, step):
+    if stop.is_set():
+      raise AveragingError("interrupted")
     size = min(step, count - start)
     acc, chunk = total[:size], buffer[:size * itemsize]
     acc.fill(0)
