@@ -272,10 +272,18 @@ def main(argv):
   _guarded(_run_continuous if _MODEL_DIR.value else _run_once)(argv)
 
 
+def _show_flags_in_help() -> None:
+  # --help lists the main program's key flags; ours are defined here.
+  for flag in flags.FLAGS.get_flags_for_module(__name__):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def run_main():
+  _show_flags_in_help()
   app.run(main, flags_parser=_parse_flags)
 
 
 def run_avg_all():
   """The `t2t-avg-all` console script: the continuous mode."""
+  _show_flags_in_help()
   app.run(_guarded(_run_continuous), flags_parser=_parse_flags)

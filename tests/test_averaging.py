@@ -363,3 +363,10 @@ def test_partitioned_variables_match_legacy(tmp_path):
                                        f"--checkpoints={','.join(prefixes)}")
   assert ours["embedding"].shape == (10, 4)
   _assert_bit_identical(ours, legacy)
+
+
+def test_help_lists_the_flags_of_both_modes():
+  result = run_cli("--help")
+  for flag in ("--checkpoints", "--num_last_checkpoints", "--output_path",
+               "--weighting", "--metrics_from_events", "--model_dir", "--n:"):
+    assert flag in result.stdout, flag
