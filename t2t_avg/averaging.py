@@ -324,7 +324,8 @@ def _stream(plan, inputs, readers, weights, newest, step, allow_nonfinite,
     if item.action == "step":
       value = np.asarray(step, spec.dtype.as_numpy_dtype)
     elif item.action == "copy":
-      value = _read(readers[newest], inputs[newest].path, spec.name)
+      value = checkpoints.read_tensor(readers[newest], inputs[newest].path,
+                                      spec.name)
     else:
       value = _average(spec, sources, active_weights, allow_nonfinite)
     logging.debug("%s %s %s %s", item.action, spec.name, spec.dtype.name,
@@ -462,20 +463,11 @@ def _nbytes(spec) -> int:
   return int(np.prod(spec.shape, dtype=np.int64)) * spec.dtype.size
 
 
-def _read(reader, path, name):
-  try:
-    return reader.get_tensor(name)
-  # A truncated data file (still being copied) raises IndexError.
-  except (tf.errors.OpError, ValueError, IndexError) as e:
-    raise AveragingError(f"cannot read variable {name} from checkpoint {path}: "
-                         f"{checkpoints.error_text(e)}") from e
-
-
 def _average(spec, sources, weights, allow_nonfinite):
   """float64 sum in checkpoint order, then / n (or weighted), cast once."""
   total = np.zeros(spec.shape, np.float64)
   for i, source in enumerate(sources):
-    value = _read(source.reader, source.path, spec.name)
+    value = checkpoints.read_tensor(source.reader, source.path, spec.name)
     if weights is None:
       np.add(total, value, out=total)
     else:
@@ -490,7 +482,8 @@ def _average(spec, sources, weights, allow_nonfinite):
 
 def _raise_nonfinite(spec, sources):
   for source in sources:
-    if not np.isfinite(_read(source.reader, source.path, spec.name)).all():
+    value = checkpoints.read_tensor(source.reader, source.path, spec.name)
+    if not np.isfinite(value).all():
       raise AveragingError(
           f"variable {spec.name} in checkpoint {source.path} holds NaN or inf "
           "(pass --allow_nonfinite to average it anyway)")

@@ -114,7 +114,7 @@ def read_entries(prefix: str) -> Optional[dict]:
 
 
 class DataFile:
-  """Positioned reads from one `.data-*` file (local or any tf.io.gfile path)."""
+  """Positioned reads from one `.data-*` file (local, or any gfile path)."""
 
   def __init__(self, path: str):
     self.path = path
@@ -158,7 +158,8 @@ class RawBundleWriter:
     self.prefix = prefix
     path = prefix + ".data-00000-of-00001"
     self._local = "://" not in path
-    self._data = (open(path, "wb") if self._local  # pylint: disable=consider-using-with
+    # pylint: disable-next=consider-using-with
+    self._data = (open(path, "wb") if self._local
                   else tf.io.gfile.GFile(path, "wb"))
     self._offset = 0
     self._entries = {}

@@ -225,13 +225,18 @@ def read_step(reader, path: str, step_from: str = "auto") -> Checkpoint:
   return Checkpoint(path, step, "name" if step is not None else "unknown")
 
 
-def _scalar_int(reader, path: str, key: str) -> int:
+def read_tensor(reader, path: str, name: str):
+  """One whole tensor through TF's reader, or an AveragingError naming it."""
   try:
-    value = reader.get_tensor(key)
+    return reader.get_tensor(name)
   # A truncated data file (still being copied) raises IndexError.
   except (tf.errors.OpError, ValueError, IndexError) as e:
-    raise AveragingError(f"cannot read tensor {key} from checkpoint {path}: "
+    raise AveragingError(f"cannot read variable {name} from checkpoint {path}: "
                          f"{error_text(e)}") from e
+
+
+def _scalar_int(reader, path: str, key: str) -> int:
+  value = read_tensor(reader, path, key)
   if getattr(value, "shape", ()) != () or not hasattr(value, "dtype") or (
       value.dtype.kind not in "iu"):
     raise AveragingError(f"tensor {key} in checkpoint {path} is not an "

@@ -256,8 +256,8 @@ def compare_checkpoints(a: str, b: str, *, atol: float = 0.0,
       variables.append(VariableComparison(status=Status.SHAPE_DIFFERS,
                                           **metadata))
     else:
-      value_a = _read_tensor(reader_a, path_a, name)
-      value_b = _read_tensor(reader_b, path_b, name)
+      value_a = np.asarray(checkpoints.read_tensor(reader_a, path_a, name))
+      value_b = np.asarray(checkpoints.read_tensor(reader_b, path_b, name))
       if metadata["is_float"]:
         measures = _compare_floats(value_a, value_b, atol=atol, rtol=rtol)
       else:
@@ -268,15 +268,6 @@ def compare_checkpoints(a: str, b: str, *, atol: float = 0.0,
                           variables=tuple(variables))
 
 
-def _read_tensor(reader, path: str, name: str) -> np.ndarray:
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  try:
-    return np.asarray(reader.get_tensor(name))
-  except (tf.errors.OpError, ValueError) as e:
-    message = (getattr(e, "message", None) or str(e)).strip()
-    first_line = message.splitlines()[0] if message else type(e).__name__
-    raise AveragingError(f"cannot read variable {name} from checkpoint "
-                         f"{path}: {first_line}") from e
 
 
 def _compare_floats(a: np.ndarray, b: np.ndarray, *, atol: float,

@@ -24,7 +24,8 @@ class Weighing:
   record: dict  # for the JSON record: scheme, metric tag, details
 
 
-def weigh_checkpoints(checkpoints: Sequence, points: Optional[Sequence[MetricPoint]],
+def weigh_checkpoints(checkpoints: Sequence,
+                      points: Optional[Sequence[MetricPoint]],
                       *, scheme: str, mode: str, tag: str = "",
                       temperature: float = 0.0, top_k: int = 0,
                       explicit: Optional[Sequence[float]] = None,
