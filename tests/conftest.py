@@ -149,6 +149,32 @@ def step_valued(names_shapes, dtype=np.float32):
   return make
 
 
+def mixed_series(directory, steps, *, seed=7, shards=1):
+  """TF1 checkpoints of random float32/float16/bfloat16/float64 variables with
+  T2T-like names, and an int32 counter `train_stats/problem_0_steps` equal to
+  step * 5 + 1; different values at every step."""
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  cache = {}
+
+  def make(step):
+    if step not in cache:
+      cache[step] = {
+          "transformer/body/encoder/layer_0/self_attention/q/kernel":
+              rng.standard_normal((24, 24)).astype(np.float32),
+          "transformer/body/encoder/layer_0/ffn/conv1/bias":
+              rng.standard_normal((48,)).astype(np.float32),
+          "transformer/body/decoder/layer_0/layer_prepostprocess/scale":
+              rng.standard_normal((24,)).astype(np.float16),
+          "transformer/symbol_modality/shared/weights_0":
+              rng.standard_normal((40, 24)).astype(ml_dtypes.bfloat16),
+          "transformer/body/scale64": rng.standard_normal((7,)),
+          "train_stats/problem_0_steps": np.int32(step * 5 + 1),
+      }
+    return cache[step]
+  return write_tf1_series(directory, steps, make, shards=shards)
+
+
 @pytest.fixture
 def random_series(tmp_path):
   """Four TF1 checkpoints of random float32/float16/float64 and an int counter."""

@@ -9,8 +9,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import (REPO, read_checkpoint, run_cli, run_legacy,
-                      step_valued, tree_fingerprint, write_tf1_series)
+from conftest import (REPO, mixed_series, read_checkpoint, run_cli,
+                      run_legacy, step_valued, tree_fingerprint,
+                      write_tf1_series)
 
 
 def _float_items(values):
@@ -27,28 +28,6 @@ def _assert_bit_identical(ours, legacy):
     assert ours[name].tobytes() == value.tobytes(), name
 
 
-def _mixed_series(directory, steps, seed=7, shards=1):
-  rng = np.random.default_rng(seed)
-  cache = {}
-
-  def make(step):
-    if step not in cache:
-      cache[step] = {
-          "transformer/body/encoder/layer_0/self_attention/q/kernel":
-              rng.standard_normal((24, 24)).astype(np.float32),
-          "transformer/body/encoder/layer_0/ffn/conv1/bias":
-              rng.standard_normal((48,)).astype(np.float32),
-          "transformer/body/decoder/layer_0/layer_prepostprocess/scale":
-              rng.standard_normal((24,)).astype(np.float16),
-          "transformer/symbol_modality/shared/weights_0":
-              rng.standard_normal((40, 24)).astype(ml_dtypes.bfloat16),
-          "transformer/body/scale64": rng.standard_normal((7,)),
-          "train_stats/problem_0_steps": np.int32(step * 5 + 1),
-      }
-    return cache[step]
-  return write_tf1_series(directory, steps, make, shards=shards)
-
-
 def _average_with_both(tmp_path, *flags):
   """Runs legacy avg_checkpoints and t2t_avg on the same flags; their outputs."""
   run_legacy("avg_checkpoints", *flags,
@@ -60,7 +39,7 @@ def _average_with_both(tmp_path, *flags):
 
 
 def test_uniform_matches_legacy_bit_for_bit_for_every_float_dtype(tmp_path):
-  prefixes = _mixed_series(str(tmp_path / "train"), [100, 200, 300, 400])
+  prefixes = mixed_series(str(tmp_path / "train"), [100, 200, 300, 400])
   ours, legacy, _ = _average_with_both(tmp_path,
                                        f"--checkpoints={','.join(prefixes)}")
   assert set(ours) == set(legacy)
@@ -72,7 +51,7 @@ def test_uniform_matches_legacy_bit_for_bit_for_every_float_dtype(tmp_path):
 
 
 def test_num_last_checkpoints_matches_legacy_and_leaves_state_file(tmp_path):
-  prefixes = _mixed_series(str(tmp_path / "train"), [10, 20, 30, 40, 50])
+  prefixes = mixed_series(str(tmp_path / "train"), [10, 20, 30, 40, 50])
   before = tree_fingerprint(tmp_path / "train")
   ours, legacy, result = _average_with_both(
       tmp_path, f"--prefix={tmp_path}/train/", "--num_last_checkpoints=3")
@@ -87,7 +66,7 @@ def test_num_last_checkpoints_matches_legacy_and_leaves_state_file(tmp_path):
 
 
 def test_sharded_inputs_match_legacy(tmp_path):
-  prefixes = _mixed_series(str(tmp_path / "train"), [1, 2, 3], shards=2)
+  prefixes = mixed_series(str(tmp_path / "train"), [1, 2, 3], shards=2)
   assert len([f for f in os.listdir(tmp_path / "train")
               if f.startswith("model.ckpt-3.data-")]) > 1
   _assert_bit_identical(*_average_with_both(
@@ -205,7 +184,7 @@ def test_tf2_state_file_listing_only_newest_uses_unlisted_older_saves(
 
 
 def test_moved_training_directory_uses_same_basenames(tmp_path):
-  _mixed_series(str(tmp_path / "old/train"), [1, 2, 3])
+  mixed_series(str(tmp_path / "old/train"), [1, 2, 3])
   state = open(tmp_path / "old/train/checkpoint").read()
   assert str(tmp_path / "old/train") in state  # Absolute paths, as TF1 wrote.
   shutil.move(str(tmp_path / "old/train"), str(tmp_path / "new"))
@@ -299,7 +278,7 @@ def test_weighted_average_is_float64_sum_cast_once(tmp_path, dtype):
 
 def test_zero_weights_are_left_out_and_equal_ones_are_uniform(tmp_path):
   from t2t_avg import average_checkpoints
-  prefixes = _mixed_series(str(tmp_path / "t"), [1, 2, 3, 4])
+  prefixes = mixed_series(str(tmp_path / "t"), [1, 2, 3, 4])
   picked = average_checkpoints(prefixes, str(tmp_path / "a/avg"),
                                weights=[0, 1, 0, 1])
   uniform = average_checkpoints([prefixes[1], prefixes[3]],
@@ -314,7 +293,7 @@ def test_zero_weights_are_left_out_and_equal_ones_are_uniform(tmp_path):
 def test_chunked_streaming_equals_whole_tensor_average(tmp_path, monkeypatch,
                                                        weights):
   from t2t_avg import averaging, average_checkpoints
-  prefixes = _mixed_series(str(tmp_path / "t"), [1, 2, 3])
+  prefixes = mixed_series(str(tmp_path / "t"), [1, 2, 3])
   whole = average_checkpoints(prefixes, str(tmp_path / "whole/avg"),
                               weights=weights)
   assert len(os.listdir(tmp_path / "whole")) > 0

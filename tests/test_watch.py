@@ -12,8 +12,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import (error_line, read_checkpoint, run_cli, run_legacy,
-                      step_valued, tree_fingerprint, write_tf1_series)
+from conftest import (error_line, mixed_series, read_checkpoint, run_cli,
+                      run_legacy, step_valued, tree_fingerprint,
+                      write_tf1_series)
 from t2t_avg import AveragingError
 from t2t_avg import averaging
 from t2t_avg import checkpoints
@@ -44,27 +45,6 @@ class FakeTime:
     self.now += seconds
     if self._on_sleep:
       self._on_sleep(len(self.sleeps))
-
-
-def _mixed_series(directory, steps, seed=11):
-  """Random float32/float16/float64/bfloat16 variables and an int counter."""
-  rng = np.random.default_rng(seed)
-  cache = {}
-
-  def make(step):
-    if step not in cache:
-      cache[step] = {
-          "transformer/body/encoder/layer_0/ffn/kernel":
-              rng.standard_normal((12, 20)).astype(np.float32),
-          "transformer/body/decoder/layer_0/scale":
-              rng.standard_normal((20,)).astype(np.float16),
-          "transformer/symbol_modality/shared/weights_0":
-              rng.standard_normal((30, 12)).astype(ml_dtypes.bfloat16),
-          "transformer/body/scale64": rng.standard_normal((5,)),
-          "train_stats/problem_0_steps": np.int32(step * 3 + 1),
-      }
-    return cache[step]
-  return write_tf1_series(directory, steps, make)
 
 
 def _run_files(model_dir):
@@ -188,7 +168,7 @@ def test_windows_slide_over_consecutive_checkpoints(steps, n, expected):
 
 def test_outputs_equal_one_shot_average_of_each_window(tmp_path):
   train, out = str(tmp_path / "train"), str(tmp_path / "avg")
-  prefixes = _mixed_series(train, STEPS)
+  prefixes = mixed_series(train, STEPS)
   run_file_times = _run_files(train)
 
   outcomes = list(watch.average_all(train, out, n=3))
@@ -204,12 +184,12 @@ def test_outputs_equal_one_shot_average_of_each_window(tmp_path):
     _assert_same_tensors(ours, expected)
     # dtypes kept (legacy forced float32), global_step = step, and the
     # non-float counter from the newest checkpoint, not averaged.
-    assert ours["transformer/body/decoder/layer_0/scale"].dtype == np.float16
+    assert ours["transformer/body/decoder/layer_0/layer_prepostprocess/scale"].dtype == np.float16
     assert (ours["transformer/symbol_modality/shared/weights_0"].dtype ==
             ml_dtypes.bfloat16)
     assert ours["transformer/body/scale64"].dtype == np.float64
     assert ours["global_step"] == step
-    assert ours["train_stats/problem_0_steps"] == step * 3 + 1
+    assert ours["train_stats/problem_0_steps"] == step * 5 + 1
     # t2t-bleu and t2t-translate-all date an output by its index file.
     source_mtime = os.stat(prefixes[i + 2] + ".index").st_mtime_ns
     output_files = _files_of(os.path.join(out, f"model.ckpt-{step}"))
@@ -386,7 +366,7 @@ def test_beside_a_training_process_that_deletes_old_checkpoints(
 def test_restart_skips_existing_outputs_but_builds_windows_from_before(
     tmp_path, caplog):
   train, out = str(tmp_path / "train"), str(tmp_path / "avg")
-  prefixes = _mixed_series(train, STEPS)
+  prefixes = mixed_series(train, STEPS)
   list(watch.average_all(train, out, n=3))
   before = tree_fingerprint(out)
   inodes = {f: os.stat(os.path.join(out, f)).st_ino for f in os.listdir(out)}
@@ -578,7 +558,7 @@ _WEIGHTING = dict(explicit=None, tag="loss", mode="min", temperature=0.0,
 
 def test_softmax_window_matches_one_shot_weighted_average(tmp_path):
   train, out = str(tmp_path / "train"), str(tmp_path / "avg")
-  prefixes = _mixed_series(train, STEPS[:4])
+  prefixes = mixed_series(train, STEPS[:4])
   eval_dir = str(tmp_path / "train" / "eval")
   _write_metric(eval_dir, {100: 2.0, 200: 1.5, 300: 1.0, 400: 1.25})
 
@@ -597,7 +577,7 @@ def test_softmax_window_matches_one_shot_weighted_average(tmp_path):
         weights=weighing.weights))
     uniform = _one_shot(prefixes[i:i + 3], str(tmp_path / f"uniform{step}"),
                         step)
-    name = "transformer/body/encoder/layer_0/ffn/kernel"
+    name = "transformer/body/encoder/layer_0/self_attention/q/kernel"
     assert ours[name].tobytes() != uniform[name].tobytes()
     weights = [r.weight for r in outcomes[i].result.rows]
     assert weights == pytest.approx(list(weighing.weights))
