@@ -349,6 +349,8 @@ def _stream(plan, inputs, readers, weights, newest, step, allow_nonfinite,
           raw = out.raw_piece()
         _average_direct(item.spec, sources, files, active_weights,
                         allow_nonfinite, raw, progress, stop)
+    except _Stopped:
+      return  # The other worker's error (or Ctrl-C) is the one to report.
     except BaseException:
       stop.set()
       raise
@@ -368,6 +370,10 @@ def _stream(plan, inputs, readers, weights, newest, step, allow_nonfinite,
       raise
     for future in futures:
       future.result()
+
+
+class _Stopped(Exception):
+  """A worker stops early because the other one failed or Ctrl-C was hit."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -421,7 +427,7 @@ def _average_direct(spec, sources, files, weights, allow_nonfinite,
   raw.begin(spec.name, spec.dtype, spec.shape)
   for start in range(0, count, step):
     if stop.is_set():
-      raise AveragingError("interrupted")
+      raise _Stopped()
     size = min(step, count - start)
     acc, chunk = total[:size], buffer[:size * itemsize]
     acc.fill(0)

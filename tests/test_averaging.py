@@ -349,3 +349,24 @@ def test_help_lists_the_flags_of_both_modes():
   for flag in ("--checkpoints", "--num_last_checkpoints", "--output_path",
                "--weighting", "--metrics_from_events", "--model_dir", "--n:"):
     assert flag in result.stdout, flag
+
+
+def test_a_failing_worker_is_reported_not_the_one_it_stopped(tmp_path,
+                                                             monkeypatch):
+  """Two workers: one streams a large tensor in tiny chunks while the other
+  hits a checksum error; the error names the corrupted variable."""
+  from t2t_avg import AveragingError, averaging, average_checkpoints, bundle
+  prefixes = write_tf1_series(
+      str(tmp_path / "t"), [1, 2],
+      lambda s: {"big": np.full((200000,), s, np.float32),
+                 "small": np.full((10,), s, np.float32)})
+  entry = bundle.read_entries(prefixes[1])["small"]
+  with open(entry.data_file, "r+b") as f:
+    f.seek(entry.offset)
+    f.write(np.float32(7).tobytes())
+  monkeypatch.setattr(averaging, "_CHUNK_BYTES", 64)
+  with pytest.raises(AveragingError, match="variable small fails its "
+                     "checksum"):
+    average_checkpoints(prefixes, str(tmp_path / "o/avg"))
+  assert not os.path.exists(tmp_path / "o/avg-0.index")
+  assert os.listdir(tmp_path / "o") == []
