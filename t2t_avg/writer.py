@@ -15,6 +15,7 @@ from t2t_avg.errors import AveragingError
 
 PIECE_BYTES = 64 << 20
 _TMP_MARK = ".t2t_avg-tmp"
+_LOCK_MARK = ".t2t_avg-writing"
 
 
 def is_local(path: str) -> bool:
@@ -54,6 +55,7 @@ class CheckpointWriter:
     out_dir = os.path.dirname(output_prefix) or "."
     base = os.path.basename(output_prefix)
     _make_dirs(out_dir)
+    self._lock_file = _claim(out_dir, base)
     _remove_stale_temporaries(out_dir, base)
     self._tmp_dir = os.path.join(out_dir, f"{_TMP_MARK}.{base}.{os.getpid()}")
     tf.io.gfile.makedirs(self._tmp_dir)
@@ -129,6 +131,9 @@ class CheckpointWriter:
     """Removes everything written so far (nothing is under the output name)."""
     if tf.io.gfile.exists(self._tmp_dir):
       tf.io.gfile.rmtree(self._tmp_dir)
+    if self._lock_file:
+      os.remove(self._lock_file)
+      self._lock_file = None
 
   def __enter__(self):
     return self
@@ -146,6 +151,45 @@ def _make_dirs(directory: str) -> None:
                          f"{getattr(e, 'message', e)}") from e
   if not tf.io.gfile.isdir(directory):
     raise AveragingError(f"output directory {directory} is not a directory")
+
+
+def _claim(out_dir: str, base: str) -> Optional[str]:
+  """Marks the output name as being written by this process.
+
+  Two runs committing the same output at once could leave one's index over
+  the other's data; the second is refused instead. A mark left by a killed
+  run (its pid is gone) is taken over. Local paths only.
+
+  Returns:
+    The mark's path, to remove when done; None on other file systems.
+  """
+  if not is_local(out_dir):
+    return None
+  path = os.path.join(out_dir, f"{_LOCK_MARK}.{base}")
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      try:
+        with open(path, encoding="utf-8") as f:
+          pid = int(f.read().strip() or 0)
+      except (OSError, ValueError):
+        pid = 0
+      if pid and pid != os.getpid() and _pid_alive(pid):
+        raise AveragingError(  # pylint: disable=raise-missing-from
+            f"another t2t_avg run (pid {pid}) is writing "
+            f"{os.path.join(out_dir, base)}; wait for it to finish or choose "
+            "another output")
+      logging.info("Taking over %s, left by an interrupted run", path)
+      try:
+        os.remove(path)
+      except FileNotFoundError:
+        pass
+      continue
+    with os.fdopen(fd, "w") as f:
+      f.write(str(os.getpid()))
+    return path
+  raise AveragingError(f"cannot claim {path}: another run keeps creating it")
 
 
 def _remove_stale_temporaries(out_dir: str, base: str) -> None:

@@ -370,3 +370,27 @@ def test_a_failing_worker_is_reported_not_the_one_it_stopped(tmp_path,
     average_checkpoints(prefixes, str(tmp_path / "o/avg"))
   assert not os.path.exists(tmp_path / "o/avg-0.index")
   assert os.listdir(tmp_path / "o") == []
+
+
+def test_a_second_run_writing_the_same_output_is_refused(tmp_path):
+  from t2t_avg import AveragingError, average_checkpoints
+  prefixes = write_tf1_series(str(tmp_path / "t"), [1, 2],
+                              step_valued({"w": (2,)}))
+  out = tmp_path / "out"
+  out.mkdir()
+  writing = subprocess.Popen([sys.executable, "-c", "import time; "
+                              "time.sleep(60)"])
+  try:
+    (out / ".t2t_avg-writing.avg-0").write_text(str(writing.pid))
+    with pytest.raises(AveragingError, match=f"another t2t_avg run \\(pid "
+                       f"{writing.pid}\\) is writing {out}/avg-0"):
+      average_checkpoints(prefixes, str(out / "avg"))
+    assert sorted(os.listdir(out)) == [".t2t_avg-writing.avg-0"]
+  finally:
+    writing.kill()
+    writing.wait()
+  # The writer is gone: its mark is taken over, and removed when done.
+  result = average_checkpoints(prefixes, str(out / "avg"))
+  np.testing.assert_array_equal(read_checkpoint(result.output_path)["w"],
+                                [1.5, 1.5])
+  assert not [n for n in os.listdir(out) if n.startswith(".t2t_avg")]
