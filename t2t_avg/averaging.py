@@ -422,6 +422,7 @@ def _average_direct(spec, sources, files, weights, allow_nonfinite,
   buffer = np.empty(min(step, count) * itemsize, np.uint8)
   total = np.empty(min(step, count), np.float64)
   scaled = None if weights is None else np.empty_like(total)
+  result = np.empty(min(step, count), dtype)
   crcs = [0] * len(sources)
   entries = [s.entries[spec.name] for s in sources]
   raw.begin(spec.name, spec.dtype, spec.shape)
@@ -442,20 +443,10 @@ def _average_direct(spec, sources, files, weights, allow_nonfinite,
         raise AveragingError(f"cannot read variable {spec.name} from "
                              f"checkpoint {sources[i].path}: {e}") from e
       crcs[i] = crc32c.crc32c(chunk, crcs[i])
-      if weights is None:
-        np.add(acc, chunk.view(dtype), out=acc)
-      else:
-        np.multiply(chunk.view(dtype), weights[i], out=scaled[:size],
-                    dtype=np.float64)
-        np.add(acc, scaled[:size], out=acc)
-    if weights is None:
-      acc /= len(entries)
-    # A sum of finite values read from float32 or narrower cannot overflow
-    # float64, so one sum finds any NaN or inf; the exact test only runs then.
-    if not allow_nonfinite and not np.isfinite(acc.sum()) and not (
-        np.isfinite(acc).all()):
-      _raise_nonfinite(spec, sources)
-    raw.write(acc.astype(dtype))
+      _accumulate(acc, chunk.view(dtype), None if weights is None else
+                  weights[i], None if scaled is None else scaled[:size])
+    _finish(acc, result[:size], spec, sources, weights, allow_nonfinite)
+    raw.write(result[:size])
     progress.add(size * itemsize)
   for source, entry, crc in zip(sources, entries, crcs):
     if bundle.masked_crc(crc) != entry.crc:
@@ -474,16 +465,35 @@ def _average(spec, sources, weights, allow_nonfinite):
   total = np.zeros(spec.shape, np.float64)
   for i, source in enumerate(sources):
     value = checkpoints.read_tensor(source.reader, source.path, spec.name)
-    if weights is None:
-      np.add(total, value, out=total)
-    else:
-      np.add(total, np.multiply(value, weights[i], dtype=np.float64),
-             out=total)
+    _accumulate(total, value, None if weights is None else weights[i])
+  result = np.empty(spec.shape, spec.dtype.as_numpy_dtype)
+  _finish(total, result, spec, sources, weights, allow_nonfinite)
+  return result
+
+
+def _accumulate(total, value, weight, scratch=None) -> None:
+  """total += value (uniform) or weight * value, in float64, in place."""
+  if weight is None:
+    np.add(total, value, out=total)
+  else:
+    np.add(total, np.multiply(value, weight, out=scratch, dtype=np.float64),
+           out=total)
+
+
+def _finish(total, result, spec, sources, weights, allow_nonfinite) -> None:
+  """Divides a uniform sum by n, refuses NaN/inf, casts once into `result`.
+
+  The cast is numpy's (as legacy's feed of float64 into a typed placeholder):
+  direct rounding to float16/float32, through float32 for bfloat16.
+  """
   if weights is None:
     total /= len(sources)
-  if not allow_nonfinite and not np.isfinite(total).all():
+  # A sum of finite values read from float32 or narrower cannot overflow
+  # float64, so one sum finds any NaN or inf; the exact test only runs then.
+  if not allow_nonfinite and not np.isfinite(total.sum()) and not (
+      np.isfinite(total).all()):
     _raise_nonfinite(spec, sources)
-  return total.astype(spec.dtype.as_numpy_dtype)
+  np.copyto(result, total, casting="unsafe")
 
 
 def _raise_nonfinite(spec, sources):
