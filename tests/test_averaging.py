@@ -307,13 +307,12 @@ def test_chunked_streaming_equals_whole_tensor_average(tmp_path, monkeypatch,
   assert set(ours) == set(reference)
   for name, value in reference.items():
     assert ours[name].tobytes() == value.tobytes(), name
-  expected = np.zeros((24, 24))
-  for prefix, w in zip(prefixes, weights or [1 / 3] * 3):
-    key = "transformer/body/encoder/layer_0/self_attention/q/kernel"
-    expected += w * read_checkpoint(prefix)[key].astype(np.float64)
+  key = "transformer/body/encoder/layer_0/self_attention/q/kernel"
+  values = [read_checkpoint(p)[key].astype(np.float64) for p in prefixes]
   if weights is None:
-    expected = sum(read_checkpoint(p)[key].astype(np.float64)
-                   for p in prefixes) / 3
+    expected = sum(values) / 3
+  else:
+    expected = sum(w * v for w, v in zip(weights, values))
   assert ours[key].tobytes() == expected.astype(np.float32).tobytes()
 
 
