@@ -116,18 +116,24 @@ def average_checkpoints(
   if dry_run:
     return result
 
-  with writer.CheckpointWriter(output_prefix) as out:
-    _stream(plan, inputs, readers, weights, newest, step, allow_nonfinite,
-            out)
-    extra = []
-    if write_meta:
-      meta_tmp = out.temporary_path("meta")
-      _write_meta(meta_tmp, plan)
-      extra.append((meta_tmp, output_prefix + ".meta"))
-    record_tmp = out.temporary_path("record.json")
-    writer.write_json(record_tmp, record)
-    extra.append((record_tmp, output_prefix + checkpoints.RECORD_SUFFIX))
-    out.commit(extra_files=extra)
+  try:
+    with writer.CheckpointWriter(output_prefix) as out:
+      _stream(plan, inputs, readers, weights, newest, step, allow_nonfinite,
+              out)
+      extra = []
+      if write_meta:
+        meta_tmp = out.temporary_path("meta")
+        _write_meta(meta_tmp, plan)
+        extra.append((meta_tmp, output_prefix + ".meta"))
+      record_tmp = out.temporary_path("record.json")
+      writer.write_json(record_tmp, record)
+      extra.append((record_tmp, output_prefix + checkpoints.RECORD_SUFFIX))
+      out.commit(extra_files=extra)
+  except (OSError, tf.errors.OpError) as e:
+    # Reading errors are AveragingErrors naming the input: this is the output.
+    raise AveragingError(f"cannot write {output_prefix}: "
+                         f"{getattr(e, 'strerror', None) or checkpoints.error_text(e)}"
+                         ) from e
   if update_state_file:
     writer.update_state_file(os.path.dirname(output_prefix), output_prefix,
                              input_paths=[c.path for c in inputs])
@@ -216,6 +222,7 @@ def _refuse_overwriting(output_prefix, inputs) -> None:
     if norm(c.path) == norm(output_prefix):
       raise AveragingError(f"output {output_prefix} is one of the input "
                            "checkpoints; choose another --output_path")
+  writer.check_output_names(output_prefix)
   if checkpoints.exists(output_prefix) and not (
       checkpoints.is_output_of_this_tool(output_prefix)):
     raise AveragingError(f"output {output_prefix} already exists and was not "

@@ -82,6 +82,8 @@ _MIN_STEPS = flags.DEFINE_integer("min_steps", 0,
 _WAIT_MINUTES = flags.DEFINE_integer(
     "wait_minutes", 0, "Wait upto N minutes for a new checkpoint.")
 
+_INTERRUPTED_CONTINUOUS = ("the outputs written so far are complete; the one "
+                           "in progress was not written")
 _ONE_SHOT_ONLY = ("checkpoints", "num_last_checkpoints", "prefix",
                   "output_path", "output_step", "dry_run", "write_meta")
 _CONTINUOUS_ONLY = ("output_dir", "n", "min_steps", "wait_minutes")
@@ -250,13 +252,15 @@ def _run_continuous(argv) -> None:
             weight_summaries=_WEIGHT_SUMMARIES.value, **weighting_args)
 
 
-def _guarded(run):
+def _guarded(run, interrupted: str):
   """Runs a mode; domain and argument errors become one line and exit 1."""
   def main(argv):
     if len(argv) > 1:
       _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
       run(argv)
+    except KeyboardInterrupt:
+      _fail(f"interrupted; {interrupted}")
     except (AveragingError, ValueError, OSError) as e:
       _fail(str(e))
     except Exception as e:  # pylint: disable=broad-except
@@ -269,7 +273,10 @@ def _guarded(run):
 
 def main(argv):
   """`python -m t2t_avg`: one-shot, or continuous when --model_dir is given."""
-  _guarded(_run_continuous if _MODEL_DIR.value else _run_once)(argv)
+  if _MODEL_DIR.value:
+    _guarded(_run_continuous, _INTERRUPTED_CONTINUOUS)(argv)
+  else:
+    _guarded(_run_once, "nothing was written")(argv)
 
 
 def _show_flags_in_help() -> None:
@@ -286,4 +293,5 @@ def run_main():
 def run_avg_all():
   """The `t2t-avg-all` console script: the continuous mode."""
   _show_flags_in_help()
-  app.run(_guarded(_run_continuous), flags_parser=_parse_flags)
+  app.run(_guarded(_run_continuous, _INTERRUPTED_CONTINUOUS),
+          flags_parser=_parse_flags)

@@ -17,6 +17,7 @@ from absl import logging
 from google.protobuf import message
 import crc32c
 
+from t2t_avg import safe_files
 from t2t_avg.errors import AveragingError
 
 _HEADER = struct.Struct("<QI")  # record length, masked crc32c of the length
@@ -281,6 +282,8 @@ def write_weight_summaries(directory: str, rows: Sequence, tag: str) -> None:
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   tf1 = tf.compat.v1
+  if safe_files.is_local(directory):
+    safe_files.make_own_dir(directory)  # Never a planted link.
   # TF1's FileWriter (TF core, in a graph of its own) rather than
   # tf.summary.scalar, whose implementation lives in the tensorboard package.
   with tf.Graph().as_default():

@@ -7,6 +7,7 @@ from absl import logging
 from t2t_avg import averaging
 from t2t_avg import checkpoints as ckpts
 from t2t_avg import events
+from t2t_avg import safe_files
 from t2t_avg import weighting
 
 
@@ -42,6 +43,9 @@ def run(*, checkpoints: Optional[Sequence[str]], prefix: str, num_last: int,
         allow_nonfinite: bool, step_from: str, write_meta: bool, dry_run: bool,
         weight_summaries: bool, **weighting_args) -> averaging.AveragingResult:
   """The whole one-shot job, as `python -m t2t_avg` runs it."""
+  summaries = os.path.join(os.path.dirname(output_path), "t2t_avg")
+  if weight_summaries and safe_files.is_local(summaries):
+    safe_files.check_own_dir(summaries)
   inputs = [ckpts.load(p, step_from) for p in choose(checkpoints, prefix,
                                                        num_last)]
   for c in inputs:
@@ -57,7 +61,6 @@ def run(*, checkpoints: Optional[Sequence[str]], prefix: str, num_last: int,
     print(averaging.format_table(result))
     return result
   if weight_summaries:
-    events.write_weight_summaries(
-        os.path.join(os.path.dirname(result.output_path), "t2t_avg"),
-        result.rows, weighting_args["tag"])
+    events.write_weight_summaries(summaries, result.rows,
+                                  weighting_args["tag"])
   return result

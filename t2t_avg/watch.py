@@ -3,7 +3,6 @@ import collections
 import dataclasses
 import os
 import re
-import shutil
 import time
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
@@ -13,6 +12,7 @@ import tensorflow as tf
 from t2t_avg import averaging
 from t2t_avg import checkpoints
 from t2t_avg import events
+from t2t_avg import safe_files
 from t2t_avg import weighting
 from t2t_avg import writer
 from t2t_avg.errors import AveragingError
@@ -235,6 +235,9 @@ def average_all(
     mode = events.infer_direction(tag)
     logging.info("Metric %s: %s is better (from its name; override with "
                  "--metric_mode)", tag, "lower" if mode == "min" else "higher")
+  summaries = os.path.join(output_dir, "t2t_avg")
+  if weight_summaries and safe_files.is_local(summaries):
+    safe_files.check_own_dir(summaries)
   if not tf.io.gfile.isdir(model_dir) and not wait_minutes:
     raise AveragingError(f"--model_dir {model_dir} is not a directory (pass "
                          "--wait_minutes to wait for it)")
@@ -484,11 +487,10 @@ class _Averager:
 
 
 def _copy_with_times(source: str, target: str, set_mtime) -> None:
-  tmp = f"{target}.t2t_avg-tmp.{os.getpid()}"
   if writer.is_local(source) and writer.is_local(target):
-    shutil.copy2(source, tmp)
-    os.replace(tmp, target)
+    safe_files.copy_atomically(source, target)
     return
+  tmp = f"{target}.t2t_avg-tmp.{os.getpid()}"
   tf.io.gfile.copy(source, tmp, overwrite=True)
   tf.io.gfile.rename(tmp, target, overwrite=True)
   set_mtime(target, tf.io.gfile.stat(source).mtime_nsec)

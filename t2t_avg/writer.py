@@ -1,6 +1,7 @@
 """Atomic checkpoint output: pieces under temporary names, then renames; state files."""
 import json
 import os
+import shutil
 import threading
 from typing import Optional, Sequence
 
@@ -11,25 +12,11 @@ from tensorflow.python.training import checkpoint_state_pb2
 
 from t2t_avg import bundle
 from t2t_avg import checkpoints
+from t2t_avg import safe_files
 from t2t_avg.errors import AveragingError
 
 PIECE_BYTES = 64 << 20
-_TMP_MARK = ".t2t_avg-tmp"
-_LOCK_MARK = ".t2t_avg-writing"
-
-
-def is_local(path: str) -> bool:
-  return "://" not in path
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
+is_local = safe_files.is_local
 
 
 class CheckpointWriter:
@@ -55,10 +42,20 @@ class CheckpointWriter:
     out_dir = os.path.dirname(output_prefix) or "."
     base = os.path.basename(output_prefix)
     _make_dirs(out_dir)
-    self._lock_file = _claim(out_dir, base)
-    _remove_stale_temporaries(out_dir, base)
-    self._tmp_dir = os.path.join(out_dir, f"{_TMP_MARK}.{base}.{os.getpid()}")
-    tf.io.gfile.makedirs(self._tmp_dir)
+    self._claim = None
+    if not safe_files.is_local(out_dir):
+      _remove_stale_remote_temporaries(out_dir, base)
+      self._tmp_dir = os.path.join(out_dir,
+                                   f"{safe_files.TMP_MARK}.{base}.{os.getpid()}")
+      tf.io.gfile.makedirs(self._tmp_dir)
+      return
+    self._claim = safe_files.claim(out_dir, base)
+    try:
+      safe_files.remove_stale_temporaries(out_dir)
+      self._tmp_dir = safe_files.make_temporary_dir(out_dir, base)
+    except BaseException:
+      safe_files.release(self._claim)
+      raise
 
   def add(self, name: str, value) -> None:
     """Queues one tensor; writes a piece once enough bytes are queued."""
@@ -129,11 +126,13 @@ class CheckpointWriter:
 
   def abort(self) -> None:
     """Removes everything written so far (nothing is under the output name)."""
-    if tf.io.gfile.exists(self._tmp_dir):
+    if safe_files.is_local(self._tmp_dir):
+      shutil.rmtree(self._tmp_dir, ignore_errors=True)
+    elif tf.io.gfile.exists(self._tmp_dir):
       tf.io.gfile.rmtree(self._tmp_dir)
-    if self._lock_file:
-      os.remove(self._lock_file)
-      self._lock_file = None
+    if self._claim:
+      safe_files.release(self._claim)
+      self._claim = None
 
   def __enter__(self):
     return self
@@ -153,71 +152,29 @@ def _make_dirs(directory: str) -> None:
     raise AveragingError(f"output directory {directory} is not a directory")
 
 
-def _claim(out_dir: str, base: str) -> Optional[str]:
-  """Marks the output name as being written by this process.
-
-  Two runs committing the same output at once could leave one's index over
-  the other's data; the second is refused instead. A mark left by a killed
-  run (its pid is gone) is taken over. Local paths only.
-
-  Returns:
-    The mark's path, to remove when done; None on other file systems.
-  """
-  if not is_local(out_dir):
-    return None
-  path = os.path.join(out_dir, f"{_LOCK_MARK}.{base}")
-  for _ in range(2):
-    try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-      try:
-        with open(path, encoding="utf-8") as f:
-          pid = int(f.read().strip() or 0)
-      except (OSError, ValueError):
-        pid = 0
-      if pid and pid != os.getpid() and _pid_alive(pid):
-        raise AveragingError(  # pylint: disable=raise-missing-from
-            f"another t2t_avg run (pid {pid}) is writing "
-            f"{os.path.join(out_dir, base)}; wait for it to finish or choose "
-            "another output")
-      logging.info("Taking over %s, left by an interrupted run", path)
-      try:
-        os.remove(path)
-      except FileNotFoundError:
-        pass
-      continue
-    with os.fdopen(fd, "w") as f:
-      f.write(str(os.getpid()))
-    return path
-  raise AveragingError(f"cannot claim {path}: another run keeps creating it")
-
-
-def _remove_stale_temporaries(out_dir: str, base: str) -> None:
-  # This output's temporary directory, and the state file's temporary copy
-  # (`_write_atomically`), which a run killed while writing it leaves.
-  patterns = (f"{_TMP_MARK}.{base}.*",
-              f"{checkpoints.STATE_FILE}{_TMP_MARK}.*")
-  for pattern in patterns:
-    for tmp in tf.io.gfile.glob(os.path.join(out_dir, pattern)):
-      pid = tmp.rsplit(".", 1)[-1]
-      if is_local(tmp) and pid.isdigit() and _pid_alive(int(pid)):
-        continue  # Another run is writing the same output right now.
-      logging.info("Removing %s, left by an interrupted run", tmp)
-      if tf.io.gfile.isdir(tmp):
-        tf.io.gfile.rmtree(tmp)
-      else:
-        tf.io.gfile.remove(tmp)
+def _remove_stale_remote_temporaries(out_dir: str, base: str) -> None:
+  # Object stores have no links and no pids of ours to check: whatever
+  # temporary of this output a killed run left is removed.
+  for tmp in tf.io.gfile.glob(os.path.join(out_dir,
+                                           f"{safe_files.TMP_MARK}.{base}.*")):
+    logging.info("Removing %s, left by an interrupted run", tmp)
+    tf.io.gfile.rmtree(tmp)
 
 
 def _write_atomically(path: str, text: str) -> None:
-  tmp = f"{path}{_TMP_MARK}.{os.getpid()}"
+  if safe_files.is_local(path):
+    safe_files.write_atomically(path, text.encode("utf-8"))
+    return
+  tmp = f"{path}{safe_files.TMP_MARK}.{os.getpid()}"
   with tf.io.gfile.GFile(tmp, "w") as f:
     f.write(text)
   tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def write_json(path: str, record: dict) -> None:
-  _write_atomically(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+  """Writes a JSON record to a new file (in this run's temporary directory)."""
+  with tf.io.gfile.GFile(path, "w") as f:
+    f.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def holds_checkpoints(directory: str, ignore: Sequence[str] = ()) -> bool:
@@ -248,10 +205,45 @@ def update_state_file(directory: str, newest: str,
     logging.warning("Not touching %s: that directory holds input checkpoints",
                     os.path.join(directory, checkpoints.STATE_FILE))
     return False
+  path = os.path.join(directory, checkpoints.STATE_FILE)
+  problem = safe_files.replaceable(path) if is_local(path) else None
+  if problem:
+    logging.warning("Not touching %s: it is %s (t2t_avg replaces only its "
+                    "own files)", path, problem)
+    return False
   state = checkpoint_state_pb2.CheckpointState(
       model_checkpoint_path=os.path.basename(newest),
       all_model_checkpoint_paths=[os.path.basename(p)
                                   for p in (all_paths or [newest])])
-  _write_atomically(os.path.join(directory, checkpoints.STATE_FILE),
-                    text_format.MessageToString(state))
+  _write_atomically(path, text_format.MessageToString(state))
   return True
+
+
+def check_output_names(output_prefix: str) -> None:
+  """Refuses an output whose file names hold links or other users' files.
+
+  Publishing renames over these names, which never writes through a link;
+  refusing here, before any work, also keeps a planted link from being
+  removed or a stranger's file from being replaced.
+
+  Raises:
+    AveragingError: naming the first such file.
+  """
+  if not is_local(output_prefix):
+    return
+  directory = os.path.dirname(output_prefix) or "."
+  base = os.path.basename(output_prefix)
+  try:
+    names = os.listdir(directory)
+  except (FileNotFoundError, NotADirectoryError):
+    return
+  own = {base + suffix for suffix in (".index", ".meta",
+                                      checkpoints.RECORD_SUFFIX)}
+  for name in sorted(names):
+    if name in own or name.startswith(base + ".data-"):
+      problem = safe_files.replaceable(os.path.join(directory, name))
+      if problem:
+        raise AveragingError(
+            f"output file {os.path.join(directory, name)} is {problem}; "
+            "t2t_avg will not replace it: remove it or choose another "
+            "--output_path")

@@ -717,12 +717,24 @@ def _start(out, prefixes, *flags):
        f"--output_path={out}/avg", *flags],
       cwd=REPO, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  own_tmp = out / f"{_TMP_MARK}.avg-0.{proc.pid}"
-  _wait_for(lambda: own_tmp.exists() or proc.poll() is not None, 300,
-            "the temporary directory")
+  _wait_for(lambda: _own_temporary(out, proc.pid) or proc.poll() is not None,
+            300, "the temporary directory")
   # Whatever a killed run left was removed before this one started writing.
-  assert [n for n in _temporaries(out) if n != own_tmp.name] == []
+  own = _own_temporary(out, proc.pid)
+  assert [n for n in _temporaries(out) if n != own] == []
   return proc
+
+
+def _own_temporary(out, pid):
+  """The temporary directory whose owner file names process `pid`, or None."""
+  for name in _temporaries(out) if out.exists() else []:
+    try:
+      owner = (out / name / "t2t_avg-owner").read_text()
+    except OSError:
+      continue
+    if owner.split()[0] == str(pid):
+      return name
+  return None
 
 
 def test_sigkill_while_replacing_a_large_average_then_next_run_cleans_up(
