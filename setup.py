@@ -14,7 +14,7 @@ setuptools.setup(
                  "metric-weighted averaging, TF2 checkpoints and streaming."),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=["t2t_avg"],
+    packages=setuptools.find_packages(include=["t2t_avg", "t2t_avg.*"]),
     python_requires=">=3.9",
     # TensorFlow itself is an extra so that installing t2t_avg never puts a
     # second TensorFlow (tensorflow next to tensorflow-cpu) into an environment.

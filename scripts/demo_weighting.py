@@ -190,15 +190,15 @@ def average(prefixes: Sequence[str], output_path: str, scheme: str,
     output = f"{output_path}-0"
     with open(output + ".t2t_avg.json", encoding="utf-8") as f:
       return output, json.load(f)
-  from t2t_avg import oneshot  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from t2t_avg import oneshot, options
   result = oneshot.run(
-      checkpoints=list(prefixes), prefix="", num_last=0,
-      output_path=output_path, output_step="zero", exclude_variables="",
-      allow_nonfinite=False, step_from="auto", write_meta=False,
-      dry_run=False, weight_summaries=False, scheme=scheme, explicit=None,
-      event_sources=[events_dir] if scheme != "uniform" else [], tag=METRIC,
-      mode="auto", temperature=0.0, top_k=top_k, max_step_gap=0,
-      missing_metric="error")
+      options.InputOptions(checkpoints=tuple(prefixes)),
+      options.OutputOptions(output_path=output_path),
+      options.AveragingOptions(),
+      options.WeightingOptions(
+          weighting=scheme, metric=METRIC, top_k=top_k,
+          metrics_from_events=(events_dir,) if scheme != "uniform" else ()))
   return result.output_path, result.record
 
 

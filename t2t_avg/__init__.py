@@ -1,7 +1,7 @@
 """t2t_avg: average TensorFlow checkpoints, uniformly or weighted by eval metrics."""
 import importlib.util
 
-from t2t_avg.errors import AveragingError
+from t2t_avg.errors import ArgumentError, AveragingError
 
 __version__ = "0.1.0"
 
@@ -12,7 +12,8 @@ if importlib.util.find_spec("tensorflow") is None:
       "`pip install tensorflow-cpu` next to t2t_avg.")
 
 _LAZY = {"average_checkpoints": "t2t_avg.averaging",
-         "AveragingResult": "t2t_avg.averaging"}
+         "AveragingResult": "t2t_avg.record",
+         "CheckpointRow": "t2t_avg.record"}
 
 
 def __getattr__(name):

@@ -1,62 +1,52 @@
-"""Finding checkpoints, reading their metadata and their step numbers."""
+"""Finding checkpoints (state files, directories, numbered names) and their steps."""
+from __future__ import annotations
+
 import dataclasses
 import os
-import re
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from absl import logging
+import numpy as np
 import tensorflow as tf
 
+from t2t_avg import formats
+from t2t_avg import paths
 from t2t_avg.errors import AveragingError
+from t2t_avg.formats import base
+from t2t_avg.formats import tf_bundle
 
 STATE_FILE = "checkpoint"
 # Written beside every output of this tool; marks it so it is never taken as
 # an input by the discovery of unlisted checkpoints.
 RECORD_SUFFIX = ".t2t_avg.json"
-OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
-GLOBAL_STEP = "global_step"
-ITERATION_COUNTERS = ("optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE",
-                      "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")
-
-_NAME_STEP = re.compile(r"-(\d+)$")
-_DATA_SHARD = re.compile(r"\.data-(\d{5})-of-(\d{5})$")
+GLOBAL_STEP = tf_bundle.GLOBAL_STEP
+OBJECT_GRAPH_KEY = tf_bundle.OBJECT_GRAPH_KEY
 
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
-  """One input checkpoint: its prefix and the step it was saved at."""
+  """One input checkpoint: its path, the step it was saved at, and its source.
+
+  Attributes:
+    path: the checkpoint prefix (or file).
+    step: its step, or None when unknown.
+    step_source: where the step came from: a tensor key, 'name', 'unknown'.
+    source: the opened checkpoint, when it was opened to read the step.
+  """
   path: str
   step: Optional[int]
-  step_source: str  # 'global_step', an iteration counter key, 'name', ...
-
-
-@dataclasses.dataclass(frozen=True)
-class VariableSpec:
-  name: str
-  shape: tuple
-  dtype: tf.DType
-
-
-def name_step(path: str) -> Optional[int]:
-  """The trailing -N of a checkpoint prefix, or None."""
-  match = _NAME_STEP.search(path)
-  return int(match.group(1)) if match else None
+  step_source: str
+  source: Optional[base.Source] = dataclasses.field(default=None,
+                                                    compare=False, repr=False)
 
 
 def exists(prefix: str) -> bool:
-  return tf.io.gfile.exists(prefix + ".index")
+  """Whether a checkpoint (V2, or V1) is at `prefix`."""
+  return tf_bundle.is_v2(prefix) or tf_bundle.is_v1(prefix)
 
 
 def is_output_of_this_tool(prefix: str) -> bool:
   return tf.io.gfile.exists(prefix + RECORD_SUFFIX)
-
-
-def _strip_file_suffix(path: str) -> str:
-  # Tab completion gives `model.ckpt-100.index`; the checkpoint is the prefix.
-  for suffix in (".index", ".meta"):
-    if path.endswith(suffix):
-      return path[:-len(suffix)]
-  return path
 
 
 def resolve(path: str) -> str:
@@ -68,29 +58,43 @@ def resolve(path: str) -> str:
     AveragingError: nothing is there.
   """
   if tf.io.gfile.isdir(path):
-    latest = tf.train.latest_checkpoint(path)
-    if latest is None:
-      raise AveragingError(f"directory {path} holds no checkpoint (no "
-                           f"'{STATE_FILE}' state file naming one)")
-    path = latest
-  path = _strip_file_suffix(path)
+    path = _latest(path)
+  path = paths.strip_file_suffix(path)
   if not exists(path):
     raise AveragingError(f"checkpoint {path} does not exist "
-                         f"(no {path}.index)")
+                         f"(no {path}{tf_bundle.INDEX_SUFFIX})")
   return path
 
 
-def from_list(checkpoints: Sequence[str], prefix: str = "") -> list:
+def _latest(directory: str) -> str:
+  """The checkpoint a directory's state file names (TF's reader, no noise)."""
+  state = _state(directory)
+  state_file = os.path.join(directory, STATE_FILE)
+  if state is None or not state.model_checkpoint_path:
+    raise AveragingError(f"directory {directory} holds no checkpoint (no "
+                         f"'{STATE_FILE}' state file naming one)")
+  return _relocate(state.model_checkpoint_path, directory, state_file)
+
+
+def _state(directory: str):
+  state_file = os.path.join(directory, STATE_FILE)
+  try:
+    return tf.train.get_checkpoint_state(directory)
+  except (tf.errors.OpError, ValueError) as e:  # A garbled state file.
+    raise AveragingError(f"cannot read {state_file}: "
+                         f"{tf_bundle.error_text(e)}") from e
+
+
+def from_list(checkpoints: Sequence[str], prefix: str = "") -> List[str]:
   """The `--checkpoints` list: `prefix` string-prepended to each (legacy)."""
-  names = [c.strip() for c in checkpoints]
-  names = [c for c in names if c]
-  if not names:
-    raise ValueError("--checkpoints: no checkpoints given")
-  return [resolve(prefix + c) for c in names]
+  return [resolve(prefix + c) for c in checkpoints]
 
 
 def _relocate(listed: str, state_dir: str, state_file: str) -> str:
-  """A state-file entry, or the same basename in the state file's directory."""
+  """A state-file entry, or the same basename in the state file's directory.
+
+  (TF's reader has already joined a relative entry to the directory.)
+  """
   if exists(listed):
     return listed
   moved = os.path.join(state_dir, os.path.basename(listed))
@@ -98,11 +102,11 @@ def _relocate(listed: str, state_dir: str, state_file: str) -> str:
     logging.warning("%s lists %s, which does not exist; using %s (the "
                     "training directory was moved)", state_file, listed, moved)
     return moved
-  raise AveragingError(f"checkpoint {listed} listed in {state_file} does not "
-                       "exist")
+  raise AveragingError(f"{state_file} names checkpoint {listed}, whose files "
+                       f"are missing (no {listed}{tf_bundle.INDEX_SUFFIX})")
 
 
-def last_n(prefix: str, n: int) -> list:
+def last_n(prefix: str, n: int) -> List[str]:
   """The last `n` checkpoints of the state file in `dirname(prefix)`.
 
   TF2's `tf.train.Checkpoint.save` lists only its newest checkpoint: when
@@ -115,10 +119,7 @@ def last_n(prefix: str, n: int) -> list:
   """
   state_dir = os.path.dirname(prefix) or "."
   state_file = os.path.join(state_dir, STATE_FILE)
-  try:
-    state = tf.train.get_checkpoint_state(state_dir)
-  except (tf.errors.OpError, ValueError) as e:  # A garbled state file.
-    raise AveragingError(f"cannot read {state_file}: {e}") from e
+  state = _state(state_dir)
   if state is None or not state.model_checkpoint_path:
     raise AveragingError(f"no checkpoint state file {state_file} (the "
                          "directory of --prefix)")
@@ -136,115 +137,158 @@ def last_n(prefix: str, n: int) -> list:
   return chosen
 
 
-def _unlisted(listed: list, wanted: int) -> list:
+def _unlisted(listed: List[str], wanted: int) -> List[str]:
   """Up to `wanted` unlisted checkpoints older than the newest listed one."""
   newest = listed[-1]
-  newest_step = name_step(newest)
+  newest_step = paths.name_step(newest)
   if newest_step is None:
     return []
-  base = newest[:-len(f"-{newest_step}")]
+  base_name = os.path.basename(newest[:-len(f"-{newest_step}")])
+  found = [(step, path) for step, path in numbered(os.path.dirname(newest),
+                                                   base_name)
+           if step <= newest_step and path not in listed and
+           not is_output_of_this_tool(path)]
+  return [path for _, path in found[-wanted:]]
+
+
+def numbered(directory: str, basename: str = "*") -> List[Tuple[int, str]]:
+  """(step, prefix) of the V2 checkpoints `<basename>-<N>` in a directory.
+
+  Sorted by step (then name). `basename` may be a glob pattern ('*': any).
+  """
   found = []
-  for index_file in tf.io.gfile.glob(base + "-*.index"):
-    path = index_file[:-len(".index")]
-    step = name_step(path)
-    if (step is not None and step <= newest_step and path not in listed and
-        path[len(base):] == f"-{step}" and not is_output_of_this_tool(path)):
+  pattern = os.path.join(directory, f"{basename}-[0-9]*{tf_bundle.INDEX_SUFFIX}")
+  for index_file in _glob(pattern):
+    path = index_file[:-len(tf_bundle.INDEX_SUFFIX)]
+    step = paths.name_step(path)
+    if step is not None:
       found.append((step, path))
-  found.sort(reverse=True)
-  return [path for _, path in sorted(found[:wanted])]
+  return sorted(found)
 
 
-def open_reader(path: str):
-  """A `CheckpointReader`, or an AveragingError naming the checkpoint."""
-  missing = missing_data_files(path)
-  if missing:
-    raise AveragingError(f"checkpoint {path} is incomplete: {missing} is "
-                         "missing")
+def _glob(pattern: str) -> List[str]:
+  # GCS globbing can fail on a temporary file deleted meanwhile (T2T's
+  # `_try_twice_tf_glob`).
   try:
-    return tf.train.load_checkpoint(path)
-  except (tf.errors.OpError, ValueError) as e:
-    raise AveragingError(f"cannot read checkpoint {path}: "
-                         f"{error_text(e)}") from e
+    return tf.io.gfile.glob(pattern)
+  except tf.errors.NotFoundError:
+    return tf.io.gfile.glob(pattern)
 
 
-def missing_data_files(path: str) -> Optional[str]:
-  """The first missing `.data-*` shard of a checkpoint, or None."""
-  shards = {}
-  for name in tf.io.gfile.glob(path + ".data-*"):
-    match = _DATA_SHARD.search(name)
-    if match:
-      shards[int(match.group(1))] = int(match.group(2))
-  if not shards:
-    return f"{path}.data-00000-of-00001"
-  total = max(shards.values())
-  for i in range(total):
-    if i not in shards:
-      return f"{path}.data-{i:05d}-of-{total:05d}"
-  return None
-
-
-def error_text(error: Exception) -> str:
-  text = getattr(error, "message", None) or str(error)
-  return text.strip().splitlines()[0] if text.strip() else type(error).__name__
-
-
-def variable_specs(reader) -> dict:
-  """{name: VariableSpec} of a checkpoint."""
-  shapes = reader.get_variable_to_shape_map()
-  dtypes = reader.get_variable_to_dtype_map()
-  return {name: VariableSpec(name, tuple(shapes[name]), dtypes[name])
-          for name in shapes}
-
-
-def read_step(reader, path: str, step_from: str = "auto") -> Checkpoint:
+def read_step(source: base.Source, step_from: str = "auto") -> Checkpoint:
   """The checkpoint with its step, from `step_from` or the first source found.
 
-  `auto` looks at, in order: a `global_step` tensor, an optimizer iteration
-  counter, the trailing -N of the name (TF2 numbers files by save count, not
-  training step, which is why the name comes last).
+  `auto` looks at, in order: the format's step counters (for TF: a
+  `global_step` tensor, then an optimizer's iteration counter, the inner
+  optimizer's first for a Keras LossScaleOptimizer), then the trailing -N of
+  the name (TF2 numbers files by save count, not training step, which is
+  why the name comes last).
 
   Raises:
     AveragingError: the asked-for source is not there.
   """
+  path = source.path
   if step_from == "name":
-    step = name_step(path)
+    step = paths.name_step(path)
     if step is None:
       raise AveragingError(f"--step_from=name: checkpoint {path} has no "
                            "trailing -N in its name")
-    return Checkpoint(path, step, "name")
-  keys = reader.get_variable_to_shape_map()
+    return Checkpoint(path, step, "name", source)
+  tensors = source.tensors()
   if step_from != "auto":
-    if step_from not in keys:
+    if step_from not in tensors:
       raise AveragingError(f"--step_from={step_from}: checkpoint {path} has "
                            "no such tensor")
-    return Checkpoint(path, _scalar_int(reader, path, step_from), step_from)
-  for key in (GLOBAL_STEP,) + ITERATION_COUNTERS:
-    if key in keys:
-      return Checkpoint(path, _scalar_int(reader, path, key), key)
-  step = name_step(path)
-  return Checkpoint(path, step, "name" if step is not None else "unknown")
+    return Checkpoint(path, _scalar_int(source, step_from), step_from, source)
+  for key in source.step_keys:
+    if key in tensors:
+      return Checkpoint(path, _scalar_int(source, key), key, source)
+  step = paths.name_step(path)
+  return Checkpoint(path, step, "name" if step is not None else "unknown",
+                    source)
 
 
-def read_tensor(reader, path: str, name: str):
-  """One whole tensor through TF's reader, or an AveragingError naming it."""
-  try:
-    return reader.get_tensor(name)
-  # A truncated data file (still being copied) raises IndexError.
-  except (tf.errors.OpError, ValueError, IndexError) as e:
-    raise AveragingError(f"cannot read variable {name} from checkpoint {path}: "
-                         f"{error_text(e)}") from e
-
-
-def _scalar_int(reader, path: str, key: str) -> int:
-  value = read_tensor(reader, path, key)
-  if getattr(value, "shape", ()) != () or not hasattr(value, "dtype") or (
-      value.dtype.kind not in "iu"):
-    raise AveragingError(f"tensor {key} in checkpoint {path} is not an "
+def _scalar_int(source: base.Source, key: str) -> int:
+  tensor = source.tensors()[key]
+  numpy = tensor.dtype.numpy
+  if tensor.shape != () or numpy is None or numpy.kind not in "iu":
+    raise AveragingError(f"tensor {key} in checkpoint {source.path} is not an "
                          "integer scalar, so it cannot give the step")
-  return int(value)
+  return int(base.read_array(source, tensor))
 
 
 def load(path: str, step_from: str = "auto") -> Checkpoint:
-  """Resolves a checkpoint path, checks it is readable, and reads its step."""
-  path = resolve(path)
-  return read_step(open_reader(path), path, step_from)
+  """Resolves a checkpoint path, opens it, and reads its step."""
+  return read_step(formats.open_source(resolve(path)), step_from)
+
+
+def open_all(items: Sequence, step_from: str) -> List[Checkpoint]:
+  """Checkpoints (opened) from paths or Checkpoints; each listed once.
+
+  Raises:
+    AveragingError: one is missing or unreadable, or listed twice.
+  """
+  opened, seen = [], set()
+  for item in items:
+    if isinstance(item, Checkpoint):
+      if item.source is None:
+        item = dataclasses.replace(
+            item, source=formats.open_source(resolve(item.path)))
+    else:
+      item = load(item, step_from)
+    if item.path in seen:
+      raise AveragingError(f"checkpoint {item.path} is listed twice")
+    seen.add(item.path)
+    opened.append(item)
+  return opened
+
+
+def newest_of(inputs: Sequence[Checkpoint], active: Sequence[int]) -> int:
+  """Index of the newest input among `active`: the highest step.
+
+  Inputs that share the highest step, or whose steps are unknown, cannot be
+  told apart: the last listed of them counts as newest, with a warning
+  naming them (non-float tensors are copied from it).
+  """
+  if any(inputs[i].step is None for i in active):
+    logging.warning("Cannot tell which checkpoint is newest (a step is "
+                    "unknown); taking the last listed, %s, as newest (its "
+                    "non-float tensors are copied)", inputs[active[-1]].path)
+    return active[-1]
+  top = max(inputs[i].step for i in active)
+  tied = [i for i in active if inputs[i].step == top]
+  if len(tied) > 1:
+    logging.warning("Checkpoints %s share step %d; taking the last listed, "
+                    "%s, as newest (its non-float tensors are copied)",
+                    ", ".join(inputs[i].path for i in tied), top,
+                    inputs[tied[-1]].path)
+  return tied[-1]
+
+
+def holds_inputs(directory: str, input_paths: Sequence[str],
+                 ignore: Sequence[str] = ()) -> bool:
+  """Whether a directory holds input checkpoints, or any checkpoint not ours.
+
+  `ignore` lists outputs of this run; outputs of earlier runs (with a
+  record) do not count either.
+  """
+  directory = directory.rstrip("/") or "."
+  if any((os.path.dirname(p) or ".") == directory for p in input_paths):
+    return True
+  ignored = set(ignore)
+  for index_file in _glob(os.path.join(directory,
+                                       "*" + tf_bundle.INDEX_SUFFIX)):
+    path = index_file[:-len(tf_bundle.INDEX_SUFFIX)]
+    if path not in ignored and not is_output_of_this_tool(path):
+      return True
+  return False
+
+
+def scalar_bytes(value: int, dtype: np.dtype) -> np.ndarray:
+  """`value` as a 0-d array of an integer dtype, or an AveragingError."""
+  info = np.iinfo(dtype)
+  if not info.min <= value <= info.max:
+    raise AveragingError(f"--output_step={value} does not fit the "
+                         f"{GLOBAL_STEP} tensor's dtype {dtype.name} (at most "
+                         f"{info.max})")
+  return np.asarray(value, dtype)

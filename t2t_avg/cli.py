@@ -1,100 +1,120 @@
-"""Command-line flags (legacy avg_checkpoints and t2t-avg-all names) → library calls."""
-import math
+"""Command-line flags (legacy avg_checkpoints and t2t-avg-all names) → typed options.
+
+The only module that defines the averaging flags. `main` turns them into the
+frozen option dataclasses of `options` (validated there, before TensorFlow
+is imported) and calls the one-shot or the continuous mode.
+"""
+from __future__ import annotations
+
 import os
-import re
 import sys
+from typing import Callable, List, NoReturn
 
 from absl import app
 from absl import flags
 from absl import logging
 
-from t2t_avg import weighting
-from t2t_avg.errors import AveragingError
+from t2t_avg import options
+from t2t_avg.errors import ArgumentError, AveragingError
+
+_ONE_SHOT = "[one-shot] "
+_CONTINUOUS = "[continuous: --model_dir, t2t-avg-all] "
+_BOTH = "[both modes] "
 
 # --- legacy avg_checkpoints.py ---------------------------------------------
 _CHECKPOINTS = flags.DEFINE_string(
-    "checkpoints", "", "Comma-separated list of checkpoints to average "
-    "(prefixes, or directories meaning their latest checkpoint).")
+    "checkpoints", "", _ONE_SHOT + "Comma-separated list of checkpoints to "
+    "average (prefixes, or directories meaning their latest checkpoint).")
 _NUM_LAST = flags.DEFINE_integer(
-    "num_last_checkpoints", 0, "Averages the last N saved checkpoints. If the "
-    "checkpoints flag is set, this is ignored.")
+    "num_last_checkpoints", 0, _ONE_SHOT + "Averages the last N saved "
+    "checkpoints. If the checkpoints flag is set, this is ignored.")
 _PREFIX = flags.DEFINE_string(
-    "prefix", "", "Prefix (e.g., directory) to append to each checkpoint; "
-    "with --num_last_checkpoints its dirname holds the `checkpoint` file.")
+    "prefix", "", _ONE_SHOT + "Prefix (e.g., directory) string-prepended to "
+    "each checkpoint; with --num_last_checkpoints its dirname holds the "
+    "`checkpoint` state file.")
 _OUTPUT_PATH = flags.DEFINE_string(
-    "output_path", "/tmp/averaged.ckpt", "Path to output the averaged "
-    "checkpoint to; saved as <output_path>-<output step>.")
+    "output_path", "/tmp/averaged.ckpt", _ONE_SHOT + "Path to output the "
+    "averaged checkpoint to; saved as <output_path>-<output step>.")
 # --- t2t_avg additions ---------------------------------------------------
 _OUTPUT_STEP = flags.DEFINE_string(
-    "output_step", "zero", "'zero' (legacy: -0, global_step 0), 'last' (the "
-    "newest input's step) or an integer.")
-_WEIGHTING = flags.DEFINE_enum("weighting", "uniform", weighting.SCHEMES,
-                               "How checkpoints are weighted.")
+    "output_step", "zero", _ONE_SHOT + "'zero' (legacy: -0, global_step 0), "
+    "'last' (the newest input's step) or an integer.")
+_WEIGHTING = flags.DEFINE_enum("weighting", "uniform", options.SCHEMES,
+                               _BOTH + "How checkpoints are weighted.")
 _WEIGHTS = flags.DEFINE_string(
-    "weights", "", "With --weighting=explicit: one weight per checkpoint, in "
-    "checkpoint order.")
+    "weights", "", _BOTH + "With --weighting=explicit: one weight per "
+    "checkpoint, in checkpoint order (continuous: per window position).")
 _METRICS_FROM_EVENTS = flags.DEFINE_string(
-    "metrics_from_events", "", "Comma-separated TensorBoard event files or "
-    "directories (each directory one run, not recursive).")
-_METRIC = flags.DEFINE_string("metric", "loss", "The scalar tag to weight by.")
+    "metrics_from_events", "", _BOTH + "Comma-separated TensorBoard event "
+    "files or directories (each directory one run, not recursive).")
+_METRIC = flags.DEFINE_string("metric", "loss",
+                              _BOTH + "The scalar tag to weight by.")
 _METRIC_MODE = flags.DEFINE_enum(
-    "metric_mode", "auto", ["auto", "min", "max"],
-    "Whether lower (min) or higher (max) metric values are better; auto "
-    "infers it from the tag.")
+    "metric_mode", "auto", options.METRIC_MODES,
+    _BOTH + "Whether lower (min) or higher (max) metric values are better; "
+    "auto infers it from the tag.")
 _TEMPERATURE = flags.DEFINE_float(
-    "temperature", 0.0, "Softmax temperature in the metric's units; 0 means "
-    "the standard deviation of the checkpoints' metric values.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "With --weighting=top_k: how many "
-                              "of the best checkpoints to average.")
+    "temperature", 0.0, _BOTH + "Softmax temperature in the metric's units; "
+    "0 means the standard deviation of the checkpoints' metric values.")
+_TOP_K = flags.DEFINE_integer(
+    "top_k", 0, _BOTH + "With --weighting=top_k (required there): how many "
+    "of the best checkpoints to average.")
 _MAX_STEP_GAP = flags.DEFINE_integer(
-    "max_step_gap", 0, "0: a metric must be logged at the checkpoint's exact "
-    "step; g > 0: the nearest preceding point within g steps counts.")
+    "max_step_gap", 0, _BOTH + "0: a metric must be logged at the "
+    "checkpoint's exact step; g > 0: the nearest preceding point within g "
+    "steps counts.")
 _MISSING_METRIC = flags.DEFINE_enum(
-    "missing_metric", "error", ["error", "skip"],
-    "A checkpoint without a metric: fail, or leave it out with a warning.")
+    "missing_metric", "error", options.MISSING_METRIC,
+    _BOTH + "A checkpoint without a metric: fail, or leave it out with a "
+    "warning.")
 _ALLOW_NONFINITE = flags.DEFINE_boolean(
-    "allow_nonfinite", False, "Average tensors holding NaN/inf instead of "
-    "refusing.")
+    "allow_nonfinite", False, _BOTH + "Average tensors holding NaN/inf "
+    "instead of refusing.")
 _EXCLUDE_VARIABLES = flags.DEFINE_string(
-    "exclude_variables", "", "Regex; matching variables are left out of the "
-    "output (e.g. optimizer slots).")
+    "exclude_variables", "", _BOTH + "Regex; matching variables are left out "
+    "of the output (e.g. optimizer slots).")
 _STEP_FROM = flags.DEFINE_string(
-    "step_from", "auto", "Where a checkpoint's step comes from: auto, name, "
-    "or a tensor key.")
+    "step_from", "auto", _BOTH + "Where a checkpoint's step comes from: auto, "
+    "name, or a tensor key.")
 _DRY_RUN = flags.DEFINE_boolean(
-    "dry_run", False, "Validate and print the table of checkpoints, steps, "
-    "metrics and weights; write nothing.")
+    "dry_run", False, _ONE_SHOT + "Validate and print the table of "
+    "checkpoints, steps, metrics and weights; write nothing.")
 _WEIGHT_SUMMARIES = flags.DEFINE_boolean(
-    "weight_summaries", False, "Also write metric and weight per step as "
-    "TensorBoard scalars in <output dir>/t2t_avg/.")
+    "weight_summaries", False, _BOTH + "Also write metric and weight per step "
+    "as TensorBoard scalars in <output dir>/t2t_avg/.")
 _WRITE_META = flags.DEFINE_boolean(
-    "write_meta", False, "Also write a .meta graph of the bare variables, "
-    "as legacy did.")
+    "write_meta", False, _ONE_SHOT + "Also write a .meta graph of the bare "
+    "variables, as legacy did.")
 # --- legacy t2t-avg-all ----------------------------------------------------
 _MODEL_DIR = flags.DEFINE_string(
-    "model_dir", "", "Directory to load model checkpoints from; given to "
-    "python -m t2t_avg, it runs the continuous mode.")
+    "model_dir", "", _CONTINUOUS + "Directory to load model checkpoints from; "
+    "given to python -m t2t_avg, it runs the continuous mode.")
 _OUTPUT_DIR = flags.DEFINE_string(
-    "output_dir", "avg/", "Directory to output the averaged checkpoints to.")
-_N = flags.DEFINE_integer("n", 8, "How many checkpoints should be averaged?")
-_MIN_STEPS = flags.DEFINE_integer("min_steps", 0,
-                                  "Ignore checkpoints with less steps.")
+    "output_dir", "avg/", _CONTINUOUS + "Directory to output the averaged "
+    "checkpoints to.")
+_N = flags.DEFINE_integer("n", 8, _CONTINUOUS + "How many checkpoints should "
+                          "be averaged?")
+_MIN_STEPS = flags.DEFINE_integer("min_steps", 0, _CONTINUOUS + "Ignore "
+                                  "checkpoints with less steps.")
 _WAIT_MINUTES = flags.DEFINE_integer(
-    "wait_minutes", 0, "Wait upto N minutes for a new checkpoint.")
+    "wait_minutes", 0, _CONTINUOUS + "Wait upto N minutes for a new "
+    "checkpoint.")
 
 _INTERRUPTED_CONTINUOUS = ("the outputs written so far are complete; the one "
                            "in progress was not written")
 _ONE_SHOT_ONLY = ("checkpoints", "num_last_checkpoints", "prefix",
                   "output_path", "output_step", "dry_run", "write_meta")
 _CONTINUOUS_ONLY = ("output_dir", "n", "min_steps", "wait_minutes")
+# TF's start-up notices on stderr; t2t_avg's arithmetic is numpy, not oneDNN.
+_QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0"}
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
   sys.stderr.write(f"t2t_avg: error: {message}\n")
   sys.exit(1)
 
 
-def _parse_flags(argv):
+def _parse_flags(argv: List[str]) -> List[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -105,163 +125,103 @@ def _present(name: str) -> bool:
   return flags.FLAGS[name].present
 
 
-def _output_step(text: str):
-  if text in ("zero", "last"):
-    return text
-  try:
-    step = int(text)
-  except ValueError:
-    step = -1
-  if step < 0:
-    raise ValueError(f"--output_step must be zero, last or an integer >= 0, "
-                     f"not {text!r}")
-  return step
+def _split(text: str) -> tuple:
+  return tuple(s.strip() for s in text.split(",") if s.strip())
 
 
-def _explicit_weights():
-  if _WEIGHTING.value != "explicit":
-    if _WEIGHTS.value:
-      raise ValueError("--weights needs --weighting=explicit")
-    return None
-  if not _WEIGHTS.value:
-    raise ValueError("--weighting=explicit needs --weights")
-  try:
-    weights = [float(w) for w in _WEIGHTS.value.split(",")]
-  except ValueError as e:
-    raise ValueError(f"--weights must be comma-separated numbers, not "
-                     f"{_WEIGHTS.value!r}") from e
-  # Checked here, before TensorFlow is imported, as every flag is.
-  if not all(math.isfinite(w) and w >= 0 for w in weights) or not (
-      sum(weights) > 0):
-    raise ValueError(f"--weights must be finite and >= 0 with a sum > 0, not "
-                     f"{_WEIGHTS.value!r}")
-  return weights
+def weighting_options() -> options.WeightingOptions:
+  """The weighting flags, validated."""
+  weights = options.parse_weights(_WEIGHTS.value) if _WEIGHTS.value else None
+  if _present("temperature") and _WEIGHTING.value != "softmax":
+    raise ArgumentError("{temperature} goes with {weighting}=softmax")
+  return options.WeightingOptions(
+      weighting=_WEIGHTING.value, weights=weights,
+      metrics_from_events=_split(_METRICS_FROM_EVENTS.value),
+      metric=_METRIC.value, metric_mode=_METRIC_MODE.value,
+      temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+      max_step_gap=_MAX_STEP_GAP.value, missing_metric=_MISSING_METRIC.value)
 
 
-def _check_weighting_flags() -> None:
-  scheme = _WEIGHTING.value
-  if scheme in weighting.METRIC_SCHEMES and not _METRICS_FROM_EVENTS.value:
-    raise ValueError(f"--weighting={scheme} needs --metrics_from_events")
-  if (_TOP_K.value != 0) != (scheme == "top_k"):
-    raise ValueError("--top_k goes with --weighting=top_k (and needs k >= 1)")
-  if _TOP_K.value < 0:
-    raise ValueError(f"--top_k must be >= 1, not {_TOP_K.value}")
-  if _TEMPERATURE.value < 0:
-    raise ValueError(f"--temperature must be >= 0, not {_TEMPERATURE.value}")
-  if _present("temperature") and scheme != "softmax":
-    raise ValueError("--temperature goes with --weighting=softmax")
-  if _MAX_STEP_GAP.value < 0:
-    raise ValueError(f"--max_step_gap must be >= 0, not {_MAX_STEP_GAP.value}")
-  if scheme in weighting.METRIC_SCHEMES and _METRIC_MODE.value == "auto":
-    # Raises, asking for --metric_mode, when the tag does not say.
-    from t2t_avg import events  # pylint: disable=import-outside-toplevel
-    events.infer_direction(_METRIC.value)
+def averaging_options() -> options.AveragingOptions:
+  return options.AveragingOptions(
+      exclude_variables=_EXCLUDE_VARIABLES.value,
+      allow_nonfinite=_ALLOW_NONFINITE.value, step_from=_STEP_FROM.value,
+      weight_summaries=_WEIGHT_SUMMARIES.value)
 
 
-def _check_exclude_variables() -> None:
-  try:
-    re.compile(_EXCLUDE_VARIABLES.value)
-  except re.error as e:
-    raise ValueError(f"--exclude_variables: bad regex "
-                     f"{_EXCLUDE_VARIABLES.value!r}: {e}") from e
-
-
-def _weighting_args() -> dict:
-  """The weighting flags as plain keyword arguments."""
-  return dict(
-      scheme=_WEIGHTING.value,
-      explicit=_explicit_weights(),
-      event_sources=[s.strip() for s in _METRICS_FROM_EVENTS.value.split(",")
-                     if s.strip()],
-      tag=_METRIC.value,
-      mode=_METRIC_MODE.value,
-      temperature=_TEMPERATURE.value,
-      top_k=_TOP_K.value,
-      max_step_gap=_MAX_STEP_GAP.value,
-      missing_metric=_MISSING_METRIC.value,
-  )
-
-
-def _run_once(argv) -> None:
+def _run_once(argv: List[str]) -> None:
   del argv
   for name in _CONTINUOUS_ONLY:
     if _present(name):
-      raise ValueError(f"--{name} goes with --model_dir (continuous mode)")
-  output_step = _output_step(_OUTPUT_STEP.value)
-  listed = [c for c in _CHECKPOINTS.value.split(",") if c.strip()]
-  if _CHECKPOINTS.value:
-    if _NUM_LAST.value:
-      logging.warning("--num_last_checkpoints is ignored because "
-                      "--checkpoints is set")
-    if not listed:
-      raise ValueError("--checkpoints: no checkpoints given")
-  elif _NUM_LAST.value < 1:
-    raise ValueError("give --checkpoints, or --num_last_checkpoints >= 1 with "
-                     "--prefix")
-  elif not _PREFIX.value:
-    raise ValueError("--num_last_checkpoints needs --prefix (its dirname "
-                     "holds the `checkpoint` state file)")
-  _check_weighting_flags()
-  _check_exclude_variables()
-  weighting_args = _weighting_args()
-  explicit = weighting_args["explicit"]
-  if explicit is not None and listed and len(explicit) != len(listed):
-    raise ValueError(f"--weights gives {len(explicit)} weights for the "
-                     f"{len(listed)} checkpoints of --checkpoints")
-
+      raise ArgumentError("{%s} goes with {model_dir} (continuous mode)" %
+                          name)
+  inputs = options.InputOptions(
+      checkpoints=tuple(_CHECKPOINTS.value.split(",")) if
+      _CHECKPOINTS.value else (), prefix=_PREFIX.value,
+      num_last_checkpoints=_NUM_LAST.value)
+  if inputs.checkpoints and _NUM_LAST.value:
+    logging.warning("--num_last_checkpoints is ignored because --checkpoints "
+                    "is set")
+  output = options.OutputOptions(
+      output_path=_OUTPUT_PATH.value, output_step=_OUTPUT_STEP.value,
+      write_meta=_WRITE_META.value, dry_run=_DRY_RUN.value)
+  weighing, averaging = weighting_options(), averaging_options()
+  if inputs.checkpoints:
+    weighing.check_count(len(inputs.checkpoints))
   # TensorFlow prints start-up notices: imported only once flags are valid.
   from t2t_avg import oneshot  # pylint: disable=import-outside-toplevel
-  oneshot.run(checkpoints=listed, prefix=_PREFIX.value,
-              num_last=_NUM_LAST.value, output_path=_OUTPUT_PATH.value,
-              output_step=output_step,
-              exclude_variables=_EXCLUDE_VARIABLES.value,
-              allow_nonfinite=_ALLOW_NONFINITE.value,
-              step_from=_STEP_FROM.value, write_meta=_WRITE_META.value,
-              dry_run=_DRY_RUN.value,
-              weight_summaries=_WEIGHT_SUMMARIES.value, **weighting_args)
+  result = oneshot.run(inputs, output, averaging, weighing)
+  if output.dry_run:
+    print(format_table(result))
 
 
-def _run_continuous(argv) -> None:
+def _run_continuous(argv: List[str]) -> None:
   del argv
   for name in _ONE_SHOT_ONLY:
     if _present(name):
-      raise ValueError(f"--{name} is for one-shot averaging; it does not go "
-                       "with --model_dir")
-  if not _MODEL_DIR.value:
-    raise ValueError("--model_dir is required")
-  if _N.value < 1:
-    raise ValueError(f"--n must be >= 1, not {_N.value}")
-  same = (os.path.realpath(_MODEL_DIR.value) == os.path.realpath(
-      _OUTPUT_DIR.value)) if "://" not in _MODEL_DIR.value else (
-          _MODEL_DIR.value.rstrip("/") == _OUTPUT_DIR.value.rstrip("/"))
-  if same:
-    raise ValueError(f"--output_dir {_OUTPUT_DIR.value} is the training "
-                     f"directory --model_dir {_MODEL_DIR.value}; choose "
-                     "another --output_dir")
-  if _WAIT_MINUTES.value < 0 or _MIN_STEPS.value < 0:
-    raise ValueError("--wait_minutes and --min_steps must be >= 0")
-  _check_weighting_flags()
-  _check_exclude_variables()
-  weighting_args = _weighting_args()
+      raise ArgumentError("{%s} is for one-shot averaging; it does not go "
+                          "with {model_dir}" % name)
+  settings = options.ContinuousOptions(
+      model_dir=_MODEL_DIR.value, output_dir=_OUTPUT_DIR.value, n=_N.value,
+      min_steps=_MIN_STEPS.value, wait_minutes=_WAIT_MINUTES.value)
+  weighing, averaging = weighting_options(), averaging_options()
+  settings.check_weighting(weighing)
   from t2t_avg import watch  # pylint: disable=import-outside-toplevel
-  watch.run(model_dir=_MODEL_DIR.value, output_dir=_OUTPUT_DIR.value,
-            n=_N.value, min_steps=_MIN_STEPS.value,
-            wait_minutes=_WAIT_MINUTES.value,
-            exclude_variables=_EXCLUDE_VARIABLES.value,
-            allow_nonfinite=_ALLOW_NONFINITE.value, step_from=_STEP_FROM.value,
-            weight_summaries=_WEIGHT_SUMMARIES.value, **weighting_args)
+  watch.run(settings, weighting_options=weighing, averaging_options=averaging)
 
 
-def _guarded(run, interrupted: str):
-  """Runs a mode; domain and argument errors become one line and exit 1."""
-  def main(argv):
+def format_table(result) -> str:
+  """The checkpoints, steps, metric values and weights, as a text table."""
+  width = max(len(r.path) for r in result.rows)
+  lines = [f"{'checkpoint':<{width}}  {'step':>10}  {'metric':>12}  "
+           f"{'weight':>8}"]
+  for r in result.rows:
+    metric = "-" if r.metric is None else f"{r.metric:.6g}"
+    step = "?" if r.step is None else str(r.step)
+    lines.append(f"{r.path:<{width}}  {step:>10}  {metric:>12}  "
+                 f"{r.weight:>8.4f}")
+  lines.append(f"effective number of checkpoints: {result.effective_count:.2f}"
+               f" of {len(result.rows)}; output: {result.output_path}")
+  return "\n".join(lines)
+
+
+def _guarded(run: Callable[[List[str]], None],
+             interrupted: str) -> Callable[[List[str]], None]:
+  """Runs a mode; argument and domain errors become one line and exit 1.
+
+  Anything else is a bug and keeps its traceback, except TensorFlow's own
+  errors about a file (shown as their first line).
+  """
+  def main(argv: List[str]) -> None:
     if len(argv) > 1:
       _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
       run(argv)
     except KeyboardInterrupt:
       _fail(f"interrupted; {interrupted}")
-    except (AveragingError, ValueError, OSError) as e:
+    except ArgumentError as e:
+      _fail(e.message(as_flags=True))
+    except AveragingError as e:
       _fail(str(e))
     except Exception as e:  # pylint: disable=broad-except
       tf = sys.modules.get("tensorflow")
@@ -271,12 +231,18 @@ def _guarded(run, interrupted: str):
   return main
 
 
-def main(argv):
+def main(argv: List[str]) -> None:
   """`python -m t2t_avg`: one-shot, or continuous when --model_dir is given."""
   if _MODEL_DIR.value:
     _guarded(_run_continuous, _INTERRUPTED_CONTINUOUS)(argv)
   else:
     _guarded(_run_once, "nothing was written")(argv)
+
+
+def _quiet_tensorflow() -> None:
+  """Silences TF's start-up notices unless the user set these variables."""
+  for name, value in _QUIET_TF.items():
+    os.environ.setdefault(name, value)
 
 
 def _show_flags_in_help() -> None:
@@ -285,13 +251,16 @@ def _show_flags_in_help() -> None:
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
 
-def run_main():
+def run_main() -> None:
+  """`python -m t2t_avg`."""
+  _quiet_tensorflow()
   _show_flags_in_help()
   app.run(main, flags_parser=_parse_flags)
 
 
-def run_avg_all():
+def run_avg_all() -> None:
   """The `t2t-avg-all` console script: the continuous mode."""
+  _quiet_tensorflow()
   _show_flags_in_help()
   app.run(_guarded(_run_continuous, _INTERRUPTED_CONTINUOUS),
           flags_parser=_parse_flags)

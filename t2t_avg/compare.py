@@ -1,38 +1,17 @@
-"""Compares two checkpoints variable by variable: `python -m t2t_avg.compare CKPT_A CKPT_B`."""
+"""Compares two checkpoints variable by variable (`python -m t2t_avg.compare A B`).
+
+The command line lives in `cli_compare`; this module defines no flags.
+"""
+from __future__ import annotations
+
 import dataclasses
 import enum
 import math
-import sys
-import traceback
-from typing import NoReturn, Optional, Sequence
+from typing import Optional, Sequence
 
-from absl import app
-from absl import flags
 import numpy as np
 
-from t2t_avg.errors import AveragingError
-
-_PROGRAM = "t2t_avg.compare"
-_EXIT_DIFFERENT = 1
-_EXIT_UNUSABLE = 2
-
-# The flags live in their own FlagValues and join absl's global ones only when
-# this module runs as a program (see `_parse_flags`): importing
-# `compare_checkpoints` into another absl program, or into a test process
-# that also imports `t2t_avg.cli`, defines no flags there.
-_COMPARE_FLAGS = flags.FlagValues()
-_ATOL = flags.DEFINE_float(
-    "atol", 0.0, "Absolute tolerance: a float element passes when "
-    "|a-b| <= atol + rtol*|b|.", lower_bound=0.0, flag_values=_COMPARE_FLAGS)
-_RTOL = flags.DEFINE_float(
-    "rtol", 0.0, "Relative tolerance, relative to CKPT_B (the reference).",
-    lower_bound=0.0, flag_values=_COMPARE_FLAGS)
-_STRICT = flags.DEFINE_boolean(
-    "strict", False, "Also count differing non-float variables (integers, "
-    "bool, strings) in the exit status.", flag_values=_COMPARE_FLAGS)
-_VERBOSE = flags.DEFINE_boolean(
-    "verbose", False, "List every variable, not only those that differ "
-    "(also -v).", flag_values=_COMPARE_FLAGS)
+from t2t_avg.errors import ArgumentError
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _SIGNED_OF_WIDTH = {2: np.int16, 4: np.int32, 8: np.int64}
@@ -227,47 +206,64 @@ def compare_checkpoints(a: str, b: str, *, atol: float = 0.0,
   """
   for name, value in (("atol", atol), ("rtol", rtol)):
     if not value >= 0:
-      raise ValueError(f"--{name} must be >= 0, not {value}")
+      raise ArgumentError("{%s} must be >= 0, not {value}" % name, value=value)
   # TensorFlow takes seconds to import: only now that arguments are valid.
-  from t2t_avg import checkpoints  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from t2t_avg import checkpoints, formats
   path_a, path_b = checkpoints.resolve(a), checkpoints.resolve(b)
-  reader_a = checkpoints.open_reader(path_a)
-  reader_b = checkpoints.open_reader(path_b)
-  specs_a = checkpoints.variable_specs(reader_a)
-  specs_b = checkpoints.variable_specs(reader_b)
+  source_a = formats.open_source(path_a)
+  source_b = formats.open_source(path_b)
+  tensors_a, tensors_b = source_a.tensors(), source_b.tensors()
   variables = []
-  for name in sorted(set(specs_a) | set(specs_b)):
-    spec_a, spec_b = specs_a.get(name), specs_b.get(name)
-    dtype_a = spec_a.dtype.name if spec_a else None
-    dtype_b = spec_b.dtype.name if spec_b else None
-    shape_a = tuple(spec_a.shape) if spec_a else None
-    shape_b = tuple(spec_b.shape) if spec_b else None
-    metadata = dict(name=name, dtype_a=dtype_a, dtype_b=dtype_b,
-                    shape_a=shape_a, shape_b=shape_b,
-                    is_float=(dtype_a or dtype_b) in _FLOAT_DTYPES)
-    if spec_b is None:
-      variables.append(VariableComparison(status=Status.ONLY_IN_A, **metadata))
-    elif spec_a is None:
-      variables.append(VariableComparison(status=Status.ONLY_IN_B, **metadata))
-    elif dtype_a != dtype_b:
-      variables.append(VariableComparison(status=Status.DTYPE_DIFFERS,
-                                          **metadata))
-    elif shape_a != shape_b:
-      variables.append(VariableComparison(status=Status.SHAPE_DIFFERS,
-                                          **metadata))
-    else:
-      value_a = np.asarray(checkpoints.read_tensor(reader_a, path_a, name))
-      value_b = np.asarray(checkpoints.read_tensor(reader_b, path_b, name))
-      if metadata["is_float"]:
-        measures = _compare_floats(value_a, value_b, atol=atol, rtol=rtol)
-      else:
-        measures = _compare_exactly(value_a, value_b)
-      del value_a, value_b
-      variables.append(VariableComparison(**metadata, **measures))
+  for name in sorted(set(tensors_a) | set(tensors_b)):
+    variables.append(_compare_variable(name, source_a, tensors_a.get(name),
+                                       source_b, tensors_b.get(name),
+                                       atol=atol, rtol=rtol))
   return ComparisonReport(path_a=path_a, path_b=path_b, atol=atol, rtol=rtol,
                           variables=tuple(variables))
 
 
+
+
+def _compare_variable(name: str, source_a, tensor_a, source_b, tensor_b, *,
+                      atol: float, rtol: float) -> VariableComparison:
+  """One variable of both checkpoints (either may be None: absent)."""
+  metadata = dict(
+      name=name,
+      dtype_a=tensor_a.dtype.name if tensor_a else None,
+      dtype_b=tensor_b.dtype.name if tensor_b else None,
+      shape_a=tuple(tensor_a.shape) if tensor_a else None,
+      shape_b=tuple(tensor_b.shape) if tensor_b else None,
+      is_float=(tensor_a or tensor_b).dtype.name in _FLOAT_DTYPES)
+  if tensor_b is None:
+    return VariableComparison(status=Status.ONLY_IN_A, **metadata)
+  if tensor_a is None:
+    return VariableComparison(status=Status.ONLY_IN_B, **metadata)
+  if metadata["dtype_a"] != metadata["dtype_b"]:
+    return VariableComparison(status=Status.DTYPE_DIFFERS, **metadata)
+  if metadata["shape_a"] != metadata["shape_b"]:
+    return VariableComparison(status=Status.SHAPE_DIFFERS, **metadata)
+  value_a = _values(source_a, tensor_a)
+  value_b = _values(source_b, tensor_b)
+  if metadata["is_float"]:
+    measures = _compare_floats(value_a, value_b, atol=atol, rtol=rtol)
+  else:
+    measures = _compare_exactly(value_a, value_b)
+  return VariableComparison(**metadata, **measures)
+
+
+def _values(source, tensor) -> np.ndarray:
+  """A tensor's values; strings and variants as their stored bytes."""
+  # pylint: disable-next=import-outside-toplevel
+  from t2t_avg.formats import base
+  if tensor.dtype.numpy is not None:
+    return base.read_array(source, tensor)
+  data = bytearray()
+  for part in tensor.parts:
+    chunk = bytearray(part.size)
+    source.read(part, 0, memoryview(chunk))
+    data += chunk
+  return np.frombuffer(bytes(data), np.uint8)
 
 
 def _compare_floats(a: np.ndarray, b: np.ndarray, *, atol: float,
@@ -458,47 +454,7 @@ def _summary(report: ComparisonReport, *, strict: bool) -> str:
   return text
 
 
-def _usage_error(message: str) -> NoReturn:
-  print(f"{_PROGRAM}: error: {message}", file=sys.stderr)
-  sys.exit(_EXIT_UNUSABLE)
-
-
-def _parse_flags(argv: list) -> list:
-  """absl's parsing, with usage errors as one line and exit status 2."""
-  # absl's own -v is --verbosity=N; here -v alone means --verbose.
-  argv = argv[:1] + ["--verbose" if arg == "-v" else arg for arg in argv[1:]]
-  flags.FLAGS.append_flag_values(_COMPARE_FLAGS)
-  for name in _COMPARE_FLAGS:
-    flags.declare_key_flag(name)  # Listed by --help.
-  try:
-    args = flags.FLAGS(argv)
-  except flags.Error as e:
-    _usage_error("; ".join(str(e).split("\n")))
-  _COMPARE_FLAGS.mark_as_parsed()
-  if len(args) != 3:
-    _usage_error(f"expected two checkpoints, CKPT_A CKPT_B; got "
-                 f"{len(args) - 1}: {' '.join(args[1:])}".rstrip(": "))
-  return args
-
-
-def main(argv: list) -> int:
-  """Compares CKPT_A with CKPT_B; exit 0 same, 1 different, 2 unusable."""
-  _, path_a, path_b = argv
-  try:
-    report = compare_checkpoints(path_a, path_b, atol=_ATOL.value,
-                                 rtol=_RTOL.value)
-  except (AveragingError, ValueError) as e:
-    message = " ".join(str(e).splitlines())
-    print(f"{_PROGRAM}: error: {message}", file=sys.stderr)
-    return _EXIT_UNUSABLE
-  except Exception as e:  # pylint: disable=broad-except
-    # A bug, not a difference: exit 1 would read as "the checkpoints differ".
-    traceback.print_exc()
-    print(f"{_PROGRAM}: error: internal error: {e!r}", file=sys.stderr)
-    return _EXIT_UNUSABLE
-  print(format_report(report, verbose=_VERBOSE.value, strict=_STRICT.value))
-  return 0 if report.passed(strict=_STRICT.value) else _EXIT_DIFFERENT
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  # pylint: disable-next=import-outside-toplevel
+  from t2t_avg import cli_compare
+  cli_compare.run()

@@ -1,37 +1,26 @@
 """Scalar metrics from TensorBoard event files, every logged point kept.
 
-TensorFlow is imported on first read, not on import, so `MetricPoint` and
-`infer_direction` are usable (e.g. from `weighting` or for flag validation)
-without paying for it.
+TensorFlow is imported on first read, not on import.
 """
-import dataclasses
 import functools
 import math
 import os
-import re
 import struct
 import uuid
 from typing import Iterator, Sequence
 
 from absl import logging
 from google.protobuf import message
-import crc32c
 
+from t2t_avg import crc
 from t2t_avg import safe_files
 from t2t_avg.errors import AveragingError
+from t2t_avg.metrics import MetricPoint
 
 _HEADER = struct.Struct("<QI")  # record length, masked crc32c of the length
 _FOOTER = struct.Struct("<I")  # masked crc32c of the data
 _MAX_TAGS_LISTED = 40
 _MAX_CONFLICT_WARNINGS = 10
-
-
-@dataclasses.dataclass(frozen=True)
-class MetricPoint:
-  """One logged value of a scalar tag."""
-  step: int
-  wall_time: float
-  value: float
 
 
 def read_metric(sources: Sequence[str], tag: str) -> list[MetricPoint]:
@@ -171,8 +160,7 @@ def _is_numeric(dtype_enum: int) -> bool:
 
 
 def _masked_crc(data: bytes) -> int:
-  crc = crc32c.crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+  return crc.masked(crc.crc32c(data))
 
 
 def _records(path: str) -> Iterator[tuple[int, bytes]]:
@@ -208,64 +196,6 @@ def _records(path: str) -> Iterator[tuple[int, bytes]]:
         return
       yield offset, data
       offset += _HEADER.size + length + _FOOTER.size
-
-
-_HIGHER_BETTER = ("accuracy", "acc", "bleu", "rouge", "f1", "fscore", "chrf",
-                  "precision", "recall", "likelihood")
-_LOWER_BETTER = ("loss", "perplexity", "ppl", "wer", "ter", "cer", "error",
-                 "distance", "rmse", "mse", "mae")
-
-
-def _matches(tokens: Sequence[str], keywords: Sequence[str]) -> bool:
-  """Whether a token holds a keyword (see `infer_direction`)."""
-  for token in tokens:
-    for keyword in keywords:
-      if len(keyword) >= 4:
-        if keyword in token:
-          return True
-      elif (token.startswith(keyword) and
-            not re.search(r"[a-z]", token[len(keyword):])):
-        return True
-  return False
-
-
-def infer_direction(tag: str) -> str:
-  """Whether a lower or a higher value of a metric is better, from its tag.
-
-  The tag's last `/` component is split on `_` and `-` and lower-cased.
-  Higher is better ('max') when a token starts with `neg` (T2T's
-  `neg_log_perplexity`) or matches one of accuracy, acc, bleu, rouge, f1,
-  fscore, chrf, precision, recall, likelihood, or the name holds `r_squared`;
-  otherwise lower is better ('min') when a token matches one of loss,
-  perplexity, ppl, wer, ter, cer, error, distance, rmse, mse, mae.
-
-  A token matches a keyword of 4 or more letters when it contains it
-  (`rougeL`, `sacrebleu`, `valloss`), and a shorter keyword when it is the
-  keyword followed by no letters (`acc`, `acc5`, `f1`; not `accumulated`,
-  `term` or `certainty`). So `approx_bleu_score`, `rouge_2_fscore`,
-  `BLEU_cased`, `accuracy_per_sequence` give 'max'; `val_loss`, `perplexity`,
-  `edit_distance` give 'min'; `lr`, `learning_rate`, `global_step` are errors.
-  Note that `neg_log_likelihood` gives 'max', by the `neg` rule.
-
-  Args:
-    tag: a scalar tag, e.g. `metrics-translate_ende/targets/approx_bleu_score`.
-
-  Returns:
-    'min' or 'max'.
-
-  Raises:
-    AveragingError: the tag says neither; the message asks for
-      `--metric_mode=min|max`.
-  """
-  tokens = re.split(r"[_-]", tag.rsplit("/", 1)[-1].lower())
-  if (any(token.startswith("neg") for token in tokens) or
-      _matches(tokens, _HIGHER_BETTER) or "r_squared" in "_".join(tokens)):
-    return "max"
-  if _matches(tokens, _LOWER_BETTER):
-    return "min"
-  raise AveragingError(
-      f"Cannot tell whether a lower or a higher {tag!r} is better; pass "
-      "--metric_mode=min|max")
 
 
 def write_weight_summaries(directory: str, rows: Sequence, tag: str) -> None:

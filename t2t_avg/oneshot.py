@@ -1,66 +1,79 @@
-"""One-shot mode: choose the checkpoints, weigh them, average them, report."""
+"""One-shot mode: choose the checkpoints, weigh them, average them."""
+from __future__ import annotations
+
 import os
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 from absl import logging
 
 from t2t_avg import averaging
 from t2t_avg import checkpoints as ckpts
 from t2t_avg import events
+from t2t_avg import metrics
+from t2t_avg import options
 from t2t_avg import safe_files
 from t2t_avg import weighting
+from t2t_avg.metrics import MetricPoint
+from t2t_avg.record import AveragingResult
+
+SUMMARIES_DIR = "t2t_avg"
 
 
-def choose(checkpoints: Optional[Sequence[str]], prefix: str,
-           num_last: int) -> list:
-  """The input prefixes, from `--checkpoints` or the last N of a state file."""
-  if checkpoints:
-    return ckpts.from_list(checkpoints, prefix)
-  return ckpts.last_n(prefix, num_last)
+def choose(inputs: options.InputOptions) -> List[str]:
+  """The input prefixes, from `checkpoints` or the last N of a state file."""
+  if inputs.checkpoints:
+    return ckpts.from_list(inputs.checkpoints, inputs.prefix)
+  return ckpts.last_n(inputs.prefix, inputs.num_last_checkpoints)
 
 
-def weigh(inputs: Sequence[ckpts.Checkpoint], *, scheme: str,
-          explicit: Optional[Sequence[float]], event_sources: Sequence[str],
-          tag: str, mode: str, temperature: float, top_k: int,
-          max_step_gap: int, missing_metric: str) -> weighting.Weighing:
+def read_points(settings: options.WeightingOptions) -> Optional[
+    List[MetricPoint]]:
+  """The metric's points, when event files are given; None otherwise.
+
+  A metric that is read but not used to weigh is said so.
+  """
+  if not settings.metrics_from_events:
+    return None
+  points = events.read_metric(settings.metrics_from_events, settings.metric)
+  if not settings.uses_metric:
+    logging.warning(
+        "--metrics_from_events is read and shown, but --weighting=%s does not "
+        "use it; pass --weighting=softmax, rank, top_k or proportional to "
+        "weigh by %s", settings.weighting, settings.metric)
+  return points
+
+
+def weigh(inputs: Sequence[ckpts.Checkpoint],
+          settings: options.WeightingOptions) -> weighting.Weighing:
   """Reads the metric (if asked for) and weighs the checkpoints by it."""
-  points = None
-  if event_sources:
-    points = events.read_metric(event_sources, tag)
-    if mode == "auto" and scheme in weighting.METRIC_SCHEMES:
-      mode = events.infer_direction(tag)
-      logging.info("Metric %s: %s is better (from its name; override with "
-                   "--metric_mode)", tag,
-                   "lower" if mode == "min" else "higher")
-  return weighting.weigh_checkpoints(
-      inputs, points, scheme=scheme, mode=mode, temperature=temperature,
-      top_k=top_k, explicit=explicit, max_step_gap=max_step_gap,
-      missing_metric=missing_metric, tag=tag)
+  points = read_points(settings)
+  mode = None
+  if settings.uses_metric:
+    mode = metrics.direction(settings.metric, settings.metric_mode)
+  return weighting.weigh_checkpoints(inputs, points, settings, mode=mode)
 
 
-def run(*, checkpoints: Optional[Sequence[str]], prefix: str, num_last: int,
-        output_path: str, output_step: Union[str, int], exclude_variables: str,
-        allow_nonfinite: bool, step_from: str, write_meta: bool, dry_run: bool,
-        weight_summaries: bool, **weighting_args) -> averaging.AveragingResult:
+def run(inputs: options.InputOptions, output: options.OutputOptions,
+        averaging_options: options.AveragingOptions,
+        weighting_options: options.WeightingOptions) -> AveragingResult:
   """The whole one-shot job, as `python -m t2t_avg` runs it."""
-  summaries = os.path.join(os.path.dirname(output_path), "t2t_avg")
-  if weight_summaries and safe_files.is_local(summaries):
+  summaries = os.path.join(os.path.dirname(output.output_path), SUMMARIES_DIR)
+  if averaging_options.weight_summaries and safe_files.is_local(summaries):
     safe_files.check_own_dir(summaries)
-  inputs = [ckpts.load(p, step_from) for p in choose(checkpoints, prefix,
-                                                       num_last)]
-  for c in inputs:
+  chosen = [ckpts.load(p, averaging_options.step_from)
+            for p in choose(inputs)]
+  weighting_options.check_count(len(chosen))
+  for c in chosen:
     logging.info("%s: step %s (from %s)", c.path, c.step, c.step_source)
-  weighing = weigh(inputs, **weighting_args)
+  weighing = weigh(chosen, weighting_options)
   result = averaging.average_checkpoints(
-      weighing.checkpoints, output_path, weights=weighing.weights,
-      metrics=weighing.metrics, output_step=output_step,
-      exclude_variables=exclude_variables, allow_nonfinite=allow_nonfinite,
-      step_from=step_from, write_meta=write_meta, dry_run=dry_run,
-      record_extra=weighing.record)
-  if dry_run:
-    print(averaging.format_table(result))
-    return result
-  if weight_summaries:
+      weighing.checkpoints, output.output_path, weights=weighing.weights,
+      metrics=weighing.metrics, output_step=output.output_step,
+      exclude_variables=averaging_options.exclude_variables,
+      allow_nonfinite=averaging_options.allow_nonfinite,
+      step_from=averaging_options.step_from, write_meta=output.write_meta,
+      dry_run=output.dry_run, record_extra=weighing.record)
+  if result.written and averaging_options.weight_summaries:
     events.write_weight_summaries(summaries, result.rows,
-                                  weighting_args["tag"])
+                                  weighting_options.metric)
   return result

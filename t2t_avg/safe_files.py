@@ -242,7 +242,7 @@ def replaceable(path: str) -> Optional[str]:
   """
   try:
     info = os.lstat(path)
-  except FileNotFoundError:
+  except (FileNotFoundError, NotADirectoryError):
     return None
   if stat.S_ISLNK(info.st_mode):
     return "a symbolic link"

@@ -1,10 +1,12 @@
 """Continuous mode (t2t-avg-all): watch a training dir, average each window."""
+from __future__ import annotations
+
 import collections
 import dataclasses
 import os
 import re
 import time
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, List, Optional, Set, Tuple
 
 from absl import logging
 import tensorflow as tf
@@ -12,12 +14,20 @@ import tensorflow as tf
 from t2t_avg import averaging
 from t2t_avg import checkpoints
 from t2t_avg import events
+from t2t_avg import formats
+from t2t_avg import metrics
+from t2t_avg import options
 from t2t_avg import safe_files
 from t2t_avg import weighting
 from t2t_avg import writer
 from t2t_avg.errors import AveragingError
+from t2t_avg.formats import tf_bundle
+from t2t_avg.metrics import MetricPoint
+from t2t_avg.paths import is_local
+from t2t_avg.record import AveragingResult
 
 OUTPUT_BASENAME = "model.ckpt"
+SUMMARIES_DIR = "t2t_avg"
 # Copied from the training directory for t2t-bleu and t2t-translate-all.
 RUN_FILES = ("flags.txt", "hparams.json", "flags_t2t.txt")
 WRITTEN, EXISTED, SKIPPED = "written", "existed", "skipped"
@@ -45,7 +55,7 @@ class WindowOutcome:
   inputs: tuple  # The window's StepFiles, oldest first.
   status: str  # WRITTEN, EXISTED (left as it was) or SKIPPED.
   reason: str = ""  # Why it was skipped.
-  result: Optional[averaging.AveragingResult] = None  # When written.
+  result: Optional[AveragingResult] = None  # When written.
 
 
 def stepfiles(model_dir: str, *, min_steps: int = 0, wait_minutes: float = 0,
@@ -72,7 +82,7 @@ def stepfiles(model_dir: str, *, min_steps: int = 0, wait_minutes: float = 0,
     StepFiles, by increasing step.
   """
   pattern = os.path.join(model_dir, "*-[0-9]*.index")
-  found = _list_stepfiles(pattern, min_steps)
+  found = _list_stepfiles(model_dir, min_steps)
   logging.info("Found %d checkpoints in %s with steps: %s", len(found),
                model_dir, ", ".join(str(s.step) for s in found) or "none")
   deadline = clock() + wait_minutes * 60
@@ -81,7 +91,7 @@ def stepfiles(model_dir: str, *, min_steps: int = 0, wait_minutes: float = 0,
       logging.info("Waiting till %s for a new checkpoint %s",
                    time.asctime(time.localtime(deadline)), pattern)
       while True:
-        found = _list_stepfiles(pattern, min_steps)
+        found = _list_stepfiles(model_dir, min_steps)
         if found or clock() > deadline:
           break
         sleep(poll_seconds)
@@ -95,17 +105,15 @@ def stepfiles(model_dir: str, *, min_steps: int = 0, wait_minutes: float = 0,
     yield step_file
 
 
-def _list_stepfiles(pattern: str, min_steps: int) -> collections.deque:
-  """The checkpoints matching `pattern` with a step >= min_steps, by step."""
+def _list_stepfiles(model_dir: str, min_steps: int) -> collections.deque:
+  """The checkpoints `<model_dir>/*-<N>` with N >= min_steps, by step."""
   found = []
-  for index_file in _glob(pattern):
-    path = index_file[:-len(".index")]
-    step = checkpoints.name_step(path)
-    if step is None or step < min_steps:
+  for step, path in checkpoints.numbered(model_dir):
+    if step < min_steps:
       continue
-    times = _times(index_file)
+    times = _times(path + ".index")
     if times is None:
-      logging.info("%s was deleted, so skipping it", index_file)
+      logging.info("%s was deleted, so skipping it", path)
       continue
     if checkpoints.is_output_of_this_tool(path):
       logging.debug("%s is an output of t2t_avg, not a training checkpoint",
@@ -116,18 +124,9 @@ def _list_stepfiles(pattern: str, min_steps: int) -> collections.deque:
   return collections.deque(found)
 
 
-def _glob(pattern: str) -> list:
-  # GCS globbing can fail on a temporary file deleted meanwhile (T2T's
-  # `_try_twice_tf_glob`).
-  try:
-    return tf.io.gfile.glob(pattern)
-  except tf.errors.NotFoundError:
-    return tf.io.gfile.glob(pattern)
-
-
 def _times(path: str) -> Optional[tuple]:
   """(mtime_ns, ctime_ns) of a file, or None when it is gone."""
-  if writer.is_local(path):
+  if is_local(path):
     # tf.io.gfile.stat truncates local mtimes to whole seconds.
     try:
       stat = os.stat(path)
@@ -169,16 +168,13 @@ def output_prefix(output_dir: str, step: int) -> str:
   return os.path.join(output_dir, f"{OUTPUT_BASENAME}-{step}")
 
 
-def average_all(
-    model_dir: str, output_dir: str, *, n: int = 8, min_steps: int = 0,
-    wait_minutes: float = 0, poll_seconds: float = 10.0,
-    clock: Clock = time.time, sleep: Sleep = time.sleep,
-    exclude_variables: str = "", allow_nonfinite: bool = False,
-    step_from: str = "auto", weight_summaries: bool = False,
-    scheme: str = "uniform", explicit: Optional[Sequence[float]] = None,
-    event_sources: Sequence[str] = (), tag: str = "loss", mode: str = "auto",
-    temperature: float = 0.0, top_k: int = 0, max_step_gap: int = 0,
-    missing_metric: str = "error") -> Iterator[WindowOutcome]:
+def average_all(settings: options.ContinuousOptions, *,
+                weighting_options: options.WeightingOptions = (
+                    options.WeightingOptions()),
+                averaging_options: options.AveragingOptions = (
+                    options.AveragingOptions()),
+                clock: Clock = time.time,
+                sleep: Sleep = time.sleep) -> Iterator[WindowOutcome]:
   """Averages every window of n consecutive checkpoints as they appear.
 
   For each checkpoint from the n-th on (see `stepfiles`), the window of it
@@ -199,142 +195,86 @@ def average_all(
   iterator is consumed.
 
   Args:
-    model_dir: the training directory.
-    output_dir: where the averages go; must differ from `model_dir`.
-    n: checkpoints per window.
-    min_steps: ignore checkpoints with a lower step.
-    wait_minutes: how long to wait for a new checkpoint (and for a metric).
-    poll_seconds: how often to look while waiting.
+    settings: the directories, window size and waiting.
+    weighting_options: the weighting; explicit weights are one per window
+      position, oldest first.
+    averaging_options: exclusions, NaN handling, step source, summaries.
     clock: wall-clock seconds; injectable for tests.
     sleep: sleeps for some seconds; injectable for tests.
-    exclude_variables, allow_nonfinite, step_from: as for
-      `averaging.average_checkpoints`.
-    weight_summaries: also write each window's metrics and weights as
-      TensorBoard scalars in `<output_dir>/t2t_avg/`.
-    scheme, explicit, event_sources, tag, mode, temperature, top_k,
-      max_step_gap, missing_metric: the weighting, as for `oneshot.weigh`;
-      `explicit` gives one weight per window position, oldest first.
 
   Returns:
     An iterator of WindowOutcomes, one per window, oldest first.
 
   Raises:
-    AveragingError: `output_dir` is `model_dir`, or `model_dir` does not
-      exist and there is no time to wait for it. While iterating: a window
-      that cannot be averaged for a reason other than its inputs going
-      missing or being unreadable (mismatched variables, NaN).
-    ValueError: bad arguments.
+    AveragingError: `model_dir` does not exist and there is no time to wait
+      for it. While iterating: a window that cannot be averaged for a reason
+      other than its inputs going missing or being unreadable (mismatched
+      variables, NaN).
+    ArgumentError: bad arguments.
   """
-  model_dir = os.path.expanduser(model_dir)
-  output_dir = os.path.expanduser(output_dir)
-  _check_arguments(model_dir, output_dir, n=n, min_steps=min_steps,
-                   wait_minutes=wait_minutes, poll_seconds=poll_seconds,
-                   scheme=scheme, explicit=explicit,
-                   event_sources=event_sources, top_k=top_k)
-  if scheme in weighting.METRIC_SCHEMES and mode == "auto":
-    mode = events.infer_direction(tag)
-    logging.info("Metric %s: %s is better (from its name; override with "
-                 "--metric_mode)", tag, "lower" if mode == "min" else "higher")
-  summaries = os.path.join(output_dir, "t2t_avg")
-  if weight_summaries and safe_files.is_local(summaries):
+  settings.check_weighting(weighting_options)
+  mode = None
+  if weighting_options.uses_metric:
+    mode = metrics.direction(weighting_options.metric,
+                             weighting_options.metric_mode)
+  model_dir = os.path.expanduser(settings.model_dir)
+  output_dir = os.path.expanduser(settings.output_dir)
+  summaries = os.path.join(output_dir, SUMMARIES_DIR)
+  if averaging_options.weight_summaries and is_local(summaries):
     safe_files.check_own_dir(summaries)
-  if not tf.io.gfile.isdir(model_dir) and not wait_minutes:
+  if not tf.io.gfile.isdir(model_dir) and not settings.wait_minutes:
     raise AveragingError(f"--model_dir {model_dir} is not a directory (pass "
                          "--wait_minutes to wait for it)")
-  averager = _Averager(
-      model_dir, output_dir, n=n, wait_minutes=wait_minutes,
-      poll_seconds=poll_seconds, clock=clock, sleep=sleep,
-      exclude_variables=exclude_variables, allow_nonfinite=allow_nonfinite,
-      step_from=step_from, weight_summaries=weight_summaries,
-      weighting_args=dict(
-          scheme=scheme, explicit=explicit, event_sources=list(event_sources),
-          tag=tag, mode=mode, temperature=temperature, top_k=top_k,
-          max_step_gap=max_step_gap, missing_metric=missing_metric))
-  found = stepfiles(model_dir, min_steps=min_steps, wait_minutes=wait_minutes,
-                    poll_seconds=poll_seconds, clock=clock, sleep=sleep)
+  settings = dataclasses.replace(settings, model_dir=model_dir,
+                                 output_dir=output_dir)
+  averager = _Averager(settings, weighting_options, averaging_options, mode,
+                       clock=clock, sleep=sleep)
+  found = stepfiles(model_dir, min_steps=settings.min_steps,
+                    wait_minutes=settings.wait_minutes,
+                    poll_seconds=settings.poll_seconds, clock=clock,
+                    sleep=sleep)
   return averager.run(found)
-
-
-def _check_arguments(model_dir, output_dir, *, n, min_steps, wait_minutes,
-                     poll_seconds, scheme, explicit, event_sources,
-                     top_k) -> None:
-  if not model_dir:
-    raise ValueError("--model_dir is required")
-  if not output_dir:
-    raise ValueError("--output_dir is required")
-  if _normalised_dir(model_dir) == _normalised_dir(output_dir):
-    raise AveragingError(
-        f"--output_dir {output_dir} is the training directory --model_dir "
-        f"{model_dir}: the averages would be taken for training checkpoints "
-        "and its `checkpoint` state file would change; choose another "
-        "--output_dir")
-  if n < 1:
-    raise ValueError(f"--n must be >= 1, not {n}")
-  if min_steps < 0 or wait_minutes < 0 or poll_seconds < 0:
-    raise ValueError("--min_steps, --wait_minutes and the poll interval must "
-                     "be >= 0")
-  if scheme not in weighting.SCHEMES:
-    raise ValueError(f"unknown weighting {scheme!r}; expected one of "
-                     f"{', '.join(weighting.SCHEMES)}")
-  if scheme in weighting.METRIC_SCHEMES and not event_sources:
-    raise ValueError(f"--weighting={scheme} needs --metrics_from_events")
-  if scheme == "explicit" and (explicit is None or len(explicit) != n):
-    raise ValueError(f"--weighting=explicit in continuous mode needs --n={n} "
-                     "weights, one per window position (oldest first), not "
-                     f"{0 if explicit is None else len(explicit)}")
-  if scheme == "top_k" and not 1 <= top_k <= n:
-    raise ValueError(f"--top_k must be between 1 and --n={n}, not {top_k}")
-
-
-def _normalised_dir(path: str) -> str:
-  if writer.is_local(path):
-    return os.path.realpath(path)
-  return path.rstrip("/")
 
 
 class _Averager:
   """Turns windows into outputs; holds the settings and what was warned."""
 
-  def __init__(self, model_dir, output_dir, *, n, wait_minutes, poll_seconds,
-               clock, sleep, exclude_variables, allow_nonfinite, step_from,
-               weight_summaries, weighting_args):
-    self._model_dir = model_dir
-    self._output_dir = output_dir
-    self._n = n
-    self._wait_minutes = wait_minutes
-    self._poll_seconds = poll_seconds
+  def __init__(self, settings: options.ContinuousOptions,
+               weighting_options: options.WeightingOptions,
+               averaging_options: options.AveragingOptions,
+               mode: Optional[str], *, clock: Clock, sleep: Sleep):
+    self._settings = settings
+    self._weighting = weighting_options
+    self._averaging = averaging_options
+    self._mode = mode
     self._clock = clock
     self._sleep = sleep
-    self._exclude_variables = exclude_variables
-    self._allow_nonfinite = allow_nonfinite
-    self._step_from = step_from
-    self._weight_summaries = weight_summaries
-    self._weighting_args = weighting_args
-    self._copied = set()
+    self._copied: Set[str] = set()
     self._warned_times = False
 
   def run(self, found: Iterator[StepFile]) -> Iterator[WindowOutcome]:
     """The generator behind `average_all`."""
-    tf.io.gfile.makedirs(self._output_dir)
+    settings = self._settings
+    writer.make_dirs(settings.output_dir)
     self._copy_run_files()
-    counts = collections.Counter()
-    for window in windows(found, self._n):
+    counts: collections.Counter = collections.Counter()
+    for window in windows(found, settings.n):
       outcome = self._process(window)
       counts[outcome.status] += 1
       yield outcome
     if not counts:
       logging.warning("No window of --n=%d checkpoints was formed in %s (with "
-                      "--min_steps and --wait_minutes as given)", self._n,
-                      self._model_dir)
+                      "--min_steps and --wait_minutes as given)", settings.n,
+                      settings.model_dir)
     logging.info("Continuous averaging done: %d written, %d existed already, "
                  "%d skipped", counts[WRITTEN], counts[EXISTED],
                  counts[SKIPPED])
 
-  def _process(self, window: tuple) -> WindowOutcome:
+  def _process(self, window: Tuple[StepFile, ...]) -> WindowOutcome:
     newest = window[-1]
-    prefix = output_prefix(self._output_dir, newest.step)
+    prefix = output_prefix(self._settings.output_dir, newest.step)
 
-    def skipped(reason):
+    def skipped(reason: str) -> WindowOutcome:
       logging.warning("Skipping %s: %s", prefix, reason)
       return WindowOutcome(newest.step, prefix, window, SKIPPED, reason)
 
@@ -345,7 +285,7 @@ class _Averager:
     if problem:
       return skipped(problem)
     weighing = None
-    if self._weighting_args["scheme"] != "uniform":
+    if self._weighting.weighting != "uniform":
       weighing, problem = self._weigh(members, newest)
       if problem:
         return skipped(problem)
@@ -359,7 +299,8 @@ class _Averager:
     self._finish(result, newest, members)
     return WindowOutcome(newest.step, prefix, window, WRITTEN, result=result)
 
-  def _open(self, window: tuple) -> tuple:
+  def _open(self, window: Tuple[StepFile, ...]) -> Tuple[
+      Optional[List[checkpoints.Checkpoint]], Optional[str]]:
     """The window's Checkpoints, or None and why one cannot be used."""
     members = []
     for step_file in window:
@@ -368,95 +309,113 @@ class _Averager:
         return None, (f"checkpoint {path} vanished (deleted by the trainer's "
                       "max_to_keep?)")
       try:
-        reader = checkpoints.open_reader(path)
+        source = formats.open_source(path)
       except AveragingError as e:
         return None, f"{e} (still being written?)"
       try:
         # An AveragingError here (--step_from naming no tensor) is the
         # user's to fix, not a checkpoint's fault: it propagates.
-        members.append(checkpoints.read_step(reader, path, self._step_from))
+        members.append(checkpoints.read_step(source,
+                                             self._averaging.step_from))
       except _READ_ERRORS as e:
         return None, (f"cannot read checkpoint {path}: "
-                      f"{checkpoints.error_text(e)}")
+                      f"{tf_bundle.error_text(e)}")
     return members, None
 
-  def _weigh(self, members: list, newest: StepFile) -> tuple:
+  def _weigh(self, members: List[checkpoints.Checkpoint],
+             newest: StepFile) -> Tuple[Optional[weighting.Weighing],
+                                        Optional[str]]:
     """A Weighing once the newest checkpoint's metric is in, or why not."""
-    args = dict(self._weighting_args)
-    sources = args.pop("event_sources")
-    if not sources:  # --weighting=explicit without metrics to show.
-      return weighting.weigh_checkpoints(members, None, **args), None
+    settings = self._weighting
+    if not settings.metrics_from_events:  # Explicit, without metrics to show.
+      return weighting.weigh_checkpoints(members, None, settings), None
     step = members[-1].step
-    deadline = newest.ctime_ns / 1e9 + self._wait_minutes * 60
+    deadline = newest.ctime_ns / 1e9 + self._settings.wait_minutes * 60
     waiting = False
     while True:
-      points, problem = self._metric_points(sources, step)
+      points, problem = self._metric_points(step)
       if problem is None:
         break
       if self._clock() > deadline:
         return None, (f"the newest checkpoint of its window, {newest.path} "
-                      f"(step {step}), has no {args['tag']} metric after "
-                      f"--wait_minutes={self._wait_minutes:g}: {problem}")
+                      f"(step {step}), has no {settings.metric} metric after "
+                      f"--wait_minutes={self._settings.wait_minutes:g}: "
+                      f"{problem}")
       if not waiting:
         logging.info("Waiting till %s for the %s metric of step %s",
-                     time.asctime(time.localtime(deadline)), args["tag"], step)
+                     time.asctime(time.localtime(deadline)), settings.metric,
+                     step)
         waiting = True
-      self._sleep(self._poll_seconds)
+      self._sleep(self._settings.poll_seconds)
     try:
-      return weighting.weigh_checkpoints(members, points, **args), None
+      return weighting.weigh_checkpoints(members, points, settings,
+                                         mode=self._mode), None
     except AveragingError as e:
       return None, f"cannot weigh its checkpoints: {e}"
 
-  def _metric_points(self, sources, step: Optional[int]) -> tuple:
+  def _metric_points(self, step: Optional[int]) -> Tuple[
+      Optional[List[MetricPoint]], Optional[str]]:
     """(the metric's points, None) when `step` has one; else (None, why)."""
-    args = self._weighting_args
+    settings = self._weighting
     if step is None:
       return None, "its step is unknown (see --step_from)"
     try:
-      points = events.read_metric(sources, args["tag"])
+      points = events.read_metric(settings.metrics_from_events,
+                                  settings.metric)
     except AveragingError as e:
       return None, str(e)
     aligned = weighting.align_metrics_to_checkpoints(
-        [step], points, max_step_gap=args["max_step_gap"])
+        [step], points, max_step_gap=settings.max_step_gap)
     if aligned[0] is None:
       return None, (f"no point at step {step} (--max_step_gap="
-                    f"{args['max_step_gap']}); the last is at step "
+                    f"{settings.max_step_gap}); the last is at step "
                     f"{points[-1].step}")
     return points, None
 
-  def _average(self, members, weighing, step) -> averaging.AveragingResult:
-    extra = {"continuous": {"model_dir": self._model_dir, "n": self._n}}
+  def _average(self, members: List[checkpoints.Checkpoint],
+               weighing: Optional[weighting.Weighing],
+               step: int) -> AveragingResult:
+    extra: dict = {"continuous": {"model_dir": self._settings.model_dir,
+                                  "n": self._settings.n}}
     if weighing is None:
-      chosen, weights, metrics = members, None, None
+      chosen, weights, values = members, None, None
       extra["weighting"] = {"scheme": "uniform"}
     else:
-      chosen, weights, metrics = (weighing.checkpoints, weighing.weights,
-                                  weighing.metrics)
+      chosen, weights, values = (weighing.checkpoints, weighing.weights,
+                                 weighing.metrics)
       extra.update(weighing.record)
     return averaging.average_checkpoints(
-        chosen, os.path.join(self._output_dir, OUTPUT_BASENAME),
-        weights=weights, metrics=metrics, output_step=step,
-        exclude_variables=self._exclude_variables,
-        allow_nonfinite=self._allow_nonfinite, step_from=self._step_from,
-        update_state_file=False, record_extra=extra)
+        chosen, os.path.join(self._settings.output_dir, OUTPUT_BASENAME),
+        weights=weights, metrics=values, output_step=step,
+        exclude_variables=self._averaging.exclude_variables,
+        allow_nonfinite=self._averaging.allow_nonfinite,
+        step_from=self._averaging.step_from, update_state_file=False,
+        record_extra=extra)
 
-  def _finish(self, result, newest: StepFile, members) -> None:
+  def _finish(self, result: AveragingResult, newest: StepFile,
+              members: List[checkpoints.Checkpoint]) -> None:
     """Times, run files and the state file, as downstream tools expect."""
     prefix = result.output_path
+    output_dir = self._settings.output_dir
     # t2t-bleu and t2t-translate-all date an average by its index file.
     for path in tf.io.gfile.glob(prefix + ".data-*") + [prefix + ".index"]:
       self._set_mtime(path, newest.mtime_ns)
     self._copy_run_files()
-    outputs = present_outputs(self._output_dir)
-    writer.update_state_file(self._output_dir, outputs[-1], outputs,
-                             input_paths=[c.path for c in members])
-    if self._weight_summaries:
+    outputs = present_outputs(output_dir)
+    if checkpoints.holds_inputs(output_dir, [c.path for c in members],
+                                ignore=outputs):
+      logging.warning("Not touching %s: that directory holds input "
+                      "checkpoints", os.path.join(output_dir,
+                                                  writer.STATE_FILE))
+    else:
+      writer.write_state_file(output_dir, outputs[-1], outputs)
+    if self._averaging.weight_summaries:
       events.write_weight_summaries(
-          os.path.join(self._output_dir, "t2t_avg"), result.rows,
-          self._weighting_args["tag"])
+          os.path.join(output_dir, SUMMARIES_DIR), result.rows,
+          self._weighting.metric)
 
   def _set_mtime(self, path: str, mtime_ns: int) -> None:
-    if writer.is_local(path):
+    if is_local(path):
       os.utime(path, ns=(mtime_ns, mtime_ns))
     elif not self._warned_times:
       logging.warning("Cannot set file times on %s: outputs and copied files "
@@ -469,8 +428,8 @@ class _Averager:
     for name in RUN_FILES:
       if name in self._copied:
         continue
-      source = os.path.join(self._model_dir, name)
-      target = os.path.join(self._output_dir, name)
+      source = os.path.join(self._settings.model_dir, name)
+      target = os.path.join(self._settings.output_dir, name)
       try:
         if tf.io.gfile.exists(target):
           self._copied.add(name)
@@ -480,14 +439,15 @@ class _Averager:
         _copy_with_times(source, target, self._set_mtime)
       except (OSError, tf.errors.OpError) as e:
         logging.warning("Cannot copy %s to %s: %s", source, target,
-                        checkpoints.error_text(e))
+                        tf_bundle.error_text(e))
         continue
       self._copied.add(name)
       logging.info("Copied %s to %s with its times", source, target)
 
 
-def _copy_with_times(source: str, target: str, set_mtime) -> None:
-  if writer.is_local(source) and writer.is_local(target):
+def _copy_with_times(source: str, target: str,
+                     set_mtime: Callable[[str, int], None]) -> None:
+  if is_local(source) and is_local(target):
     safe_files.copy_atomically(source, target)
     return
   tmp = f"{target}.t2t_avg-tmp.{os.getpid()}"
@@ -496,7 +456,8 @@ def _copy_with_times(source: str, target: str, set_mtime) -> None:
   set_mtime(target, tf.io.gfile.stat(source).mtime_nsec)
 
 
-def _unreadable_input(window: tuple, error: Exception) -> Optional[str]:
+def _unreadable_input(window: Tuple[StepFile, ...],
+                      error: Exception) -> Optional[str]:
   """Which input made averaging fail by vanishing or not reading; else None.
 
   The inputs are checked again rather than the error's wording trusted: any
@@ -508,11 +469,11 @@ def _unreadable_input(window: tuple, error: Exception) -> Optional[str]:
   for step_file in window:
     if not checkpoints.exists(step_file.path):
       return f"checkpoint {step_file.path} vanished while being averaged"
-    missing = checkpoints.missing_data_files(step_file.path)
+    missing = tf_bundle.missing_data_file(step_file.path)
     if missing:
       return (f"checkpoint {step_file.path} became incomplete while being "
               f"averaged: {missing} is missing")
-  text = checkpoints.error_text(error)
+  text = tf_bundle.error_text(error)
   for step_file in window:
     if re.search(re.escape(step_file.path) + r"(?!\d)", text):
       problem = _read_in_full(step_file.path)
@@ -529,29 +490,22 @@ def _read_in_full(path: str) -> Optional[str]:
     for name in reader.get_variable_to_shape_map():
       reader.get_tensor(name)  # One tensor at a time, checksum verified.
   except _READ_ERRORS as e:
-    return checkpoints.error_text(e)
+    return tf_bundle.error_text(e)
   return None
 
 
-def present_outputs(output_dir: str) -> list:
+def present_outputs(output_dir: str) -> List[str]:
   """The `model.ckpt-<N>` checkpoints in a directory, oldest first."""
-  base = os.path.join(output_dir, OUTPUT_BASENAME)
-  found = []
-  for index_file in tf.io.gfile.glob(base + "-*.index"):
-    path = index_file[:-len(".index")]
-    step = checkpoints.name_step(path)
-    if step is not None and path == f"{base}-{step}":
-      found.append((step, path))
-  return [path for _, path in sorted(found)]
+  return [path for _, path in checkpoints.numbered(output_dir,
+                                                   OUTPUT_BASENAME)]
 
 
-def run(*, model_dir: str, output_dir: str, n: int, min_steps: int,
-        wait_minutes: float, **kwargs) -> list:
+def run(settings: options.ContinuousOptions, *,
+        weighting_options: options.WeightingOptions = (
+            options.WeightingOptions()),
+        averaging_options: options.AveragingOptions = (
+            options.AveragingOptions())) -> List[str]:
   """The `t2t-avg-all` job with real time: averages until nothing is new.
-
-  Args:
-    model_dir, output_dir, n, min_steps, wait_minutes: see `average_all`.
-    **kwargs: the other keyword arguments of `average_all`.
 
   Returns:
     The output prefixes written.
@@ -560,8 +514,8 @@ def run(*, model_dir: str, output_dir: str, n: int, min_steps: int,
     AveragingError: as `average_all`; also when windows were formed but
       every one of them was skipped.
   """
-  outcomes = list(average_all(model_dir, output_dir, n=n, min_steps=min_steps,
-                              wait_minutes=wait_minutes, **kwargs))
+  outcomes = list(average_all(settings, weighting_options=weighting_options,
+                              averaging_options=averaging_options))
   written = [o.output_path for o in outcomes if o.status == WRITTEN]
   skipped = [o for o in outcomes if o.status == SKIPPED]
   if skipped and len(skipped) == len(outcomes):

@@ -1,18 +1,26 @@
-"""Metric values to checkpoint weights: pure functions, no TensorFlow."""
+"""Metric values to checkpoint weights: pure functions, no TensorFlow.
+
+Each scheme is one small function in `_SCHEMES`, from the valid metric
+values (and how good each is) to unnormalised weights.
+"""
+from __future__ import annotations
+
 import bisect
 import dataclasses
 import math
-from typing import Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
 
-from t2t_avg.errors import AveragingError
-from t2t_avg.events import MetricPoint
+from t2t_avg import metrics
+from t2t_avg import options
+from t2t_avg.errors import ArgumentError, AveragingError
+from t2t_avg.metrics import MetricPoint
 
-SCHEMES = ("uniform", "softmax", "proportional", "rank", "top_k", "explicit")
-METRIC_SCHEMES = ("softmax", "proportional", "rank", "top_k")
-MODES = ("min", "max")
+SCHEMES = options.SCHEMES
+METRIC_SCHEMES = options.METRIC_SCHEMES
+MODES = metrics.MODES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,62 +32,68 @@ class Weighing:
   record: dict  # for the JSON record: scheme, metric tag, details
 
 
-def weigh_checkpoints(checkpoints: Sequence,
-                      points: Optional[Sequence[MetricPoint]],
-                      *, scheme: str, mode: str, tag: str = "",
-                      temperature: float = 0.0, top_k: int = 0,
-                      explicit: Optional[Sequence[float]] = None,
-                      max_step_gap: int = 0,
-                      missing_metric: str = "error") -> Weighing:
+def weigh_checkpoints(checkpoints: Sequence, points: Optional[Sequence[
+    MetricPoint]], settings: options.WeightingOptions, *,
+                      mode: Optional[str] = None) -> Weighing:
   """Matches metric points to checkpoints by step and weighs the checkpoints.
 
   Args:
     checkpoints: `Checkpoint`s (path, step), in averaging order.
     points: the metric's points, or None when no events were given.
-    scheme, mode, temperature, top_k, explicit: as for `compute_weights`.
-    tag: the metric's tag, for messages and the record.
-    max_step_gap: as for `align_metrics_to_checkpoints`.
-    missing_metric: 'error' or 'skip' (leave the checkpoint out, warn) for a
-      checkpoint without a metric, under a metric-based scheme.
+    settings: the weighting settings.
+    mode: 'min' or 'max', the metric's direction (resolved by the caller);
+      needed by the metric schemes.
 
   Returns:
-    A Weighing; under 'skip' its checkpoints are those that have a metric.
+    A Weighing; under `missing_metric='skip'` its checkpoints are those
+    that have a metric.
 
   Raises:
     AveragingError: a checkpoint without a metric (under 'error'; the
       message lists the steps that have one), or without a step.
   """
   checkpoints = list(checkpoints)
-  metrics = None
+  values = None
   if points is not None:
-    for c in checkpoints:
-      if c.step is None:
-        raise AveragingError(f"the step of checkpoint {c.path} is unknown, so "
-                             "no metric can be matched to it (see --step_from)")
-    aligned = align_metrics_to_checkpoints([c.step for c in checkpoints],
-                                           points, max_step_gap=max_step_gap)
-    if scheme in METRIC_SCHEMES:
-      missing = [c for c, p in zip(checkpoints, aligned) if p is None]
-      if missing and missing_metric == "error":
-        raise AveragingError(
-            f"no {tag} metric at step {missing[0].step} (checkpoint "
-            f"{missing[0].path}, --max_step_gap={max_step_gap}); steps with "
-            f"one: {_steps_text(points)} (or pass --missing_metric=skip)")
-      for c in missing:
-        logging.warning("Leaving out checkpoint %s: no %s metric at step %d",
-                        c.path, tag, c.step)
-      kept = [(c, p) for c, p in zip(checkpoints, aligned) if p is not None]
-      if not kept:
-        raise AveragingError(f"no checkpoint has a {tag} metric")
-      checkpoints, aligned = [c for c, _ in kept], [p for _, p in kept]
-    metrics = tuple(None if p is None else p.value for p in aligned)
+    checkpoints, aligned = _align(checkpoints, points, settings)
+    values = tuple(None if p is None else p.value for p in aligned)
   weights, details = compute_weights(
-      metrics, scheme=scheme, mode=mode, temperature=temperature, top_k=top_k,
-      explicit=explicit, steps=[c.step for c in checkpoints])
+      values, scheme=settings.weighting, mode=mode or "min",
+      temperature=settings.temperature, top_k=settings.top_k,
+      explicit=settings.weights, steps=[c.step for c in checkpoints])
   record = {"weighting": details}
   if points is not None:
-    record["metric"] = {"tag": tag, "mode": mode, "max_step_gap": max_step_gap}
-  return Weighing(tuple(checkpoints), tuple(weights), metrics, record)
+    record["metric"] = {"tag": settings.metric, "mode": mode,
+                        "max_step_gap": settings.max_step_gap}
+  return Weighing(tuple(checkpoints), tuple(weights), values, record)
+
+
+def _align(checkpoints: List, points: Sequence[MetricPoint],
+           settings: options.WeightingOptions) -> Tuple[List, List]:
+  """The checkpoints (those with a metric, under 'skip') and their points."""
+  for c in checkpoints:
+    if c.step is None:
+      raise AveragingError(f"the step of checkpoint {c.path} is unknown, so "
+                           "no metric can be matched to it (see --step_from)")
+  aligned = align_metrics_to_checkpoints(
+      [c.step for c in checkpoints], points,
+      max_step_gap=settings.max_step_gap)
+  if not settings.uses_metric:
+    return checkpoints, aligned
+  missing = [c for c, p in zip(checkpoints, aligned) if p is None]
+  tag = settings.metric
+  if missing and settings.missing_metric == "error":
+    raise AveragingError(
+        f"no {tag} metric at step {missing[0].step} (checkpoint "
+        f"{missing[0].path}, --max_step_gap={settings.max_step_gap}); steps "
+        f"with one: {_steps_text(points)} (or pass --missing_metric=skip)")
+  for c in missing:
+    logging.warning("Leaving out checkpoint %s: no %s metric at step %d",
+                    c.path, tag, c.step)
+  kept = [(c, p) for c, p in zip(checkpoints, aligned) if p is not None]
+  if not kept:
+    raise AveragingError(f"no checkpoint has a {tag} metric")
+  return [c for c, _ in kept], [p for _, p in kept]
 
 
 def _steps_text(points: Sequence[MetricPoint], most: int = 20) -> str:
@@ -91,7 +105,7 @@ def _steps_text(points: Sequence[MetricPoint], most: int = 20) -> str:
 
 def align_metrics_to_checkpoints(
     steps: Sequence[int], points: Sequence[MetricPoint], *,
-    max_step_gap: int = 0) -> list[MetricPoint | None]:
+    max_step_gap: int = 0) -> List[Optional[MetricPoint]]:
   """Finds the metric point that belongs to each checkpoint.
 
   Args:
@@ -104,10 +118,11 @@ def align_metrics_to_checkpoints(
     One point or None per checkpoint, in the order of `steps`.
 
   Raises:
-    ValueError: `max_step_gap` < 0.
+    ArgumentError: `max_step_gap` < 0.
   """
   if max_step_gap < 0:
-    raise ValueError(f"max_step_gap must be >= 0, not {max_step_gap}")
+    raise ArgumentError("{max_step_gap} must be >= 0, not {g}",
+                        g=max_step_gap)
   by_step = {point.step: point for point in points}
   known = sorted(by_step)
   aligned = []
@@ -120,11 +135,21 @@ def align_metrics_to_checkpoints(
   return aligned
 
 
+@dataclasses.dataclass(frozen=True)
+class _Values:
+  """Metric values as the schemes see them."""
+  values: np.ndarray  # float64, NaN where missing
+  valid: np.ndarray  # bool: finite
+  goodness: np.ndarray  # higher is better; -inf where not valid
+  steps: Optional[Sequence[int]]
+  mode: str
+
+
 def compute_weights(
-    values: Sequence[float | None] | None, *, scheme: str, mode: str,
+    values: Optional[Sequence[Optional[float]]], *, scheme: str, mode: str,
     temperature: float = 0.0, top_k: int = 0,
-    explicit: Sequence[float] | None = None,
-    steps: Sequence[int] | None = None) -> tuple[list[float], dict]:
+    explicit: Optional[Sequence[float]] = None,
+    steps: Optional[Sequence[int]] = None) -> Tuple[List[float], dict]:
   """Turns per-checkpoint metric values into weights that sum to 1.
 
   Schemes, where "better" follows `mode`:
@@ -160,44 +185,69 @@ def compute_weights(
   Returns:
     (weights as Python floats in checkpoint order, details for the log and
     the JSON record: the scheme and, where they apply, `temperature`,
-    `top_k`, and `excluded`, the positions given weight 0 for an invalid
-    value).
+    `top_k`, `selected`, and `excluded`, the positions given weight 0 for an
+    invalid value).
 
   Raises:
-    ValueError: unknown scheme or mode, a bad temperature or top_k, explicit
-      weights of the wrong count, not finite and >= 0, or summing to 0; no
-      checkpoints.
+    ArgumentError: unknown scheme or mode, a bad temperature or top_k,
+      explicit weights of the wrong count, not finite and >= 0, or summing
+      to 0; no checkpoints.
     AveragingError: no valid metric value; non-positive values for
-      proportional.
+      proportional; weights that overflow.
   """
   if scheme not in SCHEMES:
-    raise ValueError(f"Unknown weighting {scheme!r}; expected one of "
-                     f"{', '.join(SCHEMES)}")
-  if values is not None:
-    n = len(values)
-  elif steps is not None:
-    n = len(steps)
-  elif explicit is not None:
-    n = len(explicit)
-  else:
-    raise ValueError("compute_weights needs values, steps or explicit weights")
-  if n == 0:
-    raise ValueError("No checkpoints to weight")
+    raise ArgumentError("{weighting} must be one of {schemes}, not {scheme!r}",
+                        schemes=", ".join(SCHEMES), scheme=scheme)
+  n = _count(values, steps, explicit)
   if scheme == "uniform":
     return _normalised(np.ones(n)), {"scheme": scheme}
   if scheme == "explicit":
-    return _explicit(explicit, n), {"scheme": scheme}
+    weights = options.check_weights(explicit or (), n)
+    return _normalised(np.asarray(weights)), {"scheme": scheme}
+  metric = _valid(values, n, scheme=scheme, mode=mode, steps=steps)
+  weights, details = _SCHEMES[scheme](metric, temperature=temperature,
+                                      top_k=top_k)
+  details = {"scheme": scheme,
+             "excluded": [int(i) for i in np.flatnonzero(~metric.valid)],
+             **details}
+  if scheme == "top_k":
+    return weights, details  # Exactly 1/k: already normalised.
+  with np.errstate(all="ignore"):
+    result = _normalised(np.asarray(weights))
+  if not (all(math.isfinite(w) for w in result) and
+          math.isclose(math.fsum(result), 1.0)):
+    # Metric values near the limits of float64 (e.g. 1e300) overflow.
+    valid = metric.values[metric.valid]
+    raise AveragingError(
+        f"{scheme} weighting overflows with metric values between "
+        f"{np.min(valid):g} and {np.max(valid):g}; use --weighting=rank or "
+        "top_k")
+  return result, details
 
+
+def _count(values, steps, explicit) -> int:
+  for given in (values, steps, explicit):
+    if given is not None:
+      if not len(given):
+        raise ArgumentError("no checkpoints to weigh")
+      return len(given)
+  raise ArgumentError("compute_weights needs values, steps or explicit weights")
+
+
+def _valid(values, n: int, *, scheme: str, mode: str,
+           steps: Optional[Sequence[int]]) -> _Values:
   if mode not in MODES:
-    raise ValueError(f"Unknown metric mode {mode!r}; expected 'min' or 'max'")
+    raise ArgumentError("{metric_mode} must be 'min' or 'max', not {mode!r}",
+                        mode=mode)
   if values is None:
-    raise ValueError(f"Weighting {scheme!r} needs metric values")
+    raise ArgumentError("{weighting}={scheme} needs metric values",
+                        scheme=scheme)
   if steps is not None and len(steps) != n:
-    raise ValueError(f"{len(steps)} steps given for {n} checkpoints")
-  v = np.asarray(values, dtype=np.float64)  # None becomes NaN
+    raise ArgumentError("{count} steps given for {n_values} checkpoints",
+                        count=len(steps), n_values=n)
+  v = np.asarray([np.nan if x is None else x for x in values], np.float64)
   valid = np.isfinite(v)
-  excluded = [i for i in range(n) if not valid[i]]
-  for i in excluded:
+  for i in np.flatnonzero(~valid):
     logging.warning("Checkpoint %d%s has metric value %s: weight 0", i,
                     f" (step {steps[i]})" if steps is not None else "",
                     values[i])
@@ -205,72 +255,71 @@ def compute_weights(
     raise AveragingError(f"No valid metric value among {n} checkpoints "
                          "(all NaN, inf or missing)")
   goodness = np.where(valid, v if mode == "max" else -v, -np.inf)
-  details = {"scheme": scheme, "excluded": excluded}
-  weights = np.zeros(n)
+  return _Values(v, valid, goodness, steps, mode)
 
-  if scheme == "softmax":
-    if not temperature >= 0:  # also refuses NaN
-      raise ValueError(f"Softmax temperature must be >= 0, not {temperature}")
-    if temperature == 0:
-      temperature = float(np.std(v[valid]))
-      logging.info("Softmax temperature = std of the metric values = %g",
-                   temperature)
-    details["temperature"] = temperature
-    if temperature == 0:  # all valid values equal
-      weights[valid] = 1.0
-    else:
-      weights[valid] = np.exp((goodness[valid] - goodness.max()) / temperature)
-  elif scheme == "proportional":
-    if (v[valid] <= 0).any():
-      raise AveragingError(
-          "Proportional weighting needs metric values > 0, got "
-          f"{min(v[valid]):g}; use --weighting=softmax or rank")
-    weights[valid] = v[valid] if mode == "max" else 1.0 / v[valid]
-  elif scheme == "rank":
-    _, inverse, counts = np.unique(goodness[valid], return_inverse=True,
-                                   return_counts=True)
-    upper = np.cumsum(counts)  # ascending goodness: worst group has rank 1..
-    weights[valid] = (upper - (counts - 1) / 2)[inverse]
-  else:  # top_k
-    count = int(valid.sum())
-    if not 1 <= top_k <= count:
-      raise ValueError(f"top_k must be between 1 and {count} (checkpoints "
-                       f"with a valid metric), not {top_k}")
-    newer = steps if steps is not None else range(n)
-    order = sorted(range(n), key=lambda i: (goodness[i], newer[i], i),
-                   reverse=True)
-    selected = sorted(order[:top_k])
-    details.update(top_k=top_k, selected=selected)
-    result = [0.0] * n
-    for i in selected:
-      result[i] = 1.0 / top_k
-    return result, details
-  with np.errstate(all="ignore"):
-    result = _normalised(weights)
-  if not (all(math.isfinite(w) for w in result) and
-          math.isclose(math.fsum(result), 1.0)):
-    # Metric values near the limits of float64 (e.g. 1e300) overflow.
+
+def _softmax(m: _Values, *, temperature: float, **_) -> Tuple[np.ndarray,
+                                                               dict]:
+  if not temperature >= 0:  # also refuses NaN
+    raise ArgumentError("{temperature} must be >= 0, not {t}", t=temperature)
+  if temperature == 0:
+    temperature = float(np.std(m.values[m.valid]))
+    logging.info("Softmax temperature = std of the metric values = %g",
+                 temperature)
+  weights = np.zeros(len(m.values))
+  if temperature == 0:  # All valid values are equal.
+    weights[m.valid] = 1.0
+  else:
+    weights[m.valid] = np.exp((m.goodness[m.valid] - m.goodness.max()) /
+                              temperature)
+  return weights, {"temperature": temperature}
+
+
+def _proportional(m: _Values, **_) -> Tuple[np.ndarray, dict]:
+  valid = m.values[m.valid]
+  if (valid <= 0).any():
     raise AveragingError(
-        f"{scheme} weighting overflows with metric values between "
-        f"{np.min(v[valid]):g} and {np.max(v[valid]):g}; use "
-        "--weighting=rank or top_k")
-  return result, details
+        "Proportional weighting needs metric values > 0, got "
+        f"{min(valid):g}; use --weighting=softmax or rank")
+  weights = np.zeros(len(m.values))
+  weights[m.valid] = valid if m.mode == "max" else 1.0 / valid
+  return weights, {}
 
 
-def _explicit(explicit: Sequence[float] | None, n: int) -> list[float]:
-  if explicit is None or len(explicit) != n:
-    given = 0 if explicit is None else len(explicit)
-    raise ValueError(f"{given} explicit weights given for {n} checkpoints")
-  weights = np.asarray(explicit, dtype=np.float64)
-  bad = [w for w in explicit if not (math.isfinite(w) and w >= 0)]
-  if bad:
-    raise ValueError(f"Explicit weights must be finite and >= 0, got {bad}")
-  if weights.sum() <= 0:
-    raise ValueError("Explicit weights sum to 0")
-  return _normalised(weights)
+def _rank(m: _Values, **_) -> Tuple[np.ndarray, dict]:
+  _, inverse, counts = np.unique(m.goodness[m.valid], return_inverse=True,
+                                 return_counts=True)
+  upper = np.cumsum(counts)  # Ascending goodness: the worst group has rank 1.
+  weights = np.zeros(len(m.values))
+  weights[m.valid] = (upper - (counts - 1) / 2)[inverse]
+  return weights, {}
 
 
-def _normalised(weights: np.ndarray) -> list[float]:
+def _top_k(m: _Values, *, top_k: int, **_) -> Tuple[List[float], dict]:
+  count = int(m.valid.sum())
+  if not 1 <= top_k <= count:
+    raise ArgumentError("{top_k} must be between 1 and {count} (checkpoints "
+                        "with a valid metric), not {k}", count=count, k=top_k)
+  n = len(m.values)
+  newer = m.steps if m.steps is not None else range(n)
+  order = sorted(range(n), key=lambda i: (m.goodness[i], newer[i], i),
+                 reverse=True)
+  selected = sorted(order[:top_k])
+  weights = [0.0] * n
+  for i in selected:
+    weights[i] = 1.0 / top_k
+  return weights, {"top_k": top_k, "selected": selected}
+
+
+_SCHEMES: Dict[str, Callable[..., Tuple[object, dict]]] = {
+    "softmax": _softmax,
+    "proportional": _proportional,
+    "rank": _rank,
+    "top_k": _top_k,
+}
+
+
+def _normalised(weights: np.ndarray) -> List[float]:
   return (weights / weights.sum()).tolist()
 
 
@@ -281,10 +330,10 @@ def effective_count(weights: Sequence[float]) -> float:
   when one checkpoint has all the weight.
 
   Raises:
-    ValueError: no weights, or all zero.
+    ArgumentError: no weights, or all zero.
   """
   w = np.asarray(weights, dtype=np.float64)
   squares = float(np.sum(w * w))
   if squares == 0:
-    raise ValueError("effective_count needs a non-zero weight")
+    raise ArgumentError("effective_count needs a non-zero weight")
   return float(np.sum(w)) ** 2 / squares

@@ -62,6 +62,32 @@ def write_tf1_series(directory, steps, make_vars, *, basename="model.ckpt",
   return prefixes
 
 
+def options_from_flags(**flags):
+  """The options dataclasses the CLI would build from flag-named keywords.
+
+  Returns:
+    {dataclass: instance}; a dataclass none of whose fields were given is
+    built with its defaults (ContinuousOptions only when model_dir is given).
+  """
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from t2t_avg import options  # pylint: disable=import-outside-toplevel
+  classes = (options.InputOptions, options.OutputOptions,
+             options.AveragingOptions, options.WeightingOptions,
+             options.ContinuousOptions)
+  tuples = ("checkpoints", "metrics_from_events", "weights")
+  built, used = {}, set()
+  for cls in classes:
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {k: tuple(v) if k in tuples and v is not None else v
+             for k, v in flags.items() if k in names}
+    used |= set(given)
+    if cls is not options.ContinuousOptions or "model_dir" in given:
+      built[cls] = cls(**given)
+  unknown = set(flags) - used
+  assert not unknown, f"not a flag: {unknown}"
+  return built
+
+
 def read_checkpoint(prefix):
   """Returns {name: numpy value} of every tensor in a checkpoint."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel

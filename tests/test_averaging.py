@@ -88,9 +88,10 @@ def test_directory_means_its_latest_and_prefix_is_prepended(tmp_path):
   np.testing.assert_array_equal(out["w"], np.full((2, 3), 4.5, np.float32))
   assert out["global_step"] == 7
 
-  from t2t_avg import oneshot
-  chosen = oneshot.choose(["model.ckpt-1", " model.ckpt-2 ", ""],
-                          f"{tmp_path}/a/", 0)
+  from t2t_avg import oneshot, options
+  chosen = oneshot.choose(options.InputOptions(
+      checkpoints=("model.ckpt-1", " model.ckpt-2 ", ""),
+      prefix=f"{tmp_path}/a/"))
   assert chosen == [f"{tmp_path}/a/model.ckpt-1", f"{tmp_path}/a/model.ckpt-2"]
 
 
@@ -290,16 +291,15 @@ def test_zero_weights_are_left_out_and_equal_ones_are_uniform(tmp_path):
 
 
 @pytest.mark.parametrize("weights", [None, [0.5, 0.25, 0.25]])
-def test_chunked_streaming_equals_whole_tensor_average(tmp_path, monkeypatch,
-                                                       weights):
-  from t2t_avg import averaging, average_checkpoints
+def test_chunk_size_changes_no_bit(tmp_path, monkeypatch, weights):
+  from t2t_avg import average_checkpoints, streaming
   prefixes = mixed_series(str(tmp_path / "t"), [1, 2, 3])
   whole = average_checkpoints(prefixes, str(tmp_path / "whole/avg"),
                               weights=weights)
   assert len(os.listdir(tmp_path / "whole")) > 0
   # 1000 bytes: many chunks per tensor, boundaries inside rows, and a last
   # chunk shorter than the others.
-  monkeypatch.setattr(averaging, "_CHUNK_BYTES", 1000)
+  monkeypatch.setattr(streaming, "CHUNK_BYTES", 1000)
   chunked = average_checkpoints(prefixes, str(tmp_path / "chunked/avg"),
                                 weights=weights)
   ours, reference = (read_checkpoint(chunked.output_path),
@@ -354,16 +354,16 @@ def test_a_failing_worker_is_reported_not_the_one_it_stopped(tmp_path,
                                                              monkeypatch):
   """Two workers: one streams a large tensor in tiny chunks while the other
   hits a checksum error; the error names the corrupted variable."""
-  from t2t_avg import AveragingError, averaging, average_checkpoints, bundle
+  from t2t_avg import AveragingError, average_checkpoints, formats, streaming
   prefixes = write_tf1_series(
       str(tmp_path / "t"), [1, 2],
       lambda s: {"big": np.full((200000,), s, np.float32),
                  "small": np.full((10,), s, np.float32)})
-  entry = bundle.read_entries(prefixes[1])["small"]
-  with open(entry.data_file, "r+b") as f:
-    f.seek(entry.offset)
+  part = formats.open_source(prefixes[1]).tensors()["small"].parts[0]
+  with open(part.file, "r+b") as f:
+    f.seek(part.offset)
     f.write(np.float32(7).tobytes())
-  monkeypatch.setattr(averaging, "_CHUNK_BYTES", 64)
+  monkeypatch.setattr(streaming, "CHUNK_BYTES", 64)
   with pytest.raises(AveragingError, match="variable small fails its "
                      "checksum"):
     average_checkpoints(prefixes, str(tmp_path / "o/avg"))

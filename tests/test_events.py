@@ -13,6 +13,7 @@ import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
 from t2t_avg import events
+from t2t_avg.metrics import MetricPoint
 from t2t_avg.errors import AveragingError
 
 tf1 = tf.compat.v1
@@ -96,9 +97,9 @@ def test_tensor_scalars_are_matched_by_tag_not_by_metadata(tmp_path):
 
   points = events.read_metric([path], "accuracy")
 
-  assert points == [events.MetricPoint(0, 100.0, 0.5),
-                    events.MetricPoint(1, 101.0, 0.25),
-                    events.MetricPoint(2, 102.0, 7.0)]
+  assert points == [MetricPoint(0, 100.0, 0.5),
+                    MetricPoint(1, 101.0, 0.25),
+                    MetricPoint(2, 102.0, 7.0)]
 
 
 def test_estimator_t2t_eval_dir(tmp_path):
@@ -371,68 +372,6 @@ def test_directory_without_event_files_is_an_error(tmp_path):
   with pytest.raises(AveragingError, match="No TensorBoard event files") as e:
     events.read_metric([str(tmp_path)], "loss")
   assert str(tmp_path) in str(e.value)
-
-
-@pytest.mark.parametrize("tag, direction", [
-    # T2T (GPU/CPU, then TPU without `targets/`)
-    (f"{T2T}/approx_bleu_score", "max"),
-    (f"{T2T}/neg_log_perplexity", "max"),
-    (f"{T2T}/accuracy", "max"),
-    (f"{T2T}/accuracy_per_sequence", "max"),
-    (f"{T2T}/accuracy_top5", "max"),
-    (f"{T2T}/rouge_2_fscore", "max"),
-    (f"{T2T}/rouge_L_fscore", "max"),
-    (f"{T2T}/edit_distance", "min"),
-    ("metrics-translate_ende_wmt32k/approx_bleu_score", "max"),
-    ("metrics-translate_ende_wmt32k/neg_log_perplexity", "max"),
-    # t2t-bleu
-    ("BLEU_cased", "max"),
-    ("BLEU_uncased", "max"),
-    # Estimator
-    ("loss", "min"),
-    ("eval/loss", "min"),
-    # Keras
-    ("epoch_loss", "min"),
-    ("epoch_accuracy", "max"),
-    ("val_loss", "min"),
-    ("val_acc", "max"),
-    ("evaluation_loss_vs_iterations", "min"),
-    ("evaluation_accuracy_vs_iterations", "max"),
-    # OpenNMT-tf
-    ("eval/loss", "min"),
-    ("eval/perplexity", "min"),
-    ("eval/bleu", "max"),
-    # others
-    ("rougeL", "max"),
-    ("sacrebleu", "max"),
-    ("chrF++", "max"),
-    ("val_f1", "max"),
-    ("top-1-acc1", "max"),
-    ("val_r_squared", "max"),
-    ("log_likelihood", "max"),
-    ("precision", "max"),
-    ("recall", "max"),
-    ("wer", "min"),
-    ("dev/TER", "min"),
-    ("cer", "min"),
-    ("ppl", "min"),
-    ("val_rmse", "min"),
-    ("mse", "min"),
-    ("mae", "min"),
-    ("mean_squared_error", "min"),
-    ("eval/accuracy/loss", "min"),  # only the last component counts
-])
-def test_infer_direction(tag, direction):
-  assert events.infer_direction(tag) == direction
-
-
-@pytest.mark.parametrize("tag", [
-    "lr", "learning_rate", "global_step", "steps_per_sec", "accumulated",
-    "terms", "certainty", "loss/lr"])
-def test_infer_direction_unknown_asks_for_metric_mode(tag):
-  with pytest.raises(AveragingError, match=r"--metric_mode=min\|max") as error:
-    events.infer_direction(tag)
-  assert repr(tag) in str(error.value)
 
 
 def test_random_truncations_and_bit_flips_never_crash_or_invent_points(

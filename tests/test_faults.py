@@ -422,8 +422,6 @@ def _flag_refusal(*args):
     (["--weighting=top_k", "--top_k=0", "--metrics_from_events=ev"],
      ["--top_k"]),
     (["--output_step=banana"], ["--output_step", "banana"]),
-    (["--weighting=softmax", "--metrics_from_events=ev",
-      "--metric=learning_rate"], ["learning_rate", "--metric_mode"]),
     (["--exclude_variables=("], ["--exclude_variables", "'('"]),
     (["--bogus_flag=1"], ["bogus_flag"]),
     (["positional"], ["positional"]),

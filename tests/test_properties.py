@@ -63,7 +63,8 @@ def _checkpoint_sets(draw, min_n=1, max_n=5, identical=False):
 def _average(checkpoints, chunk_bytes=None, **kwargs):
   """Saves each {name: array} with SaveV2, averages them, returns the output."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from t2t_avg import averaging  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from t2t_avg import averaging, streaming
   directory = tempfile.mkdtemp(prefix="t2t_avg_property_")
   try:
     prefixes = []
@@ -74,7 +75,7 @@ def _average(checkpoints, chunk_bytes=None, **kwargs):
                         shape_and_slices=[""] * len(names),
                         tensors=[values[k] for k in names])
       prefixes.append(prefix)
-    patch = (mock.patch.object(averaging, "_CHUNK_BYTES", chunk_bytes)
+    patch = (mock.patch.object(streaming, "CHUNK_BYTES", chunk_bytes)
              if chunk_bytes else contextlib.nullcontext())
     with patch:
       result = averaging.average_checkpoints(

@@ -206,13 +206,14 @@ def test_temporary_directory_is_fresh_and_private(inputs, tmp_path,
   """Seen from inside the run: mode 0700, an unpredictable name, made anew."""
   from t2t_avg import writer  # pylint: disable=import-outside-toplevel
   seen = []
-  real_commit = writer.CheckpointWriter.commit
+  real_publish = writer.Output.publish
 
-  def spy(self, **kwargs):
-    seen.append((self._tmp_dir, os.lstat(self._tmp_dir).st_mode))  # pylint: disable=protected-access
-    return real_commit(self, **kwargs)
+  def spy(self, *args, **kwargs):
+    tmp_dir = os.path.dirname(self.temporary_path("x"))
+    seen.append((tmp_dir, os.lstat(tmp_dir).st_mode))
+    return real_publish(self, *args, **kwargs)
 
-  monkeypatch.setattr(writer.CheckpointWriter, "commit", spy)
+  monkeypatch.setattr(writer.Output, "publish", spy)
   # pylint: disable-next=import-outside-toplevel
   from t2t_avg import average_checkpoints
   average_checkpoints(inputs, str(tmp_path / "o" / OUTPUT))

@@ -1,4 +1,5 @@
 """Continuous mode (t2t-avg-all): windows, outputs, robustness, vs legacy."""
+import dataclasses
 import glob
 import json
 import logging as std_logging
@@ -16,6 +17,8 @@ from conftest import (error_line, mixed_series, read_checkpoint, run_cli,
                       run_legacy, step_valued, tree_fingerprint,
                       write_tf1_series)
 from t2t_avg import AveragingError
+from t2t_avg import options
+from t2t_avg.errors import ArgumentError
 from t2t_avg import averaging
 from t2t_avg import checkpoints
 from t2t_avg import events
@@ -46,6 +49,33 @@ class FakeTime:
     if self._on_sleep:
       self._on_sleep(len(self.sleeps))
 
+
+
+def _average_all(model_dir, output_dir="avg/", *, clock=None, sleep=None,
+                 **flags):
+  """`watch.average_all` with flag-named keyword arguments, as the CLI builds.
+
+  Each keyword goes to the options dataclass that has a field of its name.
+  """
+  groups = {}
+  for cls in (options.ContinuousOptions, options.WeightingOptions,
+              options.AveragingOptions):
+    names = {f.name for f in dataclasses.fields(cls)}
+    groups[cls] = {k: v for k, v in flags.items() if k in names}
+  unknown = set(flags) - {k for g in groups.values() for k in g}
+  assert not unknown, unknown
+  for key in ("metrics_from_events", "weights"):
+    if key in groups[options.WeightingOptions]:
+      groups[options.WeightingOptions][key] = tuple(
+          groups[options.WeightingOptions][key])
+  timing = {k: v for k, v in (("clock", clock), ("sleep", sleep)) if v}
+  return watch.average_all(
+      options.ContinuousOptions(model_dir, output_dir,
+                                **groups[options.ContinuousOptions]),
+      weighting_options=options.WeightingOptions(
+          **groups[options.WeightingOptions]),
+      averaging_options=options.AveragingOptions(
+          **groups[options.AveragingOptions]), **timing)
 
 def _run_files(model_dir):
   """flags.txt and hparams.json, dated well before the checkpoints."""
@@ -171,7 +201,7 @@ def test_outputs_equal_one_shot_average_of_each_window(tmp_path):
   prefixes = mixed_series(train, STEPS)
   run_file_times = _run_files(train)
 
-  outcomes = list(watch.average_all(train, out, n=3))
+  outcomes = list(_average_all(train, out, n=3))
 
   assert [(o.step, o.status) for o in outcomes] == [
       (300, watch.WRITTEN), (400, watch.WRITTEN), (500, watch.WRITTEN)]
@@ -233,7 +263,7 @@ def test_same_files_as_legacy_t2t_avg_all(tmp_path):
 
   run_legacy("t2t_avg_all", f"--model_dir={train}", f"--output_dir={legacy}",
              "--n=3")
-  list(watch.average_all(train, ours, n=3))
+  list(_average_all(train, ours, n=3))
 
   def indexes(directory):
     return sorted(f for f in os.listdir(directory) if f.endswith(".index"))
@@ -322,7 +352,7 @@ def _average_beside_trainer(train, steps, bursts, caplog, *, evals=None,
       assert time.time() < deadline, "the trainer saved nothing"
       time.sleep(0.05)
     with caplog.at_level(std_logging.INFO):
-      outcomes = list(watch.average_all(train, wait_minutes=0.1,
+      outcomes = list(_average_all(train, wait_minutes=0.1,
                                         poll_seconds=0.1, **kwargs))
   finally:
     _, stderr = trainer.communicate(timeout=120)
@@ -367,12 +397,12 @@ def test_restart_skips_existing_outputs_but_builds_windows_from_before(
     tmp_path, caplog):
   train, out = str(tmp_path / "train"), str(tmp_path / "avg")
   prefixes = mixed_series(train, STEPS)
-  list(watch.average_all(train, out, n=3))
+  list(_average_all(train, out, n=3))
   before = tree_fingerprint(out)
   inodes = {f: os.stat(os.path.join(out, f)).st_ino for f in os.listdir(out)}
 
   with caplog.at_level(std_logging.INFO):
-    again = list(watch.average_all(train, out, n=3))
+    again = list(_average_all(train, out, n=3))
   assert [o.status for o in again] == [watch.EXISTED] * 3
   assert tree_fingerprint(out) == before
   assert {f: os.stat(os.path.join(out, f)).st_ino
@@ -383,7 +413,7 @@ def test_restart_skips_existing_outputs_but_builds_windows_from_before(
 
   # Only the missing output is computed, from the checkpoints before it.
   _delete_checkpoint(os.path.join(out, "model.ckpt-500"))
-  third = list(watch.average_all(train, out, n=3))
+  third = list(_average_all(train, out, n=3))
   assert [o.status for o in third] == [watch.EXISTED, watch.EXISTED,
                                        watch.WRITTEN]
   _assert_same_tensors(read_checkpoint(os.path.join(out, "model.ckpt-500")),
@@ -400,7 +430,7 @@ def test_checkpoint_vanishing_after_discovery_skips_its_windows(
   prefixes = write_tf1_series(train, STEPS + [600], step_valued({"w": (3,)}))
   outcomes = []
   with caplog.at_level(std_logging.WARNING):
-    for outcome in watch.average_all(train, out, n=3):
+    for outcome in _average_all(train, out, n=3):
       outcomes.append(outcome)
       if outcome.step == 300:  # the trainer's max_to_keep deletes step 300
         _delete_checkpoint(prefixes[2])
@@ -425,11 +455,14 @@ def test_checkpoint_vanishing_while_averaging_skips_that_window(
   def deleting_first(inputs, output_path, **kwargs):
     if kwargs["output_step"] == 400:
       _delete_checkpoint(prefixes[1])
+      # As on an object store: files held open do not outlive a delete.
+      for c in inputs:
+        c.source.close()
     return real(inputs, output_path, **kwargs)
 
   monkeypatch.setattr(watch.averaging, "average_checkpoints", deleting_first)
   with caplog.at_level(std_logging.WARNING):
-    outcomes = list(watch.average_all(train, out, n=3))
+    outcomes = list(_average_all(train, out, n=3))
   assert [o.status for o in outcomes] == [watch.WRITTEN, watch.SKIPPED,
                                           watch.WRITTEN]
   assert f"{prefixes[1]} vanished while being averaged" in outcomes[1].reason
@@ -460,7 +493,7 @@ def test_half_written_checkpoint_skips_its_windows(tmp_path, caplog, damage,
       f.seek(40)
       f.write(b"\x7f" * 64)
   with caplog.at_level(std_logging.WARNING):
-    outcomes = list(watch.average_all(train, out, n=3))
+    outcomes = list(_average_all(train, out, n=3))
   assert [(o.step, o.status) for o in outcomes] == [
       (300, watch.WRITTEN), (400, watch.SKIPPED), (500, watch.SKIPPED),
       (600, watch.SKIPPED), (700, watch.WRITTEN)]
@@ -483,12 +516,12 @@ def test_nan_in_a_window_stops_the_run_unless_allowed(tmp_path):
   prefixes = write_tf1_series(train, STEPS, make)
   outcomes = []
   with pytest.raises(AveragingError, match=f"checkpoint {prefixes[3]} holds"):
-    for outcome in watch.average_all(train, out, n=3):
+    for outcome in _average_all(train, out, n=3):
       outcomes.append(outcome)
   # Not a vanished input: the trainer diverged, and saying so beats
   # skipping every window from now on.
   assert [o.step for o in outcomes] == [300]
-  allowed = list(watch.average_all(train, str(tmp_path / "nan"), n=3,
+  allowed = list(_average_all(train, str(tmp_path / "nan"), n=3,
                                    allow_nonfinite=True))
   assert [o.status for o in allowed] == [watch.WRITTEN] * 3
 
@@ -501,8 +534,8 @@ def test_output_dir_equal_to_model_dir_is_refused(tmp_path):
   write_tf1_series(train, [1, 2], step_valued({"w": (2,)}))
   before = tree_fingerprint(train)
   same = os.path.join(train, "..", "train") + "/"
-  with pytest.raises(AveragingError) as raised:
-    watch.average_all(train, same, n=1)
+  with pytest.raises(ArgumentError) as raised:
+    _average_all(train, same, n=1)
   assert train in str(raised.value) and same in str(raised.value)
 
   result = run_cli(f"--model_dir={train}", f"--output_dir={train}", "--n=1")
@@ -518,23 +551,23 @@ def test_output_dir_equal_to_model_dir_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(n=0), "--n must be >= 1"),
-    (dict(n=3, scheme="softmax"), "needs --metrics_from_events"),
-    (dict(n=3, scheme="explicit", explicit=[1, 2]), "needs --n=3 weights"),
-    (dict(n=2, scheme="top_k", top_k=3, event_sources=["e"]),
-     "--top_k must be between 1 and --n=2"),
+    (dict(n=0), "n must be >= 1"),
+    (dict(n=3, weighting="softmax"), "needs metrics_from_events"),
+    (dict(n=3, weighting="explicit", weights=[1, 2]), "needs n=3 weights"),
+    (dict(n=2, weighting="top_k", top_k=3, metrics_from_events=["e"]),
+     "top_k must be between 1 and n=2"),
     (dict(n=2, wait_minutes=-1), "must be >= 0"),
 ])
 def test_bad_arguments_are_refused_before_anything_happens(tmp_path, kwargs,
                                                            match):
-  with pytest.raises(ValueError, match=match):
-    watch.average_all(str(tmp_path), str(tmp_path / "avg"), **kwargs)
+  with pytest.raises(ArgumentError, match=match):
+    _average_all(str(tmp_path), str(tmp_path / "avg"), **kwargs)
   assert not os.path.exists(tmp_path / "avg")
 
 
 def test_missing_model_dir_without_waiting_is_an_error(tmp_path):
   with pytest.raises(AveragingError, match="is not a directory"):
-    watch.average_all(str(tmp_path / "nope"), str(tmp_path / "avg"))
+    _average_all(str(tmp_path / "nope"), str(tmp_path / "avg"))
 
 
 def test_run_fails_when_every_window_is_skipped(tmp_path):
@@ -542,19 +575,14 @@ def test_run_fails_when_every_window_is_skipped(tmp_path):
   prefixes = write_tf1_series(train, [1, 2, 3], step_valued({"w": (2,)}))
   os.remove(prefixes[0] + ".data-00000-of-00001")
   with pytest.raises(AveragingError, match="no window could be averaged"):
-    watch.run(model_dir=train, output_dir=str(tmp_path / "avg"), n=3,
-              min_steps=0, wait_minutes=0)
+    watch.run(options.ContinuousOptions(train, str(tmp_path / "avg"), n=3))
   assert not glob.glob(str(tmp_path / "avg" / "*.index"))
-  assert watch.run(model_dir=train, output_dir=str(tmp_path / "avg"), n=2,
-                   min_steps=2, wait_minutes=0) == [
+  assert watch.run(options.ContinuousOptions(
+      train, str(tmp_path / "avg"), n=2, min_steps=2)) == [
                        os.path.join(str(tmp_path / "avg"), "model.ckpt-3")]
 
 
 # --- metric weighting --------------------------------------------------------
-
-_WEIGHTING = dict(explicit=None, tag="loss", mode="min", temperature=0.0,
-                  top_k=0, max_step_gap=0, missing_metric="error")
-
 
 def test_softmax_window_matches_one_shot_weighted_average(tmp_path):
   train, out = str(tmp_path / "train"), str(tmp_path / "avg")
@@ -562,15 +590,16 @@ def test_softmax_window_matches_one_shot_weighted_average(tmp_path):
   eval_dir = str(tmp_path / "train" / "eval")
   _write_metric(eval_dir, {100: 2.0, 200: 1.5, 300: 1.0, 400: 1.25})
 
-  outcomes = list(watch.average_all(train, out, n=3, scheme="softmax",
-                                    event_sources=[eval_dir], tag="loss",
+  outcomes = list(_average_all(train, out, n=3, weighting="softmax",
+                                    metrics_from_events=[eval_dir], metric="loss",
                                     weight_summaries=True))
   assert [(o.step, o.status) for o in outcomes] == [(300, watch.WRITTEN),
                                                     (400, watch.WRITTEN)]
   for i, step in enumerate([300, 400]):
     window = [checkpoints.load(p) for p in prefixes[i:i + 3]]
-    weighing = oneshot.weigh(window, scheme="softmax",
-                             event_sources=[eval_dir], **_WEIGHTING)
+    weighing = oneshot.weigh(window, options.WeightingOptions(
+        weighting="softmax", metrics_from_events=(eval_dir,), metric="loss",
+        metric_mode="min"))
     ours = read_checkpoint(os.path.join(out, f"model.ckpt-{step}"))
     _assert_same_tensors(ours, _one_shot(
         weighing.checkpoints, str(tmp_path / f"weighted{step}"), step,
@@ -601,9 +630,9 @@ def test_window_waits_for_its_newest_metric_then_is_skipped(tmp_path, caplog):
 
   fake = FakeTime(eval_of_400_arrives)
   with caplog.at_level(std_logging.WARNING):
-    outcomes = list(watch.average_all(
+    outcomes = list(_average_all(
         train, out, n=3, wait_minutes=1, poll_seconds=10, clock=fake.clock,
-        sleep=fake.sleep, scheme="rank", event_sources=[eval_dir], tag="loss"))
+        sleep=fake.sleep, weighting="rank", metrics_from_events=[eval_dir], metric="loss"))
 
   assert [(o.step, o.status) for o in outcomes] == [
       (300, watch.WRITTEN), (400, watch.WRITTEN), (500, watch.SKIPPED)]
@@ -622,8 +651,8 @@ def test_window_waits_for_its_newest_metric_then_is_skipped(tmp_path, caplog):
 def test_explicit_weights_apply_per_window_position(tmp_path):
   train = str(tmp_path / "train")
   write_tf1_series(train, [1, 2, 3], step_valued({"w": (2,)}))
-  outcomes = list(watch.average_all(train, str(tmp_path / "avg"), n=2,
-                                    scheme="explicit", explicit=[1, 3]))
+  outcomes = list(_average_all(train, str(tmp_path / "avg"), n=2,
+                                    weighting="explicit", weights=[1, 3]))
   assert [(o.step, o.status) for o in outcomes] == [(2, watch.WRITTEN),
                                                     (3, watch.WRITTEN)]
   for step in (2, 3):
@@ -640,8 +669,8 @@ def test_weighted_beside_a_trainer_appending_eval_events(tmp_path, caplog):
   steps = list(range(10, 130, 10))
   outcomes = _average_beside_trainer(
       train, steps, [50, 90], caplog, evals=str(tmp_path / "train/eval"),
-      output_dir=out, n=2, scheme="softmax",
-      event_sources=[str(tmp_path / "train/eval")], tag="loss")
+      output_dir=out, n=2, weighting="softmax",
+      metrics_from_events=[str(tmp_path / "train/eval")], metric="loss")
   for outcome in outcomes:
     if outcome.status == watch.SKIPPED:
       gone = [s.path for s in outcome.inputs if s.path in outcome.reason]

@@ -20,9 +20,10 @@ from tensorflow.core.util import event_pb2
 import t2t_avg
 from t2t_avg import events
 from t2t_avg import oneshot
+from t2t_avg import options
 from t2t_avg.errors import AveragingError
 
-from conftest import (REPO, error_line, read_checkpoint, run_cli,
+from conftest import (REPO, error_line, options_from_flags, read_checkpoint, run_cli,
                       write_tf1_series)
 
 tf1 = tf.compat.v1
@@ -153,17 +154,14 @@ def series(tmp_path_factory):
           "bleu": str(root / "bleu_eval")}
 
 
-def run_oneshot(prefixes, output_path, **overrides):
+def run_oneshot(prefixes, output_path, **flags):
   """`oneshot.run` with the CLI's defaults, as `python -m t2t_avg` calls it."""
-  args = dict(
-      checkpoints=list(prefixes), prefix="", num_last=0,
-      output_path=str(output_path), output_step="zero", exclude_variables="",
-      allow_nonfinite=False, step_from="auto", write_meta=False,
-      dry_run=False, weight_summaries=False, scheme="uniform", explicit=None,
-      event_sources=[], tag="loss", mode="auto", temperature=0.0, top_k=0,
-      max_step_gap=0, missing_metric="error")
-  args.update(overrides)
-  return oneshot.run(**args)
+  built = options_from_flags(checkpoints=prefixes,
+                             output_path=str(output_path), **flags)
+  return oneshot.run(built[options.InputOptions],
+                     built[options.OutputOptions],
+                     built[options.AveragingOptions],
+                     built[options.WeightingOptions])
 
 
 def _record(output_prefix):
@@ -200,7 +198,7 @@ SCHEME_CASES = [
     pytest.param("top_k", "loss", {"top_k": 2},
                  expected_top_k(_LOSS_VALUES, "min", 2, STEPS),
                  id="top_k-2-loss"),
-    pytest.param("explicit", None, {"explicit": [1.0, 3.0, 0.0, 2.5]},
+    pytest.param("explicit", None, {"weights": [1.0, 3.0, 0.0, 2.5]},
                  [1 / 6.5, 3 / 6.5, 0.0, 2.5 / 6.5], id="explicit"),
 ]
 
@@ -210,10 +208,10 @@ def test_weighted_output_is_float64_weighted_sum_cast_once(
     series, tmp_path, scheme, metric, options, weights):
   metric_args = {}
   if metric:
-    metric_args = dict(event_sources=[series[metric]],
-                       tag=LOSS if metric == "loss" else BLEU)
+    metric_args = dict(metrics_from_events=[series[metric]],
+                       metric=LOSS if metric == "loss" else BLEU)
   result = run_oneshot(series["prefixes"], tmp_path / "avg.ckpt",
-                       scheme=scheme, **metric_args, **options)
+                       weighting=scheme, **metric_args, **options)
 
   assert [r.weight for r in result.rows] == pytest.approx(weights, abs=1e-12)
   assert_step_valued_average(str(tmp_path / "avg.ckpt-0"), weights,
@@ -264,7 +262,7 @@ def test_top_k_is_bit_identical_to_uniform_over_the_selected(random_series,
   eval_dir = write_tf2_events(tmp_path / "eval", "loss",
                               {100: 1.0, 200: 2.0, 300: 2.0, 400: 3.0})
   top_k = run_oneshot(random_series, tmp_path / "top_k" / "avg.ckpt",
-                      scheme="top_k", top_k=2, event_sources=[eval_dir])
+                      weighting="top_k", top_k=2, metrics_from_events=[eval_dir])
   uniform = run_oneshot([random_series[0], random_series[2]],
                         tmp_path / "uniform" / "avg.ckpt")
 
@@ -315,9 +313,9 @@ def test_max_step_gap_takes_the_eval_logged_just_before_a_checkpoint(
 
   with pytest.raises(AveragingError, match="98, 197, 300, 380, 396, 403"):
     run_oneshot(series["prefixes"], tmp_path / "exact" / "avg.ckpt",
-                scheme="softmax", event_sources=[eval_dir])
+                weighting="softmax", metrics_from_events=[eval_dir])
   result = run_oneshot(series["prefixes"], tmp_path / "gap" / "avg.ckpt",
-                       scheme="softmax", event_sources=[eval_dir],
+                       weighting="softmax", metrics_from_events=[eval_dir],
                        max_step_gap=5)
 
   assert [r.metric for r in result.rows] == _LOSS_VALUES
@@ -330,7 +328,7 @@ def test_missing_metric_skip_leaves_the_checkpoint_out_with_a_warning(
   eval_dir = write_tf1_events(tmp_path / "eval", "loss",
                               {s: LOSSES[s] for s in (100, 200, 400)})
   result = run_oneshot(series["prefixes"], tmp_path / "avg.ckpt",
-                       scheme="proportional", event_sources=[eval_dir],
+                       weighting="proportional", metrics_from_events=[eval_dir],
                        missing_metric="skip")
 
   assert series["prefixes"][2] in _warnings(caplog)
@@ -360,7 +358,7 @@ def test_nan_metric_gives_weight_zero_with_a_warning(series, tmp_path, caplog):
   values = {100: 2.5, 200: float("nan"), 300: 1.5, 400: 2.0}
   eval_dir = write_tf2_events(tmp_path / "eval", "loss", values)
   result = run_oneshot(series["prefixes"], tmp_path / "avg.ckpt",
-                       scheme="softmax", event_sources=[eval_dir])
+                       weighting="softmax", metrics_from_events=[eval_dir])
 
   weights = expected_softmax([values[s] for s in STEPS], "min")
   assert weights[1] == 0.0
@@ -387,8 +385,8 @@ def test_all_nan_metrics_are_an_error(series, tmp_path):
 def test_weight_summaries_are_scalars_at_each_checkpoint_step(series,
                                                               tmp_path):
   result = run_oneshot(series["prefixes"], tmp_path / "out" / "avg.ckpt",
-                       scheme="softmax", event_sources=[series["loss"]],
-                       tag=LOSS, weight_summaries=True)
+                       weighting="softmax", metrics_from_events=[series["loss"]],
+                       metric=LOSS, weight_summaries=True)
 
   summaries = str(tmp_path / "out" / "t2t_avg")
   weight_points = events.read_metric([summaries], "t2t_avg/weight")

@@ -1,0 +1,211 @@
+"""What the engine needs of a checkpoint format: named tensors it can read in chunks.
+
+A source is one input checkpoint: its tensors (name, dtype, shape) and, for
+each, the parts its bytes are stored in (one part for a whole tensor; one per
+slice of a partitioned variable), readable at any byte offset into a
+caller's buffer. The engine never asks which format it is reading.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+import os
+import threading
+from typing import Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+from t2t_avg import crc
+from t2t_avg.errors import AveragingError
+
+Extent = Tuple[int, int]  # (start, length) along one dimension
+
+
+class Kind(enum.Enum):
+  """What a dtype is to the engine."""
+  FLOAT = "float"  # averaged in float64, cast once back
+  COMPLEX = "complex"  # averaged in complex128, cast once back
+  OTHER = "other"  # integers, bool, quantized, strings, variants: copied
+
+
+@dataclasses.dataclass(frozen=True)
+class DType:
+  """A tensor's element type, as its format names it.
+
+  Attributes:
+    name: e.g. 'float32', 'bfloat16', 'qint8', 'string', 'variant'.
+    kind: averaged (FLOAT, COMPLEX) or copied (OTHER).
+    numpy: the stored element type for arithmetic; None for kinds whose
+      elements have no fixed size (strings, variants).
+  """
+  name: str
+  kind: Kind
+  numpy: Optional[np.dtype]
+
+  @property
+  def averaged(self) -> bool:
+    return self.kind is not Kind.OTHER
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """Where one run of a tensor's bytes is stored.
+
+  Attributes:
+    key: the format's key for it (a TF slice key, or the tensor's own name).
+    extents: (start, length) per dimension within the full tensor; None for
+      a whole tensor.
+    shape: the shape of this part.
+    size: its bytes.
+    file: the file holding the bytes, or None when only the source can
+      produce them (`Source.read` decides).
+    offset: where the bytes start in `file`.
+    crc: the masked crc32c the format stores for them, or None.
+  """
+  key: bytes
+  extents: Optional[Tuple[Extent, ...]]
+  shape: Tuple[int, ...]
+  size: int
+  file: Optional[str] = None
+  offset: int = 0
+  crc: Optional[int] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+  """One named tensor of a checkpoint and the parts holding it."""
+  name: str
+  dtype: DType
+  shape: Tuple[int, ...]
+  parts: Tuple[Part, ...]
+
+  @property
+  def nbytes(self) -> int:
+    return sum(part.size for part in self.parts)
+
+  @property
+  def layout(self) -> Tuple[Optional[Tuple[Extent, ...]], ...]:
+    """How the tensor is cut into parts (slices), for comparing inputs."""
+    return tuple(part.extents for part in self.parts)
+
+
+class Source(abc.ABC):
+  """One input checkpoint, read part by part in chunks.
+
+  The default `read` makes positioned reads from `Part.file` (safe from
+  several threads); formats whose bytes are not in a plain file override it.
+  """
+
+  # Scalar integer tensors that count training steps, most telling first.
+  step_keys: Tuple[str, ...] = ()
+  # Whether outputs get a `global_step` when the inputs have none (legacy).
+  adds_global_step = False
+
+  def __init__(self, path: str):
+    self.path = path
+    self._files: Dict[str, "_PositionedFile"] = {}
+    self._lock = threading.Lock()
+
+  @property
+  @abc.abstractmethod
+  def format(self) -> str:
+    """The format's name, e.g. 'TF checkpoint'."""
+
+  @abc.abstractmethod
+  def tensors(self) -> Mapping[str, Tensor]:
+    """{name: Tensor} of every tensor in the checkpoint."""
+
+  def read(self, part: Part, offset: int, out: memoryview) -> None:
+    """Reads `len(out)` bytes of `part` from byte `offset` into `out`.
+
+    Raises:
+      AveragingError: the file is missing or truncated.
+    """
+    if part.file is None:
+      raise NotImplementedError(f"{type(self).__name__} must read {part.key!r}")
+    with self._lock:
+      handle = self._files.get(part.file)
+      if handle is None:
+        handle = self._files[part.file] = _PositionedFile(part.file)
+    handle.read_into(out, part.offset + offset)
+
+  def close(self) -> None:
+    with self._lock:
+      for handle in self._files.values():
+        handle.close()
+      self._files.clear()
+
+
+class _PositionedFile:
+  """Positioned reads from one file: `os.pread` where the system has it."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._local = "://" not in path
+    if self._local:
+      try:
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+      except OSError as e:
+        raise AveragingError(f"cannot open {path}: {e.strerror}") from e
+      self._pread = getattr(os, "preadv", None)
+      self._lock = None if self._pread else threading.Lock()
+    else:
+      import tensorflow as tf  # pylint: disable=import-outside-toplevel
+      self._gfile = tf.io.gfile.GFile(path, "rb")
+      self._lock = threading.Lock()
+
+  def read_into(self, out: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(out):
+      n = self._read_some(out[done:], offset + done)
+      if n == 0:
+        raise AveragingError(f"{self.path} is truncated (reading at byte "
+                             f"{offset + done})")
+      done += n
+
+  def _read_some(self, out: memoryview, offset: int) -> int:
+    if self._local and self._pread is not None:
+      return self._pread(self._fd, [out], offset)
+    with self._lock:  # Windows and object stores: seek, then read.
+      if self._local:
+        os.lseek(self._fd, offset, os.SEEK_SET)
+        data = os.read(self._fd, len(out))
+      else:
+        self._gfile.seek(offset)
+        data = self._gfile.read(len(out))
+    out[:len(data)] = data
+    return len(data)
+
+  def close(self) -> None:
+    if self._local:
+      os.close(self._fd)
+    else:
+      self._gfile.close()
+
+
+
+def read_array(source: Source, tensor: Tensor) -> np.ndarray:
+  """A whole tensor as a numpy array, its parts joined, their crc checked.
+
+  Raises:
+    AveragingError: the tensor has no fixed-size elements (strings,
+      variants), or its bytes fail their checksum.
+  """
+  if tensor.dtype.numpy is None:
+    raise AveragingError(f"variable {tensor.name} of {source.path} holds "
+                         f"{tensor.dtype.name} values, not numbers")
+  whole = np.empty(tensor.shape, tensor.dtype.numpy)
+  for part in tensor.parts:
+    value = whole if part.extents is None else np.empty(part.shape,
+                                                        whole.dtype)
+    data = memoryview(value.reshape(-1).view(np.uint8))
+    source.read(part, 0, data)
+    if part.crc is not None and crc.masked(crc.crc32c(data)) != part.crc:
+      raise AveragingError(f"cannot read variable {tensor.name} from "
+                           f"checkpoint {source.path}: it fails its checksum "
+                           "(corrupted)")
+    if part.extents is not None:
+      whole[tuple(slice(start, None if length < 0 else start + length)
+                  for start, length in part.extents)] = value
+  return whole

@@ -1,0 +1,605 @@
+"""TensorFlow checkpoints: V2 bundles read and written directly, V1 through TF's reader.
+
+A V2 checkpoint is `<prefix>.index`, a LevelDB-style table mapping each
+tensor name to a `BundleEntryProto` (dtype, shape, shard, offset, size,
+masked crc32c), and `<prefix>.data-NNNNN-of-MMMMM` files holding the tensors'
+raw bytes. A partitioned variable (TF1 partitioners, `ShardedVariable`,
+`MaxShardSizePolicy`) has a full entry listing its slices and no data, and an
+entry per slice under `EncodeTensorNameSlice(name, slice)`. Reading and
+writing these bytes directly, in chunks, is what lets the engine average a
+tensor of any size, sliced or not, of any dtype, in a few megabytes: TF's own
+reader returns whole tensors only, and refuses sliced float16, uint16/32/64,
+string and float8 variables ("Dtype half not supported").
+
+Strings and variants are stored with their own length checksums; they are
+only ever copied, bytes and stored crc together, which keeps them valid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import struct
+import threading
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import tensor_slice_pb2
+from tensorflow.core.protobuf import tensor_bundle_pb2
+
+from t2t_avg import crc
+from t2t_avg.errors import AveragingError
+from t2t_avg.formats import base
+
+FORMAT = "TF checkpoint"
+INDEX_SUFFIX = ".index"
+GLOBAL_STEP = "global_step"
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+_VALUE = "/.ATTRIBUTES/VARIABLE_VALUE"
+# A Keras 3 LossScaleOptimizer (mixed_float16) keeps the real count in its
+# inner optimizer; its own `_iterations` stays 0.
+STEP_KEYS = (GLOBAL_STEP,) + tuple(
+    f"optimizer/{inner}{counter}{_VALUE}" for inner in ("inner_optimizer/", "")
+    for counter in ("iter", "_iterations"))
+_MAGIC = 0xdb4775248b80fb57
+_FOOTER_BYTES = 48
+_NO_COMPRESSION = 0
+# The table writer puts at most this many entries in a block (TF: 256 KiB).
+_BLOCK_ENTRIES = 4096
+
+
+# --- dtypes ------------------------------------------------------------------
+
+def dtype_of(enum: int) -> base.DType:
+  """The engine's view of a TF dtype enum."""
+  dtype = tf.as_dtype(enum)
+  if dtype.is_floating:
+    kind = base.Kind.FLOAT
+  elif dtype.is_complex:
+    kind = base.Kind.COMPLEX
+  else:
+    kind = base.Kind.OTHER
+  numpy = None
+  if dtype.is_quantized:
+    numpy = np.dtype(f"{'u' if dtype.name.startswith('qu') else 'i'}"
+                     f"{dtype.size}")
+  elif dtype not in (tf.string, tf.variant, tf.resource):
+    numpy = np.dtype(dtype.as_numpy_dtype)
+  return base.DType(dtype.name, kind, numpy)
+
+
+def dtype_enum(dtype: base.DType) -> int:
+  return tf.as_dtype(dtype.name).as_datatype_enum
+
+
+# --- slice keys (TF's OrderedCode, saved_tensor_slice_util.cc) ----------------
+
+_SIGNED_HEADERS = ((0, 0), (0x80, 0), (0xc0, 0), (0xe0, 0), (0xf0, 0),
+                   (0xf8, 0), (0xfc, 0), (0xfe, 0), (0xff, 0), (0xff, 0x80),
+                   (0xff, 0xc0))
+
+
+def _num_increasing(value: int) -> bytes:
+  data = value.to_bytes((value.bit_length() + 7) // 8, "big") if value else b""
+  return bytes([len(data)]) + data
+
+
+def _signed_num_increasing(value: int) -> bytes:
+  magnitude = ~value if value < 0 else value
+  if magnitude < 64:
+    return bytes([(0x80 ^ value) & 0xff])
+  length = next(n for n in range(2, 11) if magnitude < 1 << (7 * n - 1))
+  data = bytearray((value & ((1 << 80) - 1)).to_bytes(10, "big"))
+  if value < 0:
+    data[0] = data[1] = 0xff
+  data = data[10 - length:]
+  data[0] ^= _SIGNED_HEADERS[length][0]
+  data[1] ^= _SIGNED_HEADERS[length][1]
+  return bytes(data)
+
+
+def slice_key(name: bytes, extents: Sequence[base.Extent]) -> bytes:
+  """`EncodeTensorNameSlice`: where a slice of `name` is stored."""
+  escaped = bytearray()
+  for byte in name:
+    escaped += {0: b"\x00\xff", 0xff: b"\xff\x00"}.get(byte, bytes([byte]))
+  key = _num_increasing(0) + bytes(escaped) + b"\x00\x01"
+  key += _num_increasing(len(extents))
+  for start, length in extents:
+    key += _signed_num_increasing(start) + _signed_num_increasing(length)
+  return key
+
+
+def _extents(proto: tensor_slice_pb2.TensorSliceProto) -> Tuple[base.Extent,
+                                                                 ...]:
+  return tuple((e.start, e.length if e.HasField("length") else -1)
+               for e in proto.extent)
+
+
+# --- reading the index table -------------------------------------------------
+
+def _varint(buf: bytes, i: int) -> Tuple[int, int]:
+  result = shift = 0
+  while True:
+    byte = buf[i]
+    i += 1
+    result |= (byte & 0x7f) << shift
+    shift += 7
+    if byte < 0x80:
+      return result, i
+
+
+def _block_entries(block: bytes) -> Iterator[Tuple[bytes, bytes]]:
+  restarts = struct.unpack_from("<I", block, len(block) - 4)[0]
+  end = len(block) - 4 - 4 * restarts
+  i, key = 0, b""
+  while i < end:
+    shared, i = _varint(block, i)
+    unshared, i = _varint(block, i)
+    length, i = _varint(block, i)
+    key = key[:shared] + block[i:i + unshared]
+    i += unshared
+    yield key, block[i:i + length]
+    i += length
+
+
+class _Corrupted(Exception):
+  """An index block fails its checksum."""
+
+
+def _read_block(table: bytes, handle: bytes) -> bytes:
+  offset, i = _varint(handle, 0)
+  size, _ = _varint(handle, i)
+  block = table[offset:offset + size + 1]  # With its compression type.
+  stored = struct.unpack_from("<I", table, offset + size + 1)[0]
+  if crc.masked(crc.crc32c(block)) != stored:
+    raise _Corrupted(f"block at byte {offset}")
+  if block[-1] != _NO_COMPRESSION:
+    raise ValueError("compressed index block")
+  return block[:-1]
+
+
+def _table_entries(table: bytes) -> Iterator[Tuple[bytes, bytes]]:
+  if len(table) < _FOOTER_BYTES or struct.unpack_from(
+      "<Q", table, len(table) - 8)[0] != _MAGIC:
+    raise ValueError("no table footer")
+  footer = table[-_FOOTER_BYTES:]
+  _, i = _varint(footer, 0)
+  _, i = _varint(footer, i)  # The metaindex handle, unused.
+  for _, handle in _block_entries(_read_block(table, footer[i:])):
+    yield from _block_entries(_read_block(table, handle))
+
+
+def _parse_index(table: bytes) -> Optional[Tuple[
+    tensor_bundle_pb2.BundleHeaderProto,
+    Dict[bytes, tensor_bundle_pb2.BundleEntryProto]]]:
+  """The header and entries of an index, or None for a layout we do not read.
+
+  None means compressed blocks, a big-endian bundle or anything unexpected:
+  TF's reader then reads the checkpoint.
+  """
+  header, entries = None, {}
+  try:
+    for key, value in _table_entries(table):
+      if key:
+        entries[key] = tensor_bundle_pb2.BundleEntryProto.FromString(value)
+      else:
+        header = tensor_bundle_pb2.BundleHeaderProto.FromString(value)
+  except (IndexError, ValueError, struct.error):
+    return None
+  if header is None or (
+      header.endianness != tensor_bundle_pb2.BundleHeaderProto.LITTLE):
+    return None
+  return header, entries
+
+
+def data_file(prefix: str, shard: int, shards: int) -> str:
+  return f"{prefix}.data-{shard:05d}-of-{shards:05d}"
+
+
+def _tensors_of(prefix: str, header, entries) -> Dict[str, base.Tensor]:
+  """{name: Tensor} from parsed index entries: slices joined to their tensor."""
+  shards = header.num_shards
+  slice_keys = set()
+  tensors = {}
+  for key, entry in entries.items():
+    if not entry.slices:
+      continue
+    parts = []
+    for proto in entry.slices:
+      extents = _extents(proto)
+      part_key = slice_key(key, extents)
+      stored = entries.get(part_key)
+      if stored is None:
+        raise AveragingError(f"checkpoint {prefix} is corrupted: slice "
+                             f"{extents} of {key.decode(errors='replace')} "
+                             "has no entry")
+      slice_keys.add(part_key)
+      parts.append(_part(prefix, shards, part_key, stored, extents))
+    tensors[key] = (entry, tuple(parts))
+  result = {}
+  for key, entry in entries.items():
+    if key in slice_keys:
+      continue
+    parts = tensors[key][1] if key in tensors else (
+        _part(prefix, shards, key, entry, None),)
+    name = key.decode("utf-8", "surrogateescape")
+    result[name] = base.Tensor(name, dtype_of(entry.dtype),
+                               tuple(d.size for d in entry.shape.dim), parts)
+  return result
+
+
+def _part(prefix: str, shards: int, key: bytes,
+          entry: tensor_bundle_pb2.BundleEntryProto,
+          extents: Optional[Tuple[base.Extent, ...]]) -> base.Part:
+  return base.Part(key=key, extents=extents,
+                   shape=tuple(d.size for d in entry.shape.dim),
+                   size=entry.size,
+                   file=data_file(prefix, entry.shard_id, shards),
+                   offset=entry.offset, crc=entry.crc32c)
+
+
+# --- sources -----------------------------------------------------------------
+
+class _TFSource(base.Source):
+  """What every TF checkpoint source shares: its format and step tensors."""
+  step_keys = STEP_KEYS
+  _tensors: Dict[str, base.Tensor]
+
+  @property
+  def format(self) -> str:
+    return FORMAT
+
+  @property
+  def adds_global_step(self) -> bool:  # type: ignore[override]
+    # Legacy always wrote one into name-based (TF1) checkpoints.
+    return OBJECT_GRAPH_KEY not in self._tensors
+
+  def tensors(self) -> Mapping[str, base.Tensor]:
+    return self._tensors
+
+
+class BundleSource(_TFSource):
+  """A V2 checkpoint whose index this module reads: every byte read directly."""
+
+  def __init__(self, prefix: str, tensors: Dict[str, base.Tensor]):
+    super().__init__(prefix)
+    self._tensors = tensors
+
+
+class ReaderSource(_TFSource):
+  """A checkpoint read through TF's `CheckpointReader`, one whole tensor at a time.
+
+  For V1 checkpoints and V2 index layouts this module does not parse. Bytes
+  are produced as a bundle would store them (strings with their length
+  checksum), so the output is always a V2 bundle.
+  """
+
+  def __init__(self, prefix: str, reader):
+    super().__init__(prefix)
+    self._reader = reader
+    shapes = reader.get_variable_to_shape_map()
+    dtypes = reader.get_variable_to_dtype_map()
+    self._tensors = {}
+    self._strings: Dict[str, bytes] = {}
+    for name, shape in shapes.items():
+      dtype = dtype_of(dtypes[name].as_datatype_enum)
+      key = name.encode("utf-8", "surrogateescape")
+      if dtype.numpy is None:  # Strings: small, encoded as a bundle would.
+        data, stored_crc = _encode_strings(
+            _read_whole(reader, prefix, name).reshape(-1))
+        self._strings[name] = data
+        part = base.Part(key, None, tuple(shape), len(data), crc=stored_crc)
+      else:
+        count = int(np.prod(shape, dtype=np.int64))
+        part = base.Part(key, None, tuple(shape), count * dtype.numpy.itemsize)
+      self._tensors[name] = base.Tensor(name, dtype, tuple(shape), (part,))
+    # Each worker thread keeps the one whole tensor it is reading.
+    self._current = threading.local()
+
+  def read(self, part: base.Part, offset: int, out: memoryview) -> None:
+    name = part.key.decode("utf-8", "surrogateescape")
+    data = self._strings.get(name)
+    if data is None:
+      if getattr(self._current, "name", None) != name:
+        value = _read_whole(self._reader, self.path, name)
+        self._current.name = name
+        self._current.data = np.ascontiguousarray(value).tobytes()
+      data = self._current.data
+    out[:] = data[offset:offset + len(out)]
+
+
+def _read_whole(reader, path: str, name: str) -> np.ndarray:
+  try:
+    return np.asarray(reader.get_tensor(name))
+  # A truncated data file (still being copied) raises IndexError.
+  except (tf.errors.OpError, ValueError, IndexError) as e:
+    raise AveragingError(f"cannot read variable {name} from checkpoint {path}: "
+                         f"{error_text(e)}") from e
+
+
+def _encode_strings(values: np.ndarray) -> Tuple[bytes, int]:
+  """A string tensor as a bundle stores it, with the crc TF computes for it."""
+  items = [v if isinstance(v, bytes) else str(v).encode() for v in values]
+  lengths = b"".join(_put_varint(len(v)) for v in items)
+  running = 0
+  for v in items:
+    running = crc.crc32c(struct.pack("<I" if len(v) <= 0xffffffff else "<Q",
+                                     len(v)), running)
+  checksum = struct.pack("<I", crc.masked(running))
+  running = crc.crc32c(checksum, running)
+  body = b"".join(items)
+  return lengths + checksum + body, crc.masked(crc.crc32c(body, running))
+
+
+def error_text(error: Exception) -> str:
+  """The first line of an error's message (TF errors carry long stacks)."""
+  text = getattr(error, "message", None) or str(error)
+  return text.strip().splitlines()[0] if text.strip() else type(error).__name__
+
+
+def is_v2(prefix: str) -> bool:
+  return tf.io.gfile.exists(prefix + INDEX_SUFFIX)
+
+
+def is_v1(prefix: str) -> bool:
+  """A V1 checkpoint: one file named as the prefix (or its shards)."""
+  if "://" in prefix:
+    return False
+  if os.path.isfile(prefix):
+    return True
+  return bool(tf.io.gfile.glob(prefix + "-?????-of-?????"))
+
+
+def open_source(prefix: str) -> base.Source:
+  """A source for the checkpoint at `prefix` (V2, or V1 through TF's reader).
+
+  Raises:
+    AveragingError: it is incomplete or cannot be read.
+  """
+  if not is_v2(prefix):
+    return ReaderSource(prefix, _load_reader(prefix))
+  missing = missing_data_file(prefix)
+  if missing:
+    raise AveragingError(f"checkpoint {prefix} is incomplete: {missing} is "
+                         "missing")
+  index = prefix + INDEX_SUFFIX
+  try:
+    with tf.io.gfile.GFile(index, "rb") as f:
+      parsed = _parse_index(f.read())
+  except tf.errors.OpError as e:
+    raise AveragingError(f"cannot read checkpoint {prefix}: "
+                         f"{error_text(e)}") from e
+  except _Corrupted as e:
+    raise AveragingError(f"checkpoint {prefix} is corrupted: {index} fails "
+                         f"its checksum ({e})") from e
+  if parsed is None:
+    return ReaderSource(prefix, _load_reader(prefix))
+  return BundleSource(prefix, _tensors_of(prefix, *parsed))
+
+
+def _load_reader(prefix: str):
+  try:
+    return tf.train.load_checkpoint(prefix)
+  except (tf.errors.OpError, ValueError) as e:
+    raise AveragingError(f"cannot read checkpoint {prefix}: "
+                         f"{error_text(e)}") from e
+
+
+def missing_data_file(prefix: str) -> Optional[str]:
+  """The first missing `.data-*` shard of a V2 checkpoint, or None."""
+  shards = {}
+  for name in tf.io.gfile.glob(prefix + ".data-*"):
+    tail = name[len(prefix) + len(".data-"):]
+    if len(tail) == 14 and tail[5:9] == "-of-" and tail[:5].isdigit() and (
+        tail[9:].isdigit()):
+      shards[int(tail[:5])] = int(tail[9:])
+  if not shards:
+    return data_file(prefix, 0, 1)
+  total = max(shards.values())
+  for i in range(total):
+    if i not in shards:
+      return data_file(prefix, i, total)
+  return None
+
+
+# --- writing -----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Placed:
+  part: base.Part
+  offset: int
+
+
+class BundleSink:
+  """Writes a one-shard V2 bundle whose layout is fixed before any byte is.
+
+  Every part gets its place in the data file from the sorted list of keys
+  (TF1's order), so the same tensors give the same bytes whichever thread
+  writes which part, in whatever order. Parts are written chunk by chunk at
+  their place; `close` flushes the data, writes and flushes the index.
+  """
+
+  def __init__(self, prefix: str, tensors: Sequence[base.Tensor]):
+    self.prefix = prefix
+    self._tensors = list(tensors)
+    self._places: Dict[bytes, _Placed] = {}
+    offset = 0
+    for part in sorted((p for t in tensors for p in t.parts),
+                       key=lambda p: p.key):
+      self._places[part.key] = _Placed(part, offset)
+      offset += part.size
+    self._crcs: Dict[bytes, int] = {}
+    self._lock = threading.Lock()
+    self._fd = os.open(self.data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
+                       getattr(os, "O_BINARY", 0), 0o644)
+    os.ftruncate(self._fd, offset)
+    self._pwrite = getattr(os, "pwrite", None)
+
+  @property
+  def data_path(self) -> str:
+    return data_file(self.prefix, 0, 1)
+
+  @property
+  def index_path(self) -> str:
+    return self.prefix + INDEX_SUFFIX
+
+  def open_part(self, key: bytes) -> "PartWriter":
+    placed = self._places[key]
+    return PartWriter(self, key, placed.offset, placed.part.size)
+
+  def _write_at(self, data: memoryview, offset: int) -> None:
+    if self._pwrite is not None:
+      while data:
+        written = self._pwrite(self._fd, data, offset)
+        data, offset = data[written:], offset + written
+      return
+    with self._lock:  # Windows: no pwrite.
+      os.lseek(self._fd, offset, os.SEEK_SET)
+      while data:
+        data = data[os.write(self._fd, data):]
+
+  def _finished(self, key: bytes, crc_value: int) -> None:
+    with self._lock:
+      self._crcs[key] = crc_value
+
+  def close(self) -> None:
+    """Flushes the data file, then writes and flushes the index."""
+    os.fsync(self._fd)
+    os.close(self._fd)
+    missing = [k for k in self._places if k not in self._crcs]
+    if missing:
+      raise AveragingError(f"internal error: parts never written: {missing[:3]}")
+    with open(self.index_path, "xb") as f:
+      f.write(_table(self._index_entries()))
+      f.flush()
+      os.fsync(f.fileno())
+
+  def abort(self) -> None:
+    try:
+      os.close(self._fd)
+    except OSError:
+      pass
+
+  def _index_entries(self) -> List[Tuple[bytes, bytes]]:
+    header = tensor_bundle_pb2.BundleHeaderProto(
+        num_shards=1, endianness=tensor_bundle_pb2.BundleHeaderProto.LITTLE)
+    header.version.producer = 1
+    entries = {}
+    for tensor in self._tensors:
+      enum = dtype_enum(tensor.dtype)
+      sliced = tensor.parts[0].extents is not None
+      for part in tensor.parts:
+        placed = self._places[part.key]
+        entries[part.key] = _entry(enum, part.shape, offset=placed.offset,
+                                   size=part.size, crc=self._crcs[part.key])
+      if sliced:
+        full = _entry(enum, tensor.shape)
+        for part in tensor.parts:
+          proto = full.slices.add()
+          for start, length in part.extents:
+            extent = proto.extent.add(start=start)
+            if length >= 0:
+              extent.length = length
+        entries[tensor.name.encode("utf-8", "surrogateescape")] = full
+    return [(b"", header.SerializeToString())] + [
+        (key, entries[key].SerializeToString()) for key in sorted(entries)]
+
+
+def _entry(enum: int, shape: Sequence[int], *, offset: int = 0, size: int = 0,
+           crc: int = 0) -> tensor_bundle_pb2.BundleEntryProto:
+  entry = tensor_bundle_pb2.BundleEntryProto(dtype=enum, shard_id=0,
+                                             offset=offset, size=size,
+                                             crc32c=crc)
+  for dim in shape:
+    entry.shape.dim.add(size=dim)
+  return entry
+
+
+class PartWriter:
+  """Writes one part's bytes in order, computing their crc32c on the way."""
+
+  def __init__(self, sink: BundleSink, key: bytes, offset: int, size: int):
+    self._sink, self._key = sink, key
+    self._offset, self._end = offset, offset + size
+    self._crc = 0
+
+  def write(self, chunk: np.ndarray) -> None:
+    data = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
+    if self._offset + len(data) > self._end:
+      raise AveragingError(f"internal error: part {self._key!r} overflows")
+    self._crc = crc.crc32c(data, self._crc)
+    self._sink._write_at(data, self._offset)  # pylint: disable=protected-access
+    self._offset += len(data)
+
+  def close(self, stored_crc: Optional[int] = None) -> None:
+    """Ends the part; `stored_crc` keeps a copied string/variant's own crc."""
+    if self._offset != self._end:
+      raise AveragingError(f"internal error: part {self._key!r} is short")
+    self._sink._finished(  # pylint: disable=protected-access
+        self._key, crc.masked(self._crc) if stored_crc is None else stored_crc)
+
+
+def _put_varint(value: int) -> bytes:
+  out = bytearray()
+  while value >= 0x80:
+    out.append((value & 0x7f) | 0x80)
+    value >>= 7
+  out.append(value)
+  return bytes(out)
+
+
+def _block(entries: Sequence[Tuple[bytes, bytes]]) -> bytes:
+  """A table block with a restart point at every entry (no key sharing)."""
+  body, restarts = bytearray(), []
+  for key, value in entries:
+    restarts.append(len(body))
+    body += _put_varint(0) + _put_varint(len(key)) + _put_varint(len(value))
+    body += key + value
+  restarts = restarts or [0]
+  body += struct.pack(f"<{len(restarts)}I", *restarts)
+  body += struct.pack("<I", len(restarts))
+  return bytes(body)
+
+
+def _table(entries: Sequence[Tuple[bytes, bytes]]) -> bytes:
+  """A LevelDB-format table of sorted (key, value) pairs."""
+  out = bytearray()
+
+  def put_block(block: bytes) -> bytes:
+    handle = _put_varint(len(out)) + _put_varint(len(block))
+    trailer = bytes([_NO_COMPRESSION])
+    out.extend(block + trailer +
+               struct.pack("<I", crc.masked(crc.crc32c(block + trailer))))
+    return handle
+
+  index = []
+  for start in range(0, len(entries), _BLOCK_ENTRIES):
+    chunk = entries[start:start + _BLOCK_ENTRIES]
+    index.append((chunk[-1][0], put_block(_block(chunk))))
+  meta_handle = put_block(_block([]))
+  index_handle = put_block(_block(index))
+  footer = meta_handle + index_handle
+  footer += b"\0" * (_FOOTER_BYTES - 8 - len(footer))
+  out += footer + struct.pack("<Q", _MAGIC)
+  return bytes(out)
+
+
+def verify_readable(prefix: str, tensors: Sequence[base.Tensor]) -> None:
+  """Checks that TF's own reader opens a written bundle and lists every tensor.
+
+  Raises:
+    AveragingError: it does not (nothing is published then).
+  """
+  try:
+    shapes = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+  except (tf.errors.OpError, ValueError) as e:
+    raise AveragingError(f"internal error: TF cannot read the output written "
+                         f"at {prefix}: {error_text(e)}") from e
+  expected = {t.name: list(t.shape) for t in tensors}
+  found = {name: list(shape) for name, shape in shapes.items()}
+  if found != expected:
+    missing = sorted(set(expected) - set(found))[:3]
+    raise AveragingError(f"internal error: TF reads the output at {prefix} "
+                         f"with other tensors than written (missing: "
+                         f"{missing})")

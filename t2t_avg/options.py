@@ -1,0 +1,298 @@
+"""Typed, validated settings: one copy of each rule, for the command line and the library.
+
+Each group of settings is a frozen dataclass validated in its constructor;
+the command line builds them once from its flags (before TensorFlow is
+imported) and passes them down. Field names are the flags' names, so an
+`ArgumentError` names a parameter to a library caller and a `--flag` on the
+command line. No TensorFlow here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Optional, Pattern, Sequence, Tuple, Union
+
+from t2t_avg import paths
+from t2t_avg.errors import ArgumentError
+
+SCHEMES = ("uniform", "softmax", "proportional", "rank", "top_k", "explicit")
+METRIC_SCHEMES = ("softmax", "proportional", "rank", "top_k")
+METRIC_MODES = ("auto", "min", "max")
+MISSING_METRIC = ("error", "skip")
+OUTPUT_STEPS = ("zero", "last")
+
+OutputStep = Union[str, int]
+
+
+def check_weights(weights: Sequence[float], count: Optional[int] = None,
+                  *, name: str = "weights") -> Tuple[float, ...]:
+  """Explicit weights: finite, >= 0, with a positive sum; `count` of them.
+
+  Raises:
+    ArgumentError: naming the parameter `name`.
+  """
+  values = tuple(float(w) for w in weights)
+  if not values or not all(math.isfinite(w) and w >= 0 for w in values) or (
+      not math.fsum(values) > 0):
+    raise ArgumentError("{%s} must be finite and >= 0 with a sum > 0, not "
+                        "{given}" % name, given=list(values))
+  if count is not None and len(values) != count:
+    raise ArgumentError("{%s} gives {given} weights for {count} checkpoints"
+                        % name, given=len(values), count=count)
+  return values
+
+
+def parse_weights(text: str) -> Tuple[float, ...]:
+  """`--weights=w1,w2,...` as numbers (see `check_weights`)."""
+  try:
+    values = [float(w) for w in text.split(",")]
+  except ValueError as e:
+    raise ArgumentError("{weights} must be comma-separated numbers, not "
+                        "{text!r}", text=text) from e
+  try:
+    return check_weights(values)
+  except ArgumentError as e:
+    raise ArgumentError("{weights} must be finite and >= 0 with a sum > 0, "
+                        "not {text!r}", text=text) from e
+
+
+def check_output_step(value: OutputStep) -> OutputStep:
+  """'zero', 'last', or an int >= 0 (a decimal string is read as one).
+
+  Raises:
+    ArgumentError: anything else.
+  """
+  if value in OUTPUT_STEPS:
+    return value
+  if isinstance(value, str) and value.isdigit():
+    return int(value)
+  if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    return value
+  raise ArgumentError("{output_step} must be zero, last or an integer >= 0, "
+                      "not {value!r}", value=value)
+
+
+def compile_exclude(pattern: str) -> Optional[Pattern[str]]:
+  """The `exclude_variables` regex, or None when empty.
+
+  Raises:
+    ArgumentError: a bad regex.
+  """
+  if not pattern:
+    return None
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ArgumentError("{exclude_variables}: bad regex {pattern!r}: "
+                        "{problem}", pattern=pattern, problem=e) from e
+
+
+def check_output_path(output_path: str) -> None:
+  """Refuses an output name TF would write but never read back.
+
+  Raises:
+    ArgumentError: the path holds glob characters.
+  """
+  chars = paths.glob_characters(output_path)
+  if chars:
+    raise ArgumentError(
+        "{output_path} {path!r} contains {chars!r}: TensorFlow finds a "
+        "checkpoint by a pattern of its name and could not read it back; "
+        "choose a name without [ ] * ? \\", path=output_path, chars=chars)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightingOptions:
+  """How checkpoints are weighted, and where their metric comes from.
+
+  Attributes:
+    weighting: one of `SCHEMES`.
+    weights: with 'explicit', one weight per checkpoint (see `check_weights`).
+    metrics_from_events: TensorBoard event files or directories.
+    metric: the scalar tag to weigh by.
+    metric_mode: 'min', 'max' or 'auto' (from the tag's name).
+    temperature: softmax temperature in the metric's units; 0 means the
+      standard deviation of the values.
+    top_k: with 'top_k', how many of the best to average.
+    max_step_gap: 0: a metric at the checkpoint's exact step; g > 0: the
+      nearest preceding point within g steps.
+    missing_metric: 'error', or 'skip' (leave the checkpoint out).
+  """
+  weighting: str = "uniform"
+  weights: Optional[Tuple[float, ...]] = None
+  metrics_from_events: Tuple[str, ...] = ()
+  metric: str = "loss"
+  metric_mode: str = "auto"
+  temperature: float = 0.0
+  top_k: int = 0
+  max_step_gap: int = 0
+  missing_metric: str = "error"
+
+  def __post_init__(self) -> None:
+    _one_of("weighting", self.weighting, SCHEMES)
+    _one_of("metric_mode", self.metric_mode, METRIC_MODES)
+    _one_of("missing_metric", self.missing_metric, MISSING_METRIC)
+    if self.weights is not None and self.weighting != "explicit":
+      raise ArgumentError("{weights} needs {weighting}=explicit")
+    if self.weights is None and self.weighting == "explicit":
+      raise ArgumentError("{weighting}=explicit needs {weights}")
+    if self.weights is not None:
+      object.__setattr__(self, "weights", check_weights(self.weights))
+    object.__setattr__(self, "metrics_from_events",
+                       tuple(s for s in self.metrics_from_events if s))
+    if self.uses_metric and not self.metrics_from_events:
+      raise ArgumentError("{weighting}={scheme} needs {metrics_from_events}",
+                          scheme=self.weighting)
+    if self.weighting == "top_k" and self.top_k < 1:
+      raise ArgumentError("{weighting}=top_k needs {top_k}=k, the number of "
+                          "best checkpoints to average (k >= 1), not {k}",
+                          k=self.top_k)
+    if self.weighting != "top_k" and self.top_k:
+      raise ArgumentError("{top_k} goes with {weighting}=top_k")
+    if not (math.isfinite(self.temperature) and self.temperature >= 0):
+      raise ArgumentError("{temperature} must be >= 0, not {t}",
+                          t=self.temperature)
+    if self.temperature and self.weighting != "softmax":
+      raise ArgumentError("{temperature} goes with {weighting}=softmax")
+    if self.max_step_gap < 0:
+      raise ArgumentError("{max_step_gap} must be >= 0, not {g}",
+                          g=self.max_step_gap)
+
+  @property
+  def uses_metric(self) -> bool:
+    """Whether the weights come from the metric (not only shown with it)."""
+    return self.weighting in METRIC_SCHEMES
+
+  def check_count(self, count: int) -> None:
+    """Explicit weights must be one per checkpoint (`count`)."""
+    if self.weights is not None:
+      check_weights(self.weights, count)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputOptions:
+  """Which checkpoints a one-shot run averages (the legacy flags).
+
+  Attributes:
+    checkpoints: prefixes or directories; `prefix` is string-prepended.
+    prefix: see above; with `num_last_checkpoints`, its dirname holds the
+      `checkpoint` state file.
+    num_last_checkpoints: average the last N (ignored with `checkpoints`).
+  """
+  checkpoints: Tuple[str, ...] = ()
+  prefix: str = ""
+  num_last_checkpoints: int = 0
+
+  def __post_init__(self) -> None:
+    listed = tuple(c.strip() for c in self.checkpoints if c.strip())
+    if self.checkpoints and not listed:
+      raise ArgumentError("{checkpoints}: no checkpoints given")
+    object.__setattr__(self, "checkpoints", listed)
+    if listed:
+      return
+    if self.num_last_checkpoints < 1:
+      raise ArgumentError("give {checkpoints}, or {num_last_checkpoints} >= 1 "
+                          "with {prefix}")
+    if not self.prefix:
+      raise ArgumentError("{num_last_checkpoints} needs {prefix} (its dirname "
+                          "holds the `checkpoint` state file)")
+
+
+@dataclasses.dataclass(frozen=True)
+class AveragingOptions:
+  """How tensors are averaged, in either mode.
+
+  Attributes:
+    exclude_variables: a regex of variables to leave out.
+    allow_nonfinite: average NaN/inf instead of refusing.
+    step_from: where a checkpoint's step comes from: 'auto', 'name' or a
+      tensor key.
+    weight_summaries: also write metric and weight as TensorBoard scalars in
+      `<output dir>/t2t_avg/`.
+  """
+  exclude_variables: str = ""
+  allow_nonfinite: bool = False
+  step_from: str = "auto"
+  weight_summaries: bool = False
+
+  def __post_init__(self) -> None:
+    compile_exclude(self.exclude_variables)
+    if not self.step_from:
+      raise ArgumentError("{step_from} must be auto, name or a tensor key")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputOptions:
+  """What a one-shot run writes.
+
+  Attributes:
+    output_path: the output prefix before `-<step>`.
+    output_step: 'zero', 'last' or an int (see `check_output_step`).
+    write_meta: also write a `.meta` graph (legacy).
+    dry_run: validate and report; write nothing.
+  """
+  output_path: str = "/tmp/averaged.ckpt"
+  output_step: OutputStep = "zero"
+  write_meta: bool = False
+  dry_run: bool = False
+
+  def __post_init__(self) -> None:
+    object.__setattr__(self, "output_step",
+                       check_output_step(self.output_step))
+    check_output_path(self.output_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinuousOptions:
+  """The continuous mode (t2t-avg-all's flags).
+
+  Attributes:
+    model_dir: the training directory to watch.
+    output_dir: where the averages go; not `model_dir`.
+    n: checkpoints per window.
+    min_steps: ignore checkpoints with a lower step.
+    wait_minutes: how long to wait for a new checkpoint (and a metric).
+    poll_seconds: how often to look while waiting.
+  """
+  model_dir: str
+  output_dir: str = "avg/"
+  n: int = 8
+  min_steps: int = 0
+  wait_minutes: float = 0
+  poll_seconds: float = 10.0
+
+  def __post_init__(self) -> None:
+    if not self.model_dir:
+      raise ArgumentError("{model_dir} is required")
+    if not self.output_dir:
+      raise ArgumentError("{output_dir} is required")
+    if paths.same_directory(self.model_dir, self.output_dir):
+      raise ArgumentError(
+          "{output_dir} {output} is the training directory {model_dir} "
+          "{model}: the averages would be taken for training checkpoints and "
+          "its `checkpoint` state file would change; choose another "
+          "{output_dir}", output=self.output_dir, model=self.model_dir)
+    if self.n < 1:
+      raise ArgumentError("{n} must be >= 1, not {n_value}", n_value=self.n)
+    for name in ("min_steps", "wait_minutes", "poll_seconds"):
+      if not getattr(self, name) >= 0:
+        raise ArgumentError("{%s} must be >= 0, not {value}" % name,
+                            value=getattr(self, name))
+
+  def check_weighting(self, weighting: WeightingOptions) -> None:
+    """Weighting settings that depend on the window size."""
+    if weighting.weights is not None and len(weighting.weights) != self.n:
+      raise ArgumentError(
+          "{weighting}=explicit in continuous mode needs {n}={count} "
+          "{weights}, one per window position (oldest first), not {given}",
+          count=self.n, given=len(weighting.weights))
+    if weighting.weighting == "top_k" and weighting.top_k > self.n:
+      raise ArgumentError("{top_k} must be between 1 and {n}={count}, not "
+                          "{k}", count=self.n, k=weighting.top_k)
+
+
+def _one_of(name: str, value: str, choices: Sequence[str]) -> None:
+  if value not in choices:
+    raise ArgumentError("{%s} must be one of {choices}, not {value!r}" % name,
+                        choices=", ".join(choices), value=value)

@@ -1,0 +1,281 @@
+"""The arithmetic and the worker pool: every output part, chunk by chunk.
+
+Each part of an averaged tensor is read from every input in chunks of about
+`CHUNK_BYTES`, summed in float64 (complex128) in input order, divided by n
+or weighted, cast once and written to the sink: memory stays at a few
+chunks whatever the tensor, model or checkpoint count. Two threads share the
+parts (numpy, file reads and crc32c release the GIL); the sink places every
+part beforehand, so which thread writes what never changes the bytes.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import threading
+import time
+from typing import List, Optional, Sequence
+
+from absl import logging
+import numpy as np
+
+from t2t_avg import checkpoints
+from t2t_avg import crc
+from t2t_avg.errors import AveragingError
+from t2t_avg.formats import base
+from t2t_avg.plan import Action, Plan
+
+CHUNK_BYTES = 8 << 20  # Read from each input per step.
+WORKERS = 2
+_PROGRESS_SECONDS = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Input:
+  """An input being read: where it is, and its part of the unit at hand."""
+  source: base.Source
+  part: base.Part
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unit:
+  """One output part and the input parts it is made of."""
+  action: Action
+  tensor: base.Tensor  # as written (the newest input's)
+  key: bytes  # the output part
+  inputs: tuple  # of _Input: every active input (AVERAGE) or the newest
+
+
+class _Stopped(Exception):
+  """A worker stops early because the other one failed or Ctrl-C was hit."""
+
+
+def write_all(plan: Plan, inputs: Sequence[checkpoints.Checkpoint],
+              weights: Optional[Sequence[float]], newest: int, sink, *,
+              allow_nonfinite: bool) -> None:
+  """Computes every output part of `plan` and writes it into `sink`.
+
+  Args:
+    plan: what each tensor is.
+    inputs: the checkpoints averaged (weight > 0), in averaging order.
+    weights: their weights, or None for a uniform average (sum, then / n).
+    newest: the index in `inputs` to copy non-float tensors from.
+    sink: the output (`open_part(key)` → a writer with `write`, `close`).
+    allow_nonfinite: average NaN/inf instead of refusing.
+
+  Raises:
+    AveragingError: an input is corrupted, truncated or holds NaN/inf.
+  """
+  units = []
+  for item in plan.items:
+    if item.action is Action.STEP:
+      value = checkpoints.scalar_bytes(plan.step, item.tensor.dtype.numpy)
+      writer = sink.open_part(item.tensor.parts[0].key)
+      writer.write(value)
+      writer.close()
+      continue
+    sources = inputs if item.action is Action.AVERAGE else [inputs[newest]]
+    for j, part in enumerate(item.tensor.parts):
+      units.append(_Unit(item.action, item.tensor, part.key, tuple(
+          _Input(c.source, c.source.tensors()[item.tensor.name].parts[j])
+          for c in sources)))
+  # Largest first, so the workers end close together.
+  units.sort(key=lambda u: -u.inputs[0].part.size)
+  arithmetic = _Arithmetic(weights, allow_nonfinite)
+  _Pool(units, sink, arithmetic).run()
+
+
+class _Arithmetic:
+  """float64 (complex128) sum in input order, / n or weighted, cast once."""
+
+  def __init__(self, weights: Optional[Sequence[float]], allow_nonfinite: bool):
+    self.weights = None if weights is None else list(weights)
+    self.allow_nonfinite = allow_nonfinite
+
+  def accumulate(self, total: np.ndarray, value: np.ndarray, i: int,
+                 scratch: np.ndarray) -> None:
+    if self.weights is None:
+      np.add(total, value, out=total)
+    else:
+      np.add(total, np.multiply(value, self.weights[i], out=scratch,
+                                dtype=total.dtype), out=total)
+
+  def finish(self, total: np.ndarray, count: int, result: np.ndarray) -> bool:
+    """Divides a uniform sum, casts into `result`; False when not finite.
+
+    The cast is numpy's (as legacy's feed of float64 into a typed
+    placeholder): direct rounding to float16/float32, through float32 for
+    bfloat16 (ml_dtypes).
+    """
+    if self.weights is None:
+      total /= count
+    # A sum of finite values read from float32 or narrower cannot overflow
+    # float64, so one sum finds any NaN or inf; the exact test only runs then.
+    if not self.allow_nonfinite and not np.isfinite(total.sum()) and not (
+        np.isfinite(total).all()):
+      return False
+    np.copyto(result, total, casting="unsafe")
+    return True
+
+
+class _Pool:
+  """`WORKERS` threads taking units largest first; the first error stops all."""
+
+  def __init__(self, units: List[_Unit], sink, arithmetic: _Arithmetic):
+    self._todo = iter(units)
+    self._sink = sink
+    self._arithmetic = arithmetic
+    self._lock = threading.Lock()
+    self._stop = threading.Event()
+    self._progress = _Progress(sum(u.inputs[0].part.size for u in units))
+
+  def run(self) -> None:
+    with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+      futures = [pool.submit(self._work) for _ in range(WORKERS)]
+      try:
+        while concurrent.futures.wait(futures, _PROGRESS_SECONDS).not_done:
+          self._progress.log()
+      except BaseException:  # Ctrl-C: stop the workers at their next chunk.
+        self._stop.set()
+        raise
+      for future in futures:
+        future.result()
+
+  def _work(self) -> None:
+    try:
+      while not self._stop.is_set():
+        with self._lock:
+          unit = next(self._todo, None)
+        if unit is None:
+          return
+        _run_unit(unit, self._sink.open_part(unit.key), self._arithmetic,
+                  self._stop, self._progress)
+    except _Stopped:
+      return  # The other worker's error (or Ctrl-C) is the one to report.
+    except BaseException:
+      self._stop.set()
+      raise
+
+
+def _run_unit(unit: _Unit, writer, arithmetic: _Arithmetic,
+              stop: threading.Event, progress: "_Progress") -> None:
+  """Reads, combines and writes one part chunk by chunk, checking crc32c."""
+  numpy = unit.tensor.dtype.numpy
+  itemsize = numpy.itemsize if numpy is not None else 1
+  size = unit.inputs[0].part.size
+  step = max(1, CHUNK_BYTES // itemsize) * itemsize
+  buffer = np.empty(min(step, size), np.uint8)
+  crcs = [0] * len(unit.inputs)
+  combine = _average_chunk if unit.action is Action.AVERAGE else _copy_chunk
+  state = _ChunkState(unit, arithmetic, min(step, size) // itemsize)
+  for start in range(0, size, step):
+    if stop.is_set():
+      raise _Stopped()
+    chunk = buffer[:min(step, size - start)]
+    writer.write(combine(state, chunk, start, crcs))
+    progress.add(len(chunk))
+  _check_crcs(unit, crcs)
+  stored = unit.inputs[0].part.crc if numpy is None else None
+  writer.close(stored_crc=stored)
+
+
+@dataclasses.dataclass
+class _ChunkState:
+  """Buffers for one unit, allocated once."""
+  unit: _Unit
+  arithmetic: _Arithmetic
+  elements: int
+
+  def __post_init__(self) -> None:
+    dtype = self.unit.tensor.dtype
+    if self.unit.action is Action.AVERAGE:
+      wide = np.complex128 if dtype.kind is base.Kind.COMPLEX else np.float64
+      self.total = np.empty(self.elements, wide)
+      self.scratch = np.empty_like(self.total)
+      self.result = np.empty(self.elements, dtype.numpy)
+
+
+def _read(inp: _Input, unit: _Unit, chunk: np.ndarray, start: int) -> None:
+  try:
+    inp.source.read(inp.part, start, memoryview(chunk))
+  except (AveragingError, OSError) as e:
+    raise AveragingError(f"cannot read variable {unit.tensor.name} from "
+                         f"checkpoint {inp.source.path}: {e}") from e
+
+
+def _copy_chunk(state: _ChunkState, chunk: np.ndarray, start: int,
+                crcs: List[int]) -> np.ndarray:
+  _read(state.unit.inputs[0], state.unit, chunk, start)
+  crcs[0] = crc.crc32c(chunk, crcs[0])
+  return chunk
+
+
+def _average_chunk(state: _ChunkState, chunk: np.ndarray, start: int,
+                   crcs: List[int]) -> np.ndarray:
+  unit, arithmetic = state.unit, state.arithmetic
+  numpy = unit.tensor.dtype.numpy
+  count = len(chunk) // numpy.itemsize
+  total, scratch = state.total[:count], state.scratch[:count]
+  total.fill(0)
+  for i, inp in enumerate(unit.inputs):
+    _read(inp, unit, chunk, start)
+    crcs[i] = crc.crc32c(chunk, crcs[i])
+    arithmetic.accumulate(total, chunk.view(numpy), i, scratch)
+  result = state.result[:count]
+  if not arithmetic.finish(total, len(unit.inputs), result):
+    _raise_nonfinite(unit, chunk, start)
+  return result
+
+
+def _raise_nonfinite(unit: _Unit, chunk: np.ndarray, start: int) -> None:
+  """Names the input holding NaN/inf, unless one is corrupted instead."""
+  for inp in unit.inputs:
+    _check_whole_crc(inp, unit)
+  for inp in unit.inputs:
+    _read(inp, unit, chunk, start)
+    if not np.isfinite(chunk.view(unit.tensor.dtype.numpy)).all():
+      raise AveragingError(
+          f"variable {unit.tensor.name} in checkpoint {inp.source.path} holds "
+          "NaN or inf (pass --allow_nonfinite to average it anyway)")
+  raise AveragingError(f"variable {unit.tensor.name}: the average is not "
+                       "finite")
+
+
+def _check_whole_crc(inp: _Input, unit: _Unit) -> None:
+  """Reads a whole input part to check its crc32c (a NaN may be a bit flip)."""
+  if inp.part.crc is None:
+    return
+  value, size = 0, inp.part.size
+  buffer = np.empty(min(CHUNK_BYTES, size), np.uint8)
+  for start in range(0, size, len(buffer)):
+    chunk = buffer[:min(len(buffer), size - start)]
+    _read(inp, unit, chunk, start)
+    value = crc.crc32c(chunk, value)
+  _check_crcs(dataclasses.replace(unit, inputs=(inp,)), [value])
+
+
+def _check_crcs(unit: _Unit, crcs: Sequence[int]) -> None:
+  if unit.tensor.dtype.numpy is None:
+    return  # Strings and variants keep their own checksum, copied as is.
+  for inp, value in zip(unit.inputs, crcs):
+    if inp.part.crc is not None and crc.masked(value) != inp.part.crc:
+      raise AveragingError(f"checkpoint {inp.source.path} is corrupted: "
+                           f"variable {unit.tensor.name} fails its checksum "
+                           f"in {inp.part.file}")
+
+
+class _Progress:
+  """Bytes written so far, logged every _PROGRESS_SECONDS."""
+
+  def __init__(self, total: int):
+    self._total = total
+    self._done, self._start = 0, time.monotonic()
+    self._lock = threading.Lock()
+
+  def add(self, nbytes: int) -> None:
+    with self._lock:
+      self._done += nbytes
+
+  def log(self) -> None:
+    logging.info("Averaged %.0f of %.0f MB of output (%.0f s)",
+                 self._done / 1e6, self._total / 1e6,
+                 time.monotonic() - self._start)
