@@ -21,6 +21,7 @@ from t2t_avg import weighting
 from t2t_avg import writer
 from t2t_avg.checkpoints import Checkpoint
 from t2t_avg.errors import ArgumentError, AveragingError
+from t2t_avg.formats import base
 from t2t_avg.formats import tf_bundle
 from t2t_avg.paths import is_local
 from t2t_avg.record import AveragingResult, CheckpointRow
@@ -81,12 +82,16 @@ def average_checkpoints(
   exclude = options.compile_exclude(exclude_variables)
   options.check_output_path(output_path)
   inputs = checkpoints.open_all(paths, step_from)
+  fmt = _one_format(inputs)
+  if write_meta and not fmt.has_state_file:
+    raise ArgumentError("{write_meta} is for TF checkpoints, not {kind}",
+                        kind=fmt.name)
   weights = _normalised(weights, len(inputs))
   active = [i for i, w in enumerate(weights) if w > 0]
   newest = checkpoints.newest_of(inputs, active)
   step = _output_step(output_step, inputs[newest])
-  output_prefix = f"{output_path}-{step}"
-  _refuse_overwriting(output_prefix, inputs)
+  output_prefix = fmt.output_name(output_path, step)
+  _refuse_overwriting(output_prefix, inputs, fmt)
   plan = planning.make_plan(inputs, newest, exclude=exclude, step=step)
   rows = tuple(
       CheckpointRow(c.path, c.step, c.step_source, w,
@@ -109,7 +114,7 @@ def average_checkpoints(
          None if uniform else [weights[i] for i in active],
          active.index(newest), output_prefix, record,
          allow_nonfinite=allow_nonfinite, write_meta=write_meta)
-  if update_state_file:
+  if update_state_file and fmt.has_state_file:
     _update_state_file(output_prefix, [c.path for c in inputs])
   logging.info("Averaged checkpoint saved as %s; decode with "
                "--checkpoint_path=%s", output_prefix, output_prefix)
@@ -139,28 +144,36 @@ def _output_step(output_step: options.OutputStep, newest: Checkpoint) -> int:
   return int(output_step)
 
 
-def _refuse_overwriting(output_prefix: str,
-                        inputs: Sequence[Checkpoint]) -> None:
+def _one_format(inputs: Sequence[Checkpoint]) -> base.Format:
+  fmt = inputs[0].source.format
+  for c in inputs[1:]:
+    if c.source.format != fmt:
+      raise AveragingError(f"{inputs[0].path} is a {fmt.name} but {c.path} "
+                           f"is a {c.source.format.name}; average one format "
+                           "at a time")
+  return fmt
+
+
+def _refuse_overwriting(output: str, inputs: Sequence[Checkpoint],
+                        fmt: base.Format) -> None:
   def norm(p: str) -> str:
     # realpath: an input reached through a symlinked directory is the same.
     return os.path.realpath(p) if is_local(p) else p
   for c in inputs:
-    if norm(c.path) == norm(output_prefix):
-      raise AveragingError(f"output {output_prefix} is one of the input "
+    if norm(c.path) == norm(output):
+      raise AveragingError(f"output {output} is one of the input "
                            "checkpoints; choose another --output_path")
-  writer.check_replaceable(_output_names(output_prefix))
-  if checkpoints.exists(output_prefix) and not (
-      checkpoints.is_output_of_this_tool(output_prefix)):
-    raise AveragingError(f"output {output_prefix} already exists and was not "
+  writer.check_replaceable(_output_names(output, fmt))
+  if fmt.exists(output) and not checkpoints.is_output_of_this_tool(output):
+    raise AveragingError(f"output {output} already exists and was not "
                          "written by t2t_avg; remove it or choose another "
                          "--output_path")
 
 
-def _output_names(output_prefix: str) -> List[str]:
-  """Every file an output under this prefix has or may have."""
-  names = [output_prefix + suffix for suffix in (
-      tf_bundle.INDEX_SUFFIX, ".meta", checkpoints.RECORD_SUFFIX)]
-  return names + sorted(tf.io.gfile.glob(output_prefix + ".data-*"))
+def _output_names(output: str, fmt: base.Format) -> List[str]:
+  """Every file an output at this name has or may have."""
+  return fmt.files(output) + [output + ".meta",
+                              output + checkpoints.RECORD_SUFFIX]
 
 
 def _log_inputs(rows: Sequence[CheckpointRow], newest: str) -> None:
@@ -174,13 +187,14 @@ def _log_inputs(rows: Sequence[CheckpointRow], newest: str) -> None:
 
 
 def _write(plan: planning.Plan, inputs: Sequence[Checkpoint],
-           weights: Optional[List[float]], newest: int, output_prefix: str,
+           weights: Optional[List[float]], newest: int, output: str,
            record: dict, *, allow_nonfinite: bool, write_meta: bool) -> None:
   """Streams the output into a private directory, checks it, publishes it."""
+  fmt = inputs[newest].source.format
   try:
-    with writer.Output(output_prefix) as out:
-      tmp = out.temporary_path("out")
-      sink = tf_bundle.BundleSink(tmp, plan.tensors)
+    with writer.Output(output) as out:
+      sink = fmt.make_sink(out.temporary_path("out"), plan.tensors,
+                           inputs[newest].source)
       try:
         streaming.write_all(plan, inputs, weights, newest, sink,
                             allow_nonfinite=allow_nonfinite)
@@ -188,25 +202,22 @@ def _write(plan: planning.Plan, inputs: Sequence[Checkpoint],
         sink.abort()
         raise
       sink.close()
-      tf_bundle.verify_readable(tmp, plan.tensors)
-      files = [(sink.data_path, tf_bundle.data_file(output_prefix, 0, 1))]
+      sink.verify()
+      files = sink.publication(output)
+      visible = files.pop()
       if write_meta:
         meta_graph.write(out.temporary_path("meta"), plan.tensors)
-        files.append((out.temporary_path("meta"), output_prefix + ".meta"))
+        files.append((out.temporary_path("meta"), output + ".meta"))
       writer.write_json(out.temporary_path("record.json"), record)
       files.append((out.temporary_path("record.json"),
-                    output_prefix + checkpoints.RECORD_SUFFIX))
-      files.append((sink.index_path, output_prefix + tf_bundle.INDEX_SUFFIX))
-      # Replacing an earlier output: its index goes first, so a crash never
-      # leaves new data under an old index.
-      replaced = [output_prefix + tf_bundle.INDEX_SUFFIX] + sorted(
-          tf.io.gfile.glob(output_prefix + ".data-*"))
-      out.publish(files, replaced)
+                    output + checkpoints.RECORD_SUFFIX))
+      # Replacing an earlier output: what makes it visible goes first, so a
+      # crash never leaves new data under an old index.
+      out.publish(files + [visible], fmt.files(output))
   except (OSError, tf.errors.OpError) as e:
     # Reading errors are AveragingErrors naming the input: this is the output.
-    raise AveragingError(f"cannot write {output_prefix}: "
-                         f"{getattr(e, 'strerror', None) or tf_bundle.error_text(e)}"
-                         ) from e
+    reason = getattr(e, "strerror", None) or tf_bundle.error_text(e)
+    raise AveragingError(f"cannot write {output}: {reason}") from e
 
 
 def _update_state_file(output_prefix: str, input_paths: Sequence[str]) -> None:

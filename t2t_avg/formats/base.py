@@ -12,7 +12,7 @@ import dataclasses
 import enum
 import os
 import threading
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -109,8 +109,8 @@ class Source(abc.ABC):
 
   @property
   @abc.abstractmethod
-  def format(self) -> str:
-    """The format's name, e.g. 'TF checkpoint'."""
+  def format(self) -> "Format":
+    """The checkpoint format this source is in."""
 
   @abc.abstractmethod
   def tensors(self) -> Mapping[str, Tensor]:
@@ -135,6 +135,82 @@ class Source(abc.ABC):
       for handle in self._files.values():
         handle.close()
       self._files.clear()
+
+
+class PartWriter(abc.ABC):
+  """Writes one output part's bytes in order."""
+
+  @abc.abstractmethod
+  def write(self, chunk: np.ndarray) -> None:
+    """Appends a chunk (any dtype; its bytes are written)."""
+
+  @abc.abstractmethod
+  def close(self, stored_crc: Optional[int] = None) -> None:
+    """Ends the part; `stored_crc` keeps a copied string/variant's checksum."""
+
+
+class Sink(abc.ABC):
+  """One output being written under temporary names, then published.
+
+  The layout is fixed when the sink is made (from the tensors, in name
+  order), so the bytes never depend on which thread writes which part.
+  """
+
+  @abc.abstractmethod
+  def open_part(self, key: bytes) -> PartWriter:
+    """A writer for the output part `key` (thread-safe)."""
+
+  @abc.abstractmethod
+  def close(self) -> None:
+    """Finishes the output and flushes it to disk."""
+
+  @abc.abstractmethod
+  def abort(self) -> None:
+    """Gives up (the temporary files are removed with their directory)."""
+
+  @abc.abstractmethod
+  def verify(self) -> None:
+    """Checks that the format's own reader opens the output and lists every
+    tensor; raises AveragingError otherwise."""
+
+  @abc.abstractmethod
+  def publication(self, output: str) -> List[Tuple[str, str]]:
+    """(temporary path, final path) to rename, in order; the last makes the
+    output visible."""
+
+
+class Format(abc.ABC):
+  """A checkpoint format: how outputs are named, found and written."""
+
+  name: str = ""
+  # Whether a `checkpoint` state file lists outputs (TF), and a `.meta`
+  # graph can be written beside them.
+  has_state_file = False
+
+  @abc.abstractmethod
+  def output_name(self, output_path: str, step: int) -> str:
+    """The output's path from `--output_path` and the output step."""
+
+  @abc.abstractmethod
+  def files(self, output: str) -> List[str]:
+    """Every file an output at `output` has now, the one that makes it
+    visible first (replacing an output removes them in this order)."""
+
+  @abc.abstractmethod
+  def exists(self, output: str) -> bool:
+    """Whether a checkpoint of this format is at `output`."""
+
+  @abc.abstractmethod
+  def make_sink(self, temporary: str, tensors: Sequence[Tensor],
+                newest: Source) -> Sink:
+    """A sink writing `tensors` under the temporary path `temporary`;
+    format metadata (e.g. a `.keras` file's config) comes from `newest`."""
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, Format) and other.name == self.name
+
+  def __hash__(self) -> int:
+    return hash(self.name)
 
 
 class _PositionedFile:

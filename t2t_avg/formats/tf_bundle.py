@@ -31,7 +31,6 @@ from t2t_avg import crc
 from t2t_avg.errors import AveragingError
 from t2t_avg.formats import base
 
-FORMAT = "TF checkpoint"
 INDEX_SUFFIX = ".index"
 GLOBAL_STEP = "global_step"
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
@@ -247,7 +246,7 @@ class _TFSource(base.Source):
   _tensors: Dict[str, base.Tensor]
 
   @property
-  def format(self) -> str:
+  def format(self) -> base.Format:
     return FORMAT
 
   @property
@@ -411,7 +410,7 @@ class _Placed:
   offset: int
 
 
-class BundleSink:
+class BundleSink(base.Sink):
   """Writes a one-shard V2 bundle whose layout is fixed before any byte is.
 
   Every part gets its place in the data file from the sorted list of keys
@@ -481,6 +480,13 @@ class BundleSink:
     except OSError:
       pass
 
+  def verify(self) -> None:
+    verify_readable(self.prefix, self._tensors)
+
+  def publication(self, output: str) -> List[Tuple[str, str]]:
+    return [(self.data_path, data_file(output, 0, 1)),
+            (self.index_path, output + INDEX_SUFFIX)]
+
   def _index_entries(self) -> List[Tuple[bytes, bytes]]:
     header = tensor_bundle_pb2.BundleHeaderProto(
         num_shards=1, endianness=tensor_bundle_pb2.BundleHeaderProto.LITTLE)
@@ -516,7 +522,7 @@ def _entry(enum: int, shape: Sequence[int], *, offset: int = 0, size: int = 0,
   return entry
 
 
-class PartWriter:
+class PartWriter(base.PartWriter):
   """Writes one part's bytes in order, computing their crc32c on the way."""
 
   def __init__(self, sink: BundleSink, key: bytes, offset: int, size: int):
@@ -603,3 +609,28 @@ def verify_readable(prefix: str, tensors: Sequence[base.Tensor]) -> None:
     raise AveragingError(f"internal error: TF reads the output at {prefix} "
                          f"with other tensors than written (missing: "
                          f"{missing})")
+
+
+class TFFormat(base.Format):
+  """TF checkpoints: `<prefix>.index` and `.data-*` files, V1 read too."""
+
+  name = "TF checkpoint"
+  has_state_file = True
+
+  def output_name(self, output_path: str, step: int) -> str:
+    return f"{output_path}-{step}"
+
+  def files(self, output: str) -> List[str]:
+    return [output + INDEX_SUFFIX] + sorted(tf.io.gfile.glob(output +
+                                                             ".data-*"))
+
+  def exists(self, output: str) -> bool:
+    return is_v2(output) or is_v1(output)
+
+  def make_sink(self, temporary: str, tensors: Sequence[base.Tensor],
+                newest: base.Source) -> base.Sink:
+    del newest  # TF checkpoints carry no metadata beside their tensors.
+    return BundleSink(temporary, tensors)
+
+
+FORMAT = TFFormat()
