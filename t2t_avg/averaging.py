@@ -116,8 +116,8 @@ def average_checkpoints(
          allow_nonfinite=allow_nonfinite, write_meta=write_meta)
   if update_state_file and fmt.has_state_file:
     _update_state_file(output_prefix, [c.path for c in inputs])
-  logging.info("Averaged checkpoint saved as %s; decode with "
-               "--checkpoint_path=%s", output_prefix, output_prefix)
+  logging.info("Averaged checkpoint saved as %s; %s", output_prefix,
+               fmt.how_to_load(output_prefix))
   return dataclasses.replace(result, written=True)
 
 

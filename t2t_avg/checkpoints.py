@@ -10,9 +10,11 @@ import numpy as np
 import tensorflow as tf
 
 from t2t_avg import formats
+from t2t_avg import keras_checkpoints
 from t2t_avg import paths
 from t2t_avg.errors import AveragingError
 from t2t_avg.formats import base
+from t2t_avg.formats import detect
 from t2t_avg.formats import tf_bundle
 
 STATE_FILE = "checkpoint"
@@ -52,18 +54,30 @@ def is_output_of_this_tool(prefix: str) -> bool:
 def resolve(path: str) -> str:
   """A checkpoint prefix from a prefix, one of its files, or a directory.
 
-  A directory means its latest checkpoint, as in legacy T2T.
+  A directory means its latest checkpoint, as in legacy T2T (for a
+  directory of Keras files without a state file: its newest file).
 
   Raises:
-    AveragingError: nothing is there.
+    AveragingError: nothing is there, or a directory that is a model.
   """
   if tf.io.gfile.isdir(path):
-    path = _latest(path)
+    path = _latest_in(path)
   path = paths.strip_file_suffix(path)
   if not exists(path):
-    raise AveragingError(f"checkpoint {path} does not exist "
-                         f"(no {path}{tf_bundle.INDEX_SUFFIX})")
+    missing = ("" if keras_checkpoints.is_keras_name(path) else
+               f" (no {path}{tf_bundle.INDEX_SUFFIX})")
+    raise AveragingError(f"checkpoint {path} does not exist{missing}")
   return path
+
+
+def _latest_in(directory: str) -> str:
+  """The latest checkpoint of a directory: its state file's, or its newest
+  Keras file's when it has no state file."""
+  detect.refuse_directory(directory)
+  if paths.is_local(directory) and _state(directory) is None and (
+      keras_checkpoints.holds_keras_files(directory)):
+    return keras_checkpoints.latest(directory)
+  return _latest(directory)
 
 
 def _latest(directory: str) -> str:
@@ -112,7 +126,9 @@ def last_n(prefix: str, n: int) -> List[str]:
   TF2's `tf.train.Checkpoint.save` lists only its newest checkpoint: when
   fewer than `n` are listed, unlisted checkpoints of the same basename with a
   step number no higher than the newest listed one count too, highest first
-  (never an output of this tool).
+  (never an output of this tool). A directory of Keras files has no state
+  file: its last `n` files named `basename(prefix)*` are taken, see
+  `keras_checkpoints.list_directory`.
 
   Raises:
     AveragingError: no state file, or a listed checkpoint is missing.
@@ -120,6 +136,9 @@ def last_n(prefix: str, n: int) -> List[str]:
   state_dir = os.path.dirname(prefix) or "."
   state_file = os.path.join(state_dir, STATE_FILE)
   state = _state(state_dir)
+  if (state is None or not state.model_checkpoint_path) and paths.is_local(
+      state_dir) and keras_checkpoints.holds_keras_files(state_dir):
+    return keras_checkpoints.last_n(prefix, n)
   if state is None or not state.model_checkpoint_path:
     raise AveragingError(f"no checkpoint state file {state_file} (the "
                          "directory of --prefix)")
@@ -182,14 +201,14 @@ def read_step(source: base.Source, step_from: str = "auto") -> Checkpoint:
   `global_step` tensor, then an optimizer's iteration counter, the inner
   optimizer's first for a Keras LossScaleOptimizer), then the trailing -N of
   the name (TF2 numbers files by save count, not training step, which is
-  why the name comes last).
+  why the name comes last; for Keras files, ModelCheckpoint's `{epoch}`).
 
   Raises:
     AveragingError: the asked-for source is not there.
   """
   path = source.path
   if step_from == "name":
-    step = paths.name_step(path)
+    step = source.name_step()
     if step is None:
       raise AveragingError(f"--step_from=name: checkpoint {path} has no "
                            "trailing -N in its name")
@@ -203,7 +222,7 @@ def read_step(source: base.Source, step_from: str = "auto") -> Checkpoint:
   for key in source.step_keys:
     if key in tensors:
       return Checkpoint(path, _scalar_int(source, key), key, source)
-  step = paths.name_step(path)
+  step = source.name_step()
   return Checkpoint(path, step, "name" if step is not None else "unknown",
                     source)
 

@@ -1,13 +1,21 @@
 """Checkpoint formats behind one interface: `open_source(path)` → a `base.Source`."""
+from t2t_avg.formats import detect
 from t2t_avg.formats.base import Source
 
 
 def open_source(path: str) -> Source:
   """A source for the checkpoint at `path` (a resolved prefix or file).
 
+  Keras 3 files (`.weights.h5`, `.keras`) are told from TF checkpoints by
+  their content.
+
   Raises:
-    AveragingError: it is incomplete or cannot be read.
+    AveragingError: it is incomplete or cannot be read, or it is no
+      checkpoint (the message says what it is).
   """
-  # pylint: disable-next=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  if detect.kind_of(path) != detect.TF:
+    from t2t_avg.formats import keras_h5
+    return keras_h5.open_path(path)
   from t2t_avg.formats import tf_bundle
   return tf_bundle.open_source(path)

@@ -17,6 +17,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from t2t_avg import crc
+from t2t_avg import paths
 from t2t_avg.errors import AveragingError
 
 Extent = Tuple[int, int]  # (start, length) along one dimension
@@ -116,6 +117,10 @@ class Source(abc.ABC):
   def tensors(self) -> Mapping[str, Tensor]:
     """{name: Tensor} of every tensor in the checkpoint."""
 
+  def name_step(self) -> Optional[int]:
+    """The step number in the checkpoint's name (TF: a trailing -N), or None."""
+    return paths.name_step(self.path)
+
   def read(self, part: Part, offset: int, out: memoryview) -> None:
     """Reads `len(out)` bytes of `part` from byte `offset` into `out`.
 
@@ -205,6 +210,10 @@ class Format(abc.ABC):
                 newest: Source) -> Sink:
     """A sink writing `tensors` under the temporary path `temporary`;
     format metadata (e.g. a `.keras` file's config) comes from `newest`."""
+
+  def how_to_load(self, output: str) -> str:
+    """What the log says to do with a written output."""
+    return f"decode with --checkpoint_path={output}"
 
   def __eq__(self, other: object) -> bool:
     return isinstance(other, Format) and other.name == self.name
