@@ -10,20 +10,25 @@ from absl import logging
 from t2t_avg.errors import ArgumentError
 
 MODES = ("min", "max")
+# What a point's `step` counts (see `keras_logs` for how each aligns).
+STEP = "step"  # the training step, as TF checkpoints count it
+EPOCH = "epoch"  # the 0-based epoch (Keras `epoch_*` tags, CSVLogger rows)
+ITERATIONS = "iterations"  # optimizer iterations (Keras `*_vs_iterations`)
 
 
 @dataclasses.dataclass(frozen=True)
 class MetricPoint:
-  """One logged value of a scalar metric."""
+  """One logged value of a scalar metric, and what its step counts."""
   step: int
   wall_time: float
   value: float
+  kind: str = STEP
 
 
 _HIGHER_BETTER = ("accuracy", "acc", "bleu", "rouge", "f1", "fscore", "chrf",
-                  "precision", "recall", "likelihood")
+                  "precision", "recall", "likelihood", "auc")
 _LOWER_BETTER = ("loss", "perplexity", "ppl", "wer", "ter", "cer", "error",
-                 "distance", "rmse", "mse", "mae")
+                 "distance", "rmse", "mse", "mae", "crossentropy")
 
 
 def _matches(tokens: Sequence[str], keywords: Sequence[str]) -> bool:
@@ -45,16 +50,18 @@ def infer_direction(tag: str) -> str:
   The tag's last `/` component is split on `_` and `-` and lower-cased.
   Higher is better ('max') when a token starts with `neg` (T2T's
   `neg_log_perplexity`) or matches one of accuracy, acc, bleu, rouge, f1,
-  fscore, chrf, precision, recall, likelihood, or the name holds `r_squared`;
-  otherwise lower is better ('min') when a token matches one of loss,
-  perplexity, ppl, wer, ter, cer, error, distance, rmse, mse, mae.
+  fscore, chrf, precision, recall, likelihood, auc, or the name holds
+  `r_squared`; otherwise lower is better ('min') when a token matches one of
+  loss, perplexity, ppl, wer, ter, cer, error, distance, rmse, mse, mae,
+  crossentropy.
 
   A token matches a keyword of 4 or more letters when it contains it
   (`rougeL`, `sacrebleu`, `valloss`), and a shorter keyword when it is the
   keyword followed by no letters (`acc`, `acc5`, `f1`; not `accumulated`,
   `term` or `certainty`). So `approx_bleu_score`, `rouge_2_fscore`,
-  `BLEU_cased`, `accuracy_per_sequence` give 'max'; `val_loss`, `perplexity`,
-  `edit_distance` give 'min'; `lr`, `learning_rate`, `global_step` are errors.
+  `BLEU_cased`, `accuracy_per_sequence`, `val_auc` give 'max'; `val_loss`,
+  `perplexity`, `edit_distance`, `val_sparse_categorical_crossentropy` give
+  'min'; `lr`, `learning_rate`, `global_step` are errors.
   Note that `neg_log_likelihood` gives 'max', by the `neg` rule.
 
   Args:

@@ -9,6 +9,7 @@ from absl import logging
 from t2t_avg import averaging
 from t2t_avg import checkpoints as ckpts
 from t2t_avg import events
+from t2t_avg import keras_logs
 from t2t_avg import metrics
 from t2t_avg import options
 from t2t_avg import safe_files
@@ -28,13 +29,15 @@ def choose(inputs: options.InputOptions) -> List[str]:
 
 def read_points(settings: options.WeightingOptions) -> Optional[
     List[MetricPoint]]:
-  """The metric's points, when event files are given; None otherwise.
+  """The metric's points, when event files (or Keras CSV logs) are given;
+  None otherwise.
 
   A metric that is read but not used to weigh is said so.
   """
   if not settings.metrics_from_events:
     return None
-  points = events.read_metric(settings.metrics_from_events, settings.metric)
+  points = keras_logs.read_metric(settings.metrics_from_events,
+                                  settings.metric)
   if not settings.uses_metric:
     logging.warning(
         "--metrics_from_events is read and shown, but --weighting=%s does not "

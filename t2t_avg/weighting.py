@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from absl import logging
 import numpy as np
 
+from t2t_avg import keras_logs
 from t2t_avg import metrics
 from t2t_avg import options
 from t2t_avg.errors import ArgumentError, AveragingError
@@ -70,26 +71,31 @@ def weigh_checkpoints(checkpoints: Sequence, points: Optional[Sequence[
 
 def _align(checkpoints: List, points: Sequence[MetricPoint],
            settings: options.WeightingOptions) -> Tuple[List, List]:
-  """The checkpoints (those with a metric, under 'skip') and their points."""
-  for c in checkpoints:
-    if c.step is None:
-      raise AveragingError(f"the step of checkpoint {c.path} is unknown, so "
-                           "no metric can be matched to it (see --step_from)")
+  """The checkpoints (those with a metric, under 'skip') and their points.
+
+  A checkpoint's position on the metric's step axis depends on what the
+  metric's steps count (training steps, Keras epochs or iterations): see
+  `keras_logs.checkpoint_positions`.
+  """
+  kind = points[0].kind if points else metrics.STEP
+  positions = keras_logs.checkpoint_positions(checkpoints, kind)
   aligned = align_metrics_to_checkpoints(
-      [c.step for c in checkpoints], points,
-      max_step_gap=settings.max_step_gap)
+      positions, points, max_step_gap=settings.max_step_gap)
   if not settings.uses_metric:
     return checkpoints, aligned
-  missing = [c for c, p in zip(checkpoints, aligned) if p is None]
+  missing = [(c, at) for c, at, p in zip(checkpoints, positions, aligned)
+             if p is None]
   tag = settings.metric
   if missing and settings.missing_metric == "error":
+    c, at = missing[0]
     raise AveragingError(
-        f"no {tag} metric at step {missing[0].step} (checkpoint "
-        f"{missing[0].path}, --max_step_gap={settings.max_step_gap}); steps "
-        f"with one: {_steps_text(points)} (or pass --missing_metric=skip)")
-  for c in missing:
-    logging.warning("Leaving out checkpoint %s: no %s metric at step %d",
-                    c.path, tag, c.step)
+        f"no {tag} metric at {keras_logs.position_text(kind, at)} "
+        f"(checkpoint {c.path}, --max_step_gap={settings.max_step_gap}); "
+        f"{keras_logs.AXES[kind]} with one: {_steps_text(points)} (or pass "
+        "--missing_metric=skip)")
+  for c, at in missing:
+    logging.warning("Leaving out checkpoint %s: no %s metric at %s", c.path,
+                    tag, keras_logs.position_text(kind, at))
   kept = [(c, p) for c, p in zip(checkpoints, aligned) if p is not None]
   if not kept:
     raise AveragingError(f"no checkpoint has a {tag} metric")

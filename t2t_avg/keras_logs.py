@@ -1,0 +1,226 @@
+"""Metrics from Keras' own logs, and where a checkpoint sits on their step axis.
+
+Keras' `TensorBoard` callback logs `epoch_<metric>` (in `<log_dir>/train`
+and, for validation, `<log_dir>/validation`) at the 0-based epoch, and
+`evaluation_<metric>_vs_iterations` and `batch_<metric>` at the optimizer's
+iteration count; `CSVLogger` writes one row per epoch, with a 0-based
+`epoch` column and `val_*` columns. `ModelCheckpoint` names its files with
+the 1-based `{epoch}` and stores the iteration counter inside them. So the
+checkpoint saved after epoch e (the number in its name) pairs with the epoch
+metric logged at e - 1, and with an iterations metric logged at its counter;
+never silently with another epoch's. Every point carries its kind
+(`metrics.STEP`, `EPOCH`, `ITERATIONS`), so alignment is explicit.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import re
+from typing import Dict, List, Sequence
+
+from absl import logging
+
+from t2t_avg import events
+from t2t_avg import keras_checkpoints
+from t2t_avg import paths
+from t2t_avg.errors import ArgumentError, AveragingError
+from t2t_avg.metrics import EPOCH, ITERATIONS, STEP, MetricPoint
+
+_CSV_HEADER = re.compile(r"\ufeff?epoch(\W|$)")
+_MISSING = ("", "NA")  # CSVLogger writes NA for a key missing from a row.
+_MAX_LISTED = 40
+# Each kind's steps, in words (error messages).
+AXES = {STEP: "steps", EPOCH: "epochs (0-based)", ITERATIONS: "iterations"}
+
+
+def tag_kind(tag: str) -> str:
+  """What the step of a TensorBoard tag counts, from Keras' naming."""
+  last = tag.rsplit("/", 1)[-1]
+  if last.startswith("epoch_"):
+    return EPOCH
+  if last.endswith("_vs_iterations") or last.startswith("batch_"):
+    return ITERATIONS
+  return STEP
+
+
+def is_csv(path: str) -> bool:
+  """Whether a path is a CSV log with a header starting `epoch` (CSVLogger)."""
+  if not paths.is_local(path) or not os.path.isfile(path):
+    return False
+  with open(path, "rb") as f:
+    head = f.read(256)
+  try:
+    first = head.decode("utf-8").splitlines()[0] if head else ""
+  except UnicodeDecodeError:
+    return False
+  return bool(_CSV_HEADER.match(first))
+
+
+def read_metric(sources: Sequence[str], tag: str) -> List[MetricPoint]:
+  """The metric's points from TensorBoard event files or directories, or from
+  CSVLogger files (told apart by content), each point of its step kind.
+
+  Raises:
+    ArgumentError: CSV files and event files given together.
+    AveragingError: as `events.read_metric` and `read_csv`.
+  """
+  tables = [s for s in sources if is_csv(s)]
+  if tables and len(tables) != len(sources):
+    others = [s for s in sources if s not in tables]
+    raise ArgumentError(
+        "{metrics_from_events} mixes CSV logs ({table}) and TensorBoard "
+        "events ({other}); give one kind", table=tables[0], other=others[0])
+  if tables:
+    return read_csv(tables, tag)
+  kind = tag_kind(tag)
+  points = events.read_metric(sources, tag)
+  if kind != STEP:
+    logging.info("Metric %s is logged by %s (Keras' naming)", tag,
+                 "0-based epoch" if kind == EPOCH else "optimizer iterations")
+    points = [dataclasses.replace(p, kind=kind) for p in points]
+  return points
+
+
+def read_csv(paths_: Sequence[str], column: str) -> List[MetricPoint]:
+  """Every row's value of a column of CSVLogger files, one point per epoch.
+
+  `NA` (a key missing from that epoch's logs) gives no point; `nan` and
+  `inf` are values. An epoch in several rows (a run resumed with
+  `append=True`) keeps the last one, with a warning when they differ. A last
+  line without its line end (a file being written) is left out. Rows have
+  no time: a point's wall_time is its line number.
+
+  Raises:
+    AveragingError: no such column (the message lists the columns), or a
+      value that is not a number.
+  """
+  points: Dict[int, MetricPoint] = {}
+  for path in paths_:
+    for point in _csv_points(path, column):
+      old = points.get(point.step)
+      if old is not None and not (old.value == point.value or (
+          math.isnan(old.value) and math.isnan(point.value))):
+        logging.warning("%s: epoch %d has two %s values, %r and %r; the later "
+                        "row counts", path, point.step, column, old.value,
+                        point.value)
+      points[point.step] = point
+  logging.info("Read %d points of %r from %d CSV files (epochs, 0-based)",
+               len(points), column, len(paths_))
+  return [points[epoch] for epoch in sorted(points)]
+
+
+def _csv_points(path: str, column: str) -> List[MetricPoint]:
+  with open(path, encoding="utf-8-sig", newline="") as f:
+    text = f.read()
+  lines = text.splitlines()
+  if len(lines) > 1 and not text.endswith(("\n", "\r")):
+    logging.debug("%s: leaving out its last line, not ended (still being "
+                  "written?)", path)
+    lines.pop()  # CSVLogger writes whole lines: this one is being written.
+  header_line = lines[0] if lines else ""
+  separator = header_line[5:6] or ","
+  rows = list(csv.reader(lines, delimiter=separator))
+  header = rows[0]
+  if column not in header:
+    columns = ", ".join(header[1:_MAX_LISTED + 1]) or "none"
+    raise AveragingError(f"Metric column {column!r} not found in {path}; "
+                         f"columns there: {columns}")
+  index = header.index(column)
+  points = []
+  for line, row in enumerate(rows[1:], start=2):
+    if not row or row == header:
+      continue  # A header repeated by a second CSVLogger appending.
+    if len(row) != len(header) or not row[0].strip().isdigit():
+      raise AveragingError(f"{path}: line {line} is not a CSVLogger row "
+                           f"({separator.join(row)[:80]!r})")
+    value = row[index].strip()
+    if value in _MISSING:
+      continue
+    try:
+      number = float(value)
+    except ValueError as e:
+      raise AveragingError(f"{path}: column {column!r} holds {value[:40]!r} "
+                           f"at epoch {row[0]}, not a number") from e
+    points.append(MetricPoint(int(row[0]), float(line), number, EPOCH))
+  return points
+
+
+def _is_keras(checkpoint) -> bool:
+  source = getattr(checkpoint, "source", None)
+  if source is not None:
+    return source.format.name.startswith("Keras")
+  return keras_checkpoints.is_keras_name(checkpoint.path)
+
+
+def checkpoint_positions(checkpoints: Sequence, kind: str) -> List[int]:
+  """Where each checkpoint sits on the step axis of a metric of `kind`.
+
+  STEP and ITERATIONS: the checkpoint's step. EPOCH: the number in a Keras
+  file's name minus 1 (ModelCheckpoint's `{epoch}` is 1-based, the logs'
+  epoch 0-based).
+
+  Raises:
+    AveragingError: a step that is unknown; a Keras file whose step is the
+      number in its name (an epoch) for an iterations metric; for an epoch
+      metric, a checkpoint without an epoch in its name, two with the same
+      epoch, or names whose numbers do not follow the iteration counters.
+  """
+  if kind == EPOCH:
+    return _epoch_positions(checkpoints)
+  positions = []
+  for c in checkpoints:
+    if c.step is None:
+      raise AveragingError(f"the step of checkpoint {c.path} is unknown, so "
+                           "no metric can be matched to it (see --step_from)")
+    if kind == ITERATIONS and c.step_source == "name" and _is_keras(c):
+      raise AveragingError(
+          f"checkpoint {c.path} has no optimizer iteration counter (its step "
+          f"{c.step} is the number in its name, an epoch), so a metric logged "
+          "by iterations cannot be matched to it; weigh by an epoch_* tag or "
+          "a CSVLogger file")
+    positions.append(c.step)
+  return positions
+
+
+def _epoch_positions(checkpoints: Sequence) -> List[int]:
+  epochs = []
+  for c in checkpoints:
+    epoch = keras_checkpoints.name_number(c.path) if _is_keras(c) else None
+    if epoch is None or epoch < 1:
+      raise AveragingError(
+          f"checkpoint {c.path} has no epoch in its name (only Keras files "
+          "named by ModelCheckpoint's {epoch} do), so a metric logged per "
+          "epoch (epoch_* tags, CSVLogger rows) cannot be matched to it; "
+          "weigh by a metric logged by step, e.g. "
+          "evaluation_loss_vs_iterations")
+    epochs.append(epoch)
+  by_epoch = sorted(zip(epochs, range(len(epochs))))
+  for (epoch_a, a), (epoch_b, b) in zip(by_epoch, by_epoch[1:]):
+    first, second = checkpoints[a], checkpoints[b]
+    if epoch_a == epoch_b:
+      raise AveragingError(
+          f"checkpoints {first.path} and {second.path} both have epoch "
+          f"{epoch_a} in their names (saved within an epoch, save_freq=N?), so "
+          "a per-epoch metric cannot tell them apart; weigh by an "
+          "evaluation_*_vs_iterations tag")
+    counted = all(c.step is not None and c.step_source not in (
+        "name", "unknown") for c in (first, second))
+    if counted and first.step >= second.step:
+      raise AveragingError(
+          f"the numbers in the names of {first.path} ({epoch_a}) and "
+          f"{second.path} ({epoch_b}) do not follow their iteration counters "
+          f"({first.step}, {second.step}), so they are not epochs; weigh by "
+          "an evaluation_*_vs_iterations tag")
+  return [epoch - 1 for epoch in epochs]
+
+
+def position_text(kind: str, position: int) -> str:
+  """A position on a metric's step axis, in words."""
+  if kind == EPOCH:
+    return (f"epoch {position} (0-based, as logged: the file of epoch "
+            f"{position + 1})")
+  if kind == ITERATIONS:
+    return f"iteration {position}"
+  return f"step {position}"

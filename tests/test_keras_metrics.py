@@ -1,0 +1,240 @@
+"""Weighting Keras files by Keras' own logs: TensorBoard tags and CSVLogger files."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import options_from_flags, run_cli
+from keras_runs import (EPOCHS, assert_same_values, build_model, csv_column,
+                        data, datasets, expected_average, keras_runs,
+                        policy_scope, softmax_weights,
+                        tensorboard_scalars)  # pylint: disable=unused-import
+from t2t_avg import AveragingError
+from t2t_avg import keras_logs
+from t2t_avg import metrics
+from t2t_avg import oneshot
+from t2t_avg import options
+from t2t_avg.checkpoints import Checkpoint
+from t2t_avg.errors import ArgumentError
+from t2t_avg.metrics import EPOCH, ITERATIONS, STEP, MetricPoint
+
+
+def _one_shot(**flags):
+  built = options_from_flags(**flags)
+  return oneshot.run(built[options.InputOptions], built[options.OutputOptions],
+                     built[options.AveragingOptions],
+                     built[options.WeightingOptions])
+
+
+def test_softmax_by_tensorboard_epoch_loss_from_the_command_line(keras_runs,
+                                                                 tmp_path):
+  run = keras_runs["float32"]
+  output = str(tmp_path / "avg.weights.h5")
+  validation = os.path.join(run.tensorboard, "validation")
+  result = run_cli(f"--prefix={os.path.dirname(run.weights[0])}/w-",
+                   "--num_last_checkpoints=3", "--weighting=softmax",
+                   f"--metrics_from_events={validation}",
+                   "--metric=epoch_loss", f"--output_path={output}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  # w-02..w-04: saved after epochs 2..4, logged at 0-based epochs 1..3.
+  logged = tensorboard_scalars(validation, "epoch_loss")
+  values = [logged[epoch] for epoch in (1, 2, 3)]
+  weights = softmax_weights(values)
+  expected = expected_average(run.weights[1:], weights)
+  assert_same_values(datasets(output), expected)
+  with open(output + ".t2t_avg.json", encoding="utf-8") as f:
+    record = json.load(f)
+  assert [r["metric"] for r in record["inputs"]] == values
+  assert [r["weight"] for r in record["inputs"]] == weights
+  model = build_model()
+  model.load_weights(output)
+  resaved = str(tmp_path / "resaved.weights.h5")
+  model.save_weights(resaved)
+  assert_same_values(datasets(resaved), expected)
+  assert np.isfinite(model.evaluate(*data(), verbose=0)[0])
+
+
+def test_softmax_by_csvlogger_val_loss_into_a_keras_file(keras_runs,
+                                                         tmp_path):
+  import keras  # pylint: disable=import-outside-toplevel
+  run = keras_runs["mixed_float16"]
+  output = str(tmp_path / "avg.keras")
+  result = _one_shot(checkpoints=run.archives, output_path=output,
+                     weighting="softmax", metrics_from_events=[run.csv_log],
+                     metric="val_loss")
+  logged = csv_column(run.csv_log, "val_loss")
+  values = [logged[epoch] for epoch in range(EPOCHS)]
+  weights = softmax_weights(values)
+  assert [r.metric for r in result.rows] == values
+  assert [r.weight for r in result.rows] == weights
+  expected = expected_average(run.archives, weights)
+  assert_same_values(datasets(output), expected)
+  with policy_scope("mixed_float16"):
+    model = keras.models.load_model(output)
+    resaved = str(tmp_path / "resaved.weights.h5")
+    model.save_weights(resaved)
+    assert np.isfinite(model.evaluate(*data(), verbose=0)[0])
+  assert_same_values(datasets(resaved), expected)
+
+
+def test_iterations_tags_align_with_the_counter_in_each_file(keras_runs,
+                                                             tmp_path):
+  run = keras_runs["mixed_float16"]
+  validation = os.path.join(run.tensorboard, "validation")
+  result = _one_shot(checkpoints=run.weights, output_path=str(
+      tmp_path / "avg.weights.h5"), weighting="rank",
+                     metrics_from_events=[validation],
+                     metric="evaluation_loss_vs_iterations")
+  logged = tensorboard_scalars(validation, "evaluation_loss_vs_iterations")
+  assert sorted(logged) == [4, 8, 12, 16]
+  assert [(r.step, r.metric) for r in result.rows] == sorted(logged.items())
+
+
+def test_a_checkpoint_is_never_paired_with_the_next_epochs_metric(
+    keras_runs, tmp_path):
+  run = keras_runs["float32"]
+  # The log of the last epoch is missing (the trainer died before writing it).
+  log = str(tmp_path / "training.log")
+  with open(run.csv_log, encoding="utf-8", newline="") as f:
+    lines = f.read().splitlines(keepends=True)
+  with open(log, "w", encoding="utf-8", newline="") as f:
+    f.writelines(lines[:-1])
+  flags = dict(checkpoints=run.weights, metrics_from_events=[log],
+               metric="val_loss", weighting="softmax", step_from="name",
+               output_path=str(tmp_path / "avg.weights.h5"))
+  with pytest.raises(AveragingError) as error:
+    _one_shot(**flags)
+  assert str(error.value) == (
+      f"no val_loss metric at epoch 3 (0-based, as logged: the file of epoch "
+      f"4) (checkpoint {run.weights[-1]}, --max_step_gap=0); epochs (0-based) "
+      "with one: 0, 1, 2 (or pass --missing_metric=skip)")
+  result = _one_shot(missing_metric="skip", **flags)
+  logged = csv_column(run.csv_log, "val_loss")
+  assert [(os.path.basename(r.path), r.step, r.metric)
+          for r in result.rows] == [(f"w-0{e}.weights.h5", e, logged[e - 1])
+                                    for e in (1, 2, 3)]
+
+
+def test_an_iterations_metric_needs_an_iteration_counter(keras_runs,
+                                                         tmp_path):
+  run = keras_runs["float32"]
+  with pytest.raises(AveragingError, match=(
+      rf"^checkpoint {run.weights[0]} has no optimizer iteration counter \(its "
+      r"step 1 is the number in its name, an epoch\), so a metric logged by "
+      r"iterations cannot be matched to it; weigh by an epoch_\* tag or a "
+      r"CSVLogger file$")):
+    _one_shot(checkpoints=run.weights, step_from="name", weighting="softmax",
+              metrics_from_events=[os.path.join(run.tensorboard,
+                                                "validation")],
+              metric="evaluation_loss_vs_iterations",
+              output_path=str(tmp_path / "avg.weights.h5"))
+
+
+def test_csv_and_event_files_are_not_mixed(keras_runs):
+  run = keras_runs["float32"]
+  validation = os.path.join(run.tensorboard, "validation")
+  with pytest.raises(ArgumentError) as error:
+    keras_logs.read_metric([run.csv_log, validation], "val_loss")
+  assert error.value.message(as_flags=True) == (
+      f"--metrics_from_events mixes CSV logs ({run.csv_log}) and TensorBoard "
+      f"events ({validation}); give one kind")
+
+
+# --- where a checkpoint sits on each kind of step axis ------------------------
+
+def _keras(name, step, source="optimizer/vars/0"):
+  return Checkpoint(f"/run/{name}.weights.h5", step, source)
+
+
+@pytest.mark.parametrize("kind, checkpoints, positions", [
+    (EPOCH, [_keras("w-01", 4), _keras("w-03", 12)], [0, 2]),
+    (EPOCH, [_keras("w-02", 2, "name")], [1]),
+    (ITERATIONS, [_keras("w-01", 4), _keras("w-03", 12)], [4, 12]),
+    (STEP, [Checkpoint("/t/model.ckpt-500", 500, "global_step")], [500]),
+    (ITERATIONS, [Checkpoint("/t/model.ckpt-500", 500, "name")], [500]),
+])
+def test_checkpoint_positions(kind, checkpoints, positions):
+  assert keras_logs.checkpoint_positions(checkpoints, kind) == positions
+
+
+@pytest.mark.parametrize("kind, checkpoints, message", [
+    (EPOCH, [Checkpoint("/t/model.ckpt-3", 3, "global_step")],
+     r"^checkpoint /t/model.ckpt-3 has no epoch in its name \(only Keras "),
+    (EPOCH, [_keras("best", 12)], r"^checkpoint /run/best.weights.h5 has no "),
+    (EPOCH, [_keras("b-e01-b003", 3), _keras("b-e02-b003", 7),
+             _keras("x-e03-b003", 11)],
+     r"both have epoch 3 in their names \(saved within an epoch"),
+    (EPOCH, [_keras("w-01", 8), _keras("w-02", 4)],
+     r"^the numbers in the names of /run/w-01.weights.h5 \(1\) and "
+     r"/run/w-02.weights.h5 \(2\) do not follow their iteration counters "
+     r"\(8, 4\), so they are not epochs"),
+    (STEP, [_keras("w", None, "unknown")],
+     r"^the step of checkpoint /run/w.weights.h5 is unknown"),
+])
+def test_checkpoint_positions_refuse_what_cannot_be_paired(kind, checkpoints,
+                                                           message):
+  with pytest.raises(AveragingError, match=message):
+    keras_logs.checkpoint_positions(checkpoints, kind)
+
+
+@pytest.mark.parametrize("tag, kind", [
+    ("epoch_loss", EPOCH), ("epoch_sparse_categorical_accuracy", EPOCH),
+    ("validation/epoch_loss", EPOCH), ("evaluation_loss_vs_iterations",
+                                       ITERATIONS),
+    ("batch_loss", ITERATIONS), ("loss", STEP), ("val_loss", STEP),
+    ("metrics-translate_ende/targets/approx_bleu_score", STEP)])
+def test_tag_kinds_follow_keras_naming(tag, kind):
+  assert keras_logs.tag_kind(tag) == kind
+
+
+@pytest.mark.parametrize("tag, direction", [
+    ("val_loss", "min"), ("epoch_loss", "min"), ("val_accuracy", "max"),
+    ("epoch_sparse_categorical_accuracy", "max"), ("val_auc", "max"),
+    ("epoch_auc", "max"), ("val_sparse_categorical_crossentropy", "min")])
+def test_keras_metric_names_give_their_direction(tag, direction):
+  assert metrics.infer_direction(tag) == direction
+
+
+# --- reading CSVLogger files --------------------------------------------------
+
+def _csv(tmp_path, text, name="log.csv"):
+  path = str(tmp_path / name)
+  with open(path, "w", encoding="utf-8", newline="") as f:
+    f.write(text)
+  return path
+
+
+def test_csv_rows_become_epoch_points(tmp_path):
+  path = _csv(tmp_path, "epoch,accuracy,loss,val_accuracy,val_loss\r\n"
+              "0,0.25,1.30,0.34,1.10\r\n1,0.30,1.12,NA,NA\r\n"
+              "2,0.35,nan,0.40,nan\r\n")
+  points = keras_logs.read_metric([path], "val_loss")
+  assert [(p.step, p.kind) for p in points] == [(0, EPOCH), (2, EPOCH)]
+  assert points[0].value == 1.10 and np.isnan(points[1].value)
+  assert keras_logs.is_csv(path) and not keras_logs.is_csv(str(tmp_path))
+
+
+def test_csv_resumed_run_keeps_the_last_row_of_an_epoch(tmp_path, caplog):
+  path = _csv(tmp_path, "epoch;loss\n0;2.0\n1;1.5\n1;1.25\n2;1.0\n3;0.")
+  points = keras_logs.read_csv([path], "loss")
+  # The last line, without its newline, may be half written: left out.
+  assert [(p.step, p.value) for p in points] == [(0, 2.0), (1, 1.25),
+                                                 (2, 1.0)]
+  assert "epoch 1 has two loss values, 1.5 and 1.25" in caplog.text
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epoch,loss\n0,1.0\n", r"Metric column 'val_loss' not found in .*log.csv;"
+     r" columns there: loss$"),
+    ('epoch,val_loss\n0,"[1.0, 2.0]"\n', r"column 'val_loss' holds '\[1.0, "
+     r"2.0\]' at epoch 0, not a number$"),
+    ("epoch,val_loss\n0,1.0,7\n1,1.0\n", r"line 2 is not a CSVLogger row"),
+])
+def test_csv_problems_are_named(tmp_path, text, message):
+  with pytest.raises(AveragingError, match=message):
+    keras_logs.read_csv([_csv(tmp_path, text)], "val_loss")
+
+
+def test_metric_points_carry_their_kind_by_default():
+  assert MetricPoint(3, 0.0, 1.0).kind == STEP
