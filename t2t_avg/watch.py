@@ -15,12 +15,15 @@ from t2t_avg import averaging
 from t2t_avg import checkpoints
 from t2t_avg import events
 from t2t_avg import formats
+from t2t_avg import keras_checkpoints
+from t2t_avg import keras_logs
 from t2t_avg import metrics
 from t2t_avg import options
 from t2t_avg import safe_files
 from t2t_avg import weighting
 from t2t_avg import writer
 from t2t_avg.errors import AveragingError
+from t2t_avg.formats import base
 from t2t_avg.formats import tf_bundle
 from t2t_avg.metrics import MetricPoint
 from t2t_avg.paths import is_local
@@ -106,7 +109,12 @@ def stepfiles(model_dir: str, *, min_steps: int = 0, wait_minutes: float = 0,
 
 
 def _list_stepfiles(model_dir: str, min_steps: int) -> collections.deque:
-  """The checkpoints `<model_dir>/*-<N>` with N >= min_steps, by step."""
+  """The checkpoints `<model_dir>/*-<N>` with N >= min_steps, by step.
+
+  A directory of Keras files is listed by `keras_checkpoints` instead.
+  """
+  if is_local(model_dir) and keras_checkpoints.holds_keras_files(model_dir):
+    return collections.deque(_keras_stepfiles(model_dir, min_steps))
   found = []
   for step, path in checkpoints.numbered(model_dir):
     if step < min_steps:
@@ -122,6 +130,27 @@ def _list_stepfiles(model_dir: str, min_steps: int) -> collections.deque:
     found.append(StepFile(path, step, *times))
   found.sort(key=lambda s: (s.step, s.path))
   return collections.deque(found)
+
+
+_UNORDERED: Set[str] = set()  # Keras files without a step, warned about once.
+
+
+def _keras_stepfiles(model_dir: str, min_steps: int) -> List[StepFile]:
+  """The Keras files of a directory as StepFiles, their step being their
+  iteration counter (else the number in their name). A file that cannot be
+  read yet (still being written) is left for the next look."""
+  found = []
+  for keras_file in keras_checkpoints.list_directory(model_dir,
+                                                     warn_unreadable=False):
+    if keras_file.step is None:
+      if keras_file.path not in _UNORDERED:
+        _UNORDERED.add(keras_file.path)
+        logging.warning("Leaving out %s: it has no optimizer iteration "
+                        "counter and no number in its name", keras_file.path)
+    elif keras_file.step >= min_steps:
+      found.append(StepFile(keras_file.path, keras_file.step,
+                            keras_file.mtime_ns, keras_file.ctime_ns))
+  return found
 
 
 def _times(path: str) -> Optional[tuple]:
@@ -166,6 +195,14 @@ def windows(step_files: Iterable[StepFile],
 def output_prefix(output_dir: str, step: int) -> str:
   """`<output_dir>/model.ckpt-<step>`, the name t2t-avg-all gave its outputs."""
   return os.path.join(output_dir, f"{OUTPUT_BASENAME}-{step}")
+
+
+def output_for(output_dir: str, newest: StepFile) -> str:
+  """Where a window's average goes: `output_prefix`, or for Keras files
+  `<output_dir>/<the newest file's name>` (in the input's format)."""
+  if keras_checkpoints.is_keras_name(newest.path):
+    return os.path.join(output_dir, os.path.basename(newest.path))
+  return output_prefix(output_dir, newest.step)
 
 
 def average_all(settings: options.ContinuousOptions, *,
@@ -272,7 +309,7 @@ class _Averager:
 
   def _process(self, window: Tuple[StepFile, ...]) -> WindowOutcome:
     newest = window[-1]
-    prefix = output_prefix(self._settings.output_dir, newest.step)
+    prefix = output_for(self._settings.output_dir, newest)
 
     def skipped(reason: str) -> WindowOutcome:
       logging.warning("Skipping %s: %s", prefix, reason)
@@ -290,7 +327,7 @@ class _Averager:
       if problem:
         return skipped(problem)
     try:
-      result = self._average(members, weighing, newest.step)
+      result = self._average(members, weighing, newest.step, prefix)
     except (AveragingError,) + _READ_ERRORS as e:
       problem = _unreadable_input(window, e)
       if problem is None:
@@ -333,7 +370,7 @@ class _Averager:
     deadline = newest.ctime_ns / 1e9 + self._settings.wait_minutes * 60
     waiting = False
     while True:
-      points, problem = self._metric_points(step)
+      points, problem = self._metric_points(members[-1])
       if problem is None:
         break
       if self._clock() > deadline:
@@ -353,28 +390,30 @@ class _Averager:
     except AveragingError as e:
       return None, f"cannot weigh its checkpoints: {e}"
 
-  def _metric_points(self, step: Optional[int]) -> Tuple[
+  def _metric_points(self, newest: checkpoints.Checkpoint) -> Tuple[
       Optional[List[MetricPoint]], Optional[str]]:
-    """(the metric's points, None) when `step` has one; else (None, why)."""
+    """(the metric's points, None) when `newest` has one; else (None, why)."""
     settings = self._weighting
-    if step is None:
+    if newest.step is None:
       return None, "its step is unknown (see --step_from)"
     try:
-      points = events.read_metric(settings.metrics_from_events,
-                                  settings.metric)
+      points = keras_logs.read_metric(settings.metrics_from_events,
+                                      settings.metric)
+      kind = points[0].kind
+      at = keras_logs.checkpoint_positions([newest], kind)[0]
     except AveragingError as e:
       return None, str(e)
     aligned = weighting.align_metrics_to_checkpoints(
-        [step], points, max_step_gap=settings.max_step_gap)
+        [at], points, max_step_gap=settings.max_step_gap)
     if aligned[0] is None:
-      return None, (f"no point at step {step} (--max_step_gap="
-                    f"{settings.max_step_gap}); the last is at step "
-                    f"{points[-1].step}")
+      return None, (f"no point at {keras_logs.position_text(kind, at)} "
+                    f"(--max_step_gap={settings.max_step_gap}); the last is "
+                    f"at {keras_logs.position_text(kind, points[-1].step)}")
     return points, None
 
   def _average(self, members: List[checkpoints.Checkpoint],
-               weighing: Optional[weighting.Weighing],
-               step: int) -> AveragingResult:
+               weighing: Optional[weighting.Weighing], step: int,
+               output: str) -> AveragingResult:
     extra: dict = {"continuous": {"model_dir": self._settings.model_dir,
                                   "n": self._settings.n}}
     if weighing is None:
@@ -384,9 +423,10 @@ class _Averager:
       chosen, weights, values = (weighing.checkpoints, weighing.weights,
                                  weighing.metrics)
       extra.update(weighing.record)
+    if not keras_checkpoints.is_keras_name(output):  # TF: <path>-<step>
+      output = os.path.join(self._settings.output_dir, OUTPUT_BASENAME)
     return averaging.average_checkpoints(
-        chosen, os.path.join(self._settings.output_dir, OUTPUT_BASENAME),
-        weights=weights, metrics=values, output_step=step,
+        chosen, output, weights=weights, metrics=values, output_step=step,
         exclude_variables=self._averaging.exclude_variables,
         allow_nonfinite=self._averaging.allow_nonfinite,
         step_from=self._averaging.step_from, update_state_file=False,
@@ -397,6 +437,10 @@ class _Averager:
     """Times, run files and the state file, as downstream tools expect."""
     prefix = result.output_path
     output_dir = self._settings.output_dir
+    if keras_checkpoints.is_keras_name(prefix):  # One file, no state file.
+      self._set_mtime(prefix, newest.mtime_ns)
+      self._write_summaries(result)
+      return
     # t2t-bleu and t2t-translate-all date an average by its index file.
     for path in tf.io.gfile.glob(prefix + ".data-*") + [prefix + ".index"]:
       self._set_mtime(path, newest.mtime_ns)
@@ -409,9 +453,12 @@ class _Averager:
                                                   writer.STATE_FILE))
     else:
       writer.write_state_file(output_dir, outputs[-1], outputs)
+    self._write_summaries(result)
+
+  def _write_summaries(self, result: AveragingResult) -> None:
     if self._averaging.weight_summaries:
       events.write_weight_summaries(
-          os.path.join(output_dir, SUMMARIES_DIR), result.rows,
+          os.path.join(self._settings.output_dir, SUMMARIES_DIR), result.rows,
           self._weighting.metric)
 
   def _set_mtime(self, path: str, mtime_ns: int) -> None:
@@ -469,6 +516,8 @@ def _unreadable_input(window: Tuple[StepFile, ...],
   for step_file in window:
     if not checkpoints.exists(step_file.path):
       return f"checkpoint {step_file.path} vanished while being averaged"
+    if keras_checkpoints.is_keras_name(step_file.path):
+      continue  # One file: there when it exists.
     missing = tf_bundle.missing_data_file(step_file.path)
     if missing:
       return (f"checkpoint {step_file.path} became incomplete while being "
@@ -485,12 +534,28 @@ def _unreadable_input(window: Tuple[StepFile, ...],
 
 def _read_in_full(path: str) -> Optional[str]:
   """None when TF's reader reads every tensor of a checkpoint; else why not."""
+  if keras_checkpoints.is_keras_name(path):
+    return _read_keras_in_full(path)
   try:
     reader = tf.train.load_checkpoint(path)
     for name in reader.get_variable_to_shape_map():
       reader.get_tensor(name)  # One tensor at a time, checksum verified.
   except _READ_ERRORS as e:
     return tf_bundle.error_text(e)
+  return None
+
+
+def _read_keras_in_full(path: str) -> Optional[str]:
+  """None when every dataset of a Keras file reads; else why not."""
+  try:
+    source = formats.open_source(path)
+    try:
+      for tensor in source.tensors().values():
+        base.read_array(source, tensor)
+    finally:
+      source.close()
+  except (AveragingError, OSError) as e:
+    return str(e)
   return None
 
 
