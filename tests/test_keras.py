@@ -213,6 +213,26 @@ def test_output_name_must_be_one_keras_loads(keras_runs, tmp_path):
       f"(e.g. {tmp_path}/averaged.weights.h5)")
 
 
+def test_a_file_not_written_by_t2t_avg_is_not_replaced(keras_runs, tmp_path):
+  inputs = keras_runs["float32"].weights[:2]
+  output = str(tmp_path / "final.weights.h5")
+  shutil.copyfile(inputs[0], output)
+  with pytest.raises(AveragingError, match=rf"^output {output} already exists "
+                     "and was not written by t2t_avg; remove it or choose "
+                     "another --output_path$"):
+    average_checkpoints(inputs, output)
+  with pytest.raises(AveragingError, match="is one of the input checkpoints"):
+    average_checkpoints(inputs, inputs[1])
+  # An earlier average (with its record) is replaced.
+  os.remove(output)
+  average_checkpoints(inputs, output)
+  result = average_checkpoints(inputs[::-1], output)
+  assert [row.path for row in result.rows] == list(inputs[::-1])
+  name = "layers/dense/vars/0"
+  assert datasets(output)[name].tobytes() == expected_average(
+      inputs[::-1])[name].tobytes()
+
+
 def test_input_files_are_never_modified(keras_runs, tmp_path):
   inputs = keras_runs["float32"].archives
   before = {p: (open(p, "rb").read(), os.stat(p).st_mtime_ns) for p in inputs}

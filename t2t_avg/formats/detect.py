@@ -23,6 +23,7 @@ KERAS_CONFIG, KERAS_WEIGHTS_MEMBER = "config.json", "model.weights.h5"
 _ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
 # The magic number ending every TF table file (a V1 checkpoint, a V2 index).
 _TABLE_MAGIC = struct.pack("<Q", 0xdb4775248b80fb57)
+_PICKLE_PROTOCOLS = (b"\x02", b"\x03", b"\x04", b"\x05")  # after b"\x80"
 _NOT_A_CHECKPOINT = ("t2t_avg averages TensorFlow checkpoints and Keras 3 "
                      ".weights.h5 and .keras files")
 
@@ -61,7 +62,7 @@ def kind_of(path: str) -> str:
     return _zip_kind(path)
   if hdf5_offset(path) is not None:
     return KERAS_WEIGHTS
-  if head.startswith(b"\x80"):
+  if head[:1] == b"\x80" and head[1:2] in _PICKLE_PROTOCOLS:
     raise AveragingError(
         f"{path} is a Python pickle (an old-style PyTorch torch.save file?), "
         f"not a checkpoint: {_NOT_A_CHECKPOINT}")

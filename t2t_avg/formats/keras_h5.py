@@ -283,9 +283,9 @@ class KerasSource(base.Source):
     file, offset, size = image
     label = (path if member is None else
              f"{path} (its {keras_zip.WEIGHTS_MEMBER})")
-    self.hdf5 = open_hdf5(file, offset, size, label)
     if member is not None and member.extracted:
       weakref.finalize(self, _remove_quietly, member.extracted)
+    self.hdf5 = open_hdf5(file, offset, size, label)
     self._h5_lock = threading.Lock()
     try:
       _refuse_other_hdf5(self.hdf5, path)
@@ -294,8 +294,12 @@ class KerasSource(base.Source):
           for name, item in _walk(self.hdf5, label)
           if isinstance(item, h5py.Dataset)}
     except (OSError, ValueError, KeyError, RuntimeError) as e:
+      self.hdf5.close()
       raise AveragingError(f"{label} is a damaged HDF5 file: "
                            f"{_h5_error(e)}") from e
+    except AveragingError:
+      self.hdf5.close()
+      raise
     self.step_keys = tuple(k for k in STEP_KEYS if k in self._tensors and
                            _integer_scalar(self._tensors[k]))
 
@@ -386,9 +390,10 @@ def read_counter(path: str) -> Tuple[Optional[int], str]:
   """
   source = open_path(path, check_crc=False)
   try:
-    for key in source.step_keys:
-      return int(base.read_array(source, source.tensors()[key])), key
-    return None, ""
+    if not source.step_keys:
+      return None, ""
+    key = source.step_keys[0]
+    return int(base.read_array(source, source.tensors()[key])), key
   finally:
     source.close()
 
@@ -503,7 +508,8 @@ class KerasSink(base.Sink):
       AveragingError: it does not read back as written.
     """
     try:
-      output = open_path(self._output)
+      # zipfile computed the CRC from the bytes it wrote: not read again.
+      output = open_path(self._output, check_crc=False)
     except AveragingError as e:
       raise AveragingError(f"internal error: the output written at "
                            f"{self._output} does not read back: {e}") from e

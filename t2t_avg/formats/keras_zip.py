@@ -101,16 +101,16 @@ def _data_offset(path: str, info: zipfile.ZipInfo) -> int:
 
 
 def _check_crc(path: str, offset: int, info: zipfile.ZipInfo) -> None:
-  value = 0
-  with open(path, "rb") as f:
+  value, left = 0, info.file_size
+  buffer = memoryview(bytearray(min(_COPY_BYTES, left)))
+  with open(path, "rb", buffering=0) as f:
     f.seek(offset)
-    left = info.file_size
     while left:
-      data = f.read(min(_COPY_BYTES, left))
-      if not data:
+      count = f.readinto(buffer[:min(len(buffer), left)])
+      if not count:
         break
-      value = zlib.crc32(data, value)
-      left -= len(data)
+      value = zlib.crc32(buffer[:count], value)
+      left -= count
   if left or value != info.CRC:
     raise AveragingError(f"{path} is corrupted: its {info.filename} fails "
                          "its CRC-32")
