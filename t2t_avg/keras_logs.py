@@ -154,12 +154,18 @@ def _is_keras(checkpoint) -> bool:
   return keras_checkpoints.is_keras_name(checkpoint.path)
 
 
-def checkpoint_positions(checkpoints: Sequence, kind: str) -> List[int]:
+def checkpoint_positions(checkpoints: Sequence, kind: str, *,
+                         log: bool = False) -> List[int]:
   """Where each checkpoint sits on the step axis of a metric of `kind`.
 
   STEP and ITERATIONS: the checkpoint's step. EPOCH: the number in a Keras
   file's name minus 1 (ModelCheckpoint's `{epoch}` is 1-based, the logs'
   epoch 0-based).
+
+  Args:
+    checkpoints: `Checkpoint`s (path, step, step source, source).
+    kind: what the metric's steps count.
+    log: say how an epoch metric is paired (one INFO line).
 
   Raises:
     AveragingError: a step that is unknown; a Keras file whose step is the
@@ -168,7 +174,13 @@ def checkpoint_positions(checkpoints: Sequence, kind: str) -> List[int]:
       epoch, or names whose numbers do not follow the iteration counters.
   """
   if kind == EPOCH:
-    return _epoch_positions(checkpoints)
+    positions = _epoch_positions(checkpoints)
+    if log:
+      logging.info("The metric is logged per epoch (0-based): pairing each "
+                   "file of epoch e with epoch e-1: %s", ", ".join(
+                       f"{os.path.basename(c.path)} -> {p}"
+                       for c, p in zip(checkpoints, positions)))
+    return positions
   positions = []
   for c in checkpoints:
     if c.step is None:

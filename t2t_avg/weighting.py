@@ -78,7 +78,7 @@ def _align(checkpoints: List, points: Sequence[MetricPoint],
   `keras_logs.checkpoint_positions`.
   """
   kind = points[0].kind if points else metrics.STEP
-  positions = keras_logs.checkpoint_positions(checkpoints, kind)
+  positions = keras_logs.checkpoint_positions(checkpoints, kind, log=True)
   aligned = align_metrics_to_checkpoints(
       positions, points, max_step_gap=settings.max_step_gap)
   if not settings.uses_metric:
