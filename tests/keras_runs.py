@@ -1,15 +1,15 @@
 """Tiny real Keras 3 training runs for the Keras tests, and expectations made apart.
 
-Each run fits Embedding → Flatten → Dense → BatchNormalization → Dense with
-Adam for a few epochs, with Keras' own `ModelCheckpoint` (weights only and
-full `.keras`), `TensorBoard` and `CSVLogger` callbacks. Expectations are
-built here from the input files with h5py and TF's event reader, never with
+The runs are `scripts/make_keras_run.py`'s (Embedding → Flatten → Dense →
+BatchNormalization → Dense, Adam, Keras' own `ModelCheckpoint` for weights
+and `.keras` files, `TensorBoard` and `CSVLogger`). Expectations are built
+here from the input files with h5py and TF's event reader, never with
 t2t_avg.
 """
 import contextlib
 import csv
-import dataclasses
 import glob
+import importlib.util
 import io
 import os
 import zipfile
@@ -18,89 +18,27 @@ import h5py
 import numpy as np
 import pytest
 
-EPOCHS = 4
-SEQ = 5
-VOCAB = 50
+_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), "scripts", "make_keras_run.py")
+_spec = importlib.util.spec_from_file_location("make_keras_run", _SCRIPT)
+make_keras_run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_keras_run)
+EPOCHS, Run = make_keras_run.EPOCHS, make_keras_run.Run
+data, policy_scope = make_keras_run.data, make_keras_run.policy_scope
+build_model, train = make_keras_run.build_model, make_keras_run.train
 
 
-@dataclasses.dataclass(frozen=True)
-class Run:
-  """What a training run left behind."""
-  policy: str
-  directory: str
-  weights: tuple  # w-01.weights.h5 ... oldest first
-  archives: tuple  # m-01.keras ...
-  tensorboard: str  # the TensorBoard callback's log_dir
-  csv_log: str  # the CSVLogger file
-
-
-def data(seed=0, size=64):
-  rng = np.random.default_rng(seed)
-  x = rng.integers(0, VOCAB, size=(size, SEQ)).astype("int32")
-  y = rng.integers(0, 3, size=(size,)).astype("int32")
-  return x, y
-
-
-@contextlib.contextmanager
-def policy_scope(policy):
-  """Keras' global dtype policy, restored afterwards."""
-  import keras  # pylint: disable=import-outside-toplevel
-  old = keras.mixed_precision.global_policy().name
-  keras.mixed_precision.set_global_policy(policy)
-  try:
-    yield
-  finally:
-    keras.mixed_precision.set_global_policy(old)
-
-
-def build_model(learning_rate=0.01):
-  """The model, compiled, its optimizer built (so load_weights restores it)."""
-  import keras  # pylint: disable=import-outside-toplevel
-  tokens = keras.Input(shape=(SEQ,), dtype="int32")
-  x = keras.layers.Embedding(VOCAB, 8)(tokens)
-  x = keras.layers.Flatten()(x)
-  x = keras.layers.Dense(16)(x)
-  x = keras.layers.BatchNormalization()(x)
-  out = keras.layers.Dense(3, activation="softmax", dtype="float32")(x)
-  model = keras.Model(tokens, out)
-  model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-  model.optimizer.build(model.trainable_variables)
-  return model
-
-
-def train(directory, policy="float32", epochs=EPOCHS):
-  """Fits a fresh model with every Keras callback the tests read."""
-  import keras  # pylint: disable=import-outside-toplevel
-  os.makedirs(directory, exist_ok=True)
-  keras.utils.set_random_seed(0)
-  with policy_scope(policy):
-    model = build_model()
-    x, y = data()
-    xv, yv = data(seed=1, size=32)
-    tensorboard = os.path.join(directory, "tb")
-    csv_log = os.path.join(directory, "training.log")
-    model.fit(x, y, batch_size=16, epochs=epochs, validation_data=(xv, yv),
-              verbose=0, callbacks=[
-                  keras.callbacks.ModelCheckpoint(
-                      os.path.join(directory, "w", "w-{epoch:02d}.weights.h5"),
-                      save_weights_only=True),
-                  keras.callbacks.ModelCheckpoint(
-                      os.path.join(directory, "m", "m-{epoch:02d}.keras")),
-                  keras.callbacks.TensorBoard(log_dir=tensorboard),
-                  keras.callbacks.CSVLogger(csv_log)])
-  return Run(policy, directory,
-             tuple(sorted(glob.glob(os.path.join(directory, "w", "*.h5")))),
-             tuple(sorted(glob.glob(os.path.join(directory, "m", "*.keras")))),
-             tensorboard, csv_log)
+_TRAINED = {}  # Each test module imports the fixture: one training for all.
 
 
 @pytest.fixture(scope="session")
 def keras_runs(tmp_path_factory):
   """{policy: Run} for float32 and mixed_float16, trained once per session."""
-  root = tmp_path_factory.mktemp("keras_runs")
-  return {policy: train(str(root / policy), policy)
-          for policy in ("float32", "mixed_float16")}
+  if not _TRAINED:
+    root = tmp_path_factory.mktemp("keras_runs")
+    _TRAINED.update({policy: train(str(root / policy), policy)
+                     for policy in ("float32", "mixed_float16")})
+  return dict(_TRAINED)
 
 
 # --- reading files independently ---------------------------------------------
