@@ -18,7 +18,7 @@ setuptools.setup(
     python_requires=">=3.9",
     # TensorFlow itself is an extra so that installing t2t_avg never puts a
     # second TensorFlow (tensorflow next to tensorflow-cpu) into an environment.
-    install_requires=["absl-py", "numpy", "ml_dtypes", "crc32c"],
+    install_requires=["absl-py", "numpy", "ml_dtypes", "crc32c", "h5py"],
     extras_require={
         "tensorflow": ["tensorflow>=2.11"],
         "tensorflow-cpu": ["tensorflow-cpu>=2.11"],

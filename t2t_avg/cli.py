@@ -24,17 +24,21 @@ _BOTH = "[both modes] "
 # --- legacy avg_checkpoints.py ---------------------------------------------
 _CHECKPOINTS = flags.DEFINE_string(
     "checkpoints", "", _ONE_SHOT + "Comma-separated list of checkpoints to "
-    "average (prefixes, or directories meaning their latest checkpoint).")
+    "average (prefixes, or directories meaning their latest checkpoint; or "
+    "Keras .weights.h5 / .keras files).")
 _NUM_LAST = flags.DEFINE_integer(
     "num_last_checkpoints", 0, _ONE_SHOT + "Averages the last N saved "
     "checkpoints. If the checkpoints flag is set, this is ignored.")
 _PREFIX = flags.DEFINE_string(
     "prefix", "", _ONE_SHOT + "Prefix (e.g., directory) string-prepended to "
     "each checkpoint; with --num_last_checkpoints its dirname holds the "
-    "`checkpoint` state file.")
+    "`checkpoint` state file (Keras files, which have none: the files in its "
+    "dirname whose names start with its basename, by iteration counter).")
 _OUTPUT_PATH = flags.DEFINE_string(
     "output_path", "/tmp/averaged.ckpt", _ONE_SHOT + "Path to output the "
-    "averaged checkpoint to; saved as <output_path>-<output step>.")
+    "averaged checkpoint to; saved as <output_path>-<output step>. Keras "
+    "inputs: saved at <output_path> exactly, in their format, so it must end "
+    "in .weights.h5 or .keras.")
 # --- t2t_avg additions ---------------------------------------------------
 _OUTPUT_STEP = flags.DEFINE_string(
     "output_step", "zero", _ONE_SHOT + "'zero' (legacy: -0, global_step 0), "
@@ -46,7 +50,8 @@ _WEIGHTS = flags.DEFINE_string(
     "checkpoint, in checkpoint order (continuous: per window position).")
 _METRICS_FROM_EVENTS = flags.DEFINE_string(
     "metrics_from_events", "", _BOTH + "Comma-separated TensorBoard event "
-    "files or directories (each directory one run, not recursive).")
+    "files or directories (each directory one run, not recursive), or Keras "
+    "CSVLogger files (told apart by content).")
 _METRIC = flags.DEFINE_string("metric", "loss",
                               _BOTH + "The scalar tag to weight by.")
 _METRIC_MODE = flags.DEFINE_enum(
@@ -91,7 +96,8 @@ _MODEL_DIR = flags.DEFINE_string(
     "given to python -m t2t_avg, it runs the continuous mode.")
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", "avg/", _CONTINUOUS + "Directory to output the averaged "
-    "checkpoints to.")
+    "checkpoints to (Keras files: <output_dir>/<the window's newest file "
+    "name>).")
 _N = flags.DEFINE_integer("n", 8, _CONTINUOUS + "How many checkpoints should "
                           "be averaged?")
 _MIN_STEPS = flags.DEFINE_integer("min_steps", 0, _CONTINUOUS + "Ignore "

@@ -109,7 +109,8 @@ class WeightingOptions:
   Attributes:
     weighting: one of `SCHEMES`.
     weights: with 'explicit', one weight per checkpoint (see `check_weights`).
-    metrics_from_events: TensorBoard event files or directories.
+    metrics_from_events: TensorBoard event files or directories, or Keras
+      CSVLogger files.
     metric: the scalar tag to weigh by.
     metric_mode: 'min', 'max' or 'auto' (from the tag's name).
     temperature: softmax temperature in the metric's units; 0 means the

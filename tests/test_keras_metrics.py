@@ -1,11 +1,14 @@
 """Weighting Keras files by Keras' own logs: TensorBoard tags and CSVLogger files."""
 import json
 import os
+import shlex
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import options_from_flags, run_cli
+from conftest import REPO, options_from_flags
 from keras_runs import (EPOCHS, assert_same_values, build_model, csv_column,
                         data, datasets, expected_average, keras_runs,
                         policy_scope, softmax_weights,
@@ -27,28 +30,85 @@ def _one_shot(**flags):
                      built[options.WeightingOptions])
 
 
-def test_softmax_by_tensorboard_epoch_loss_from_the_command_line(keras_runs,
-                                                                 tmp_path):
-  run = keras_runs["float32"]
-  output = str(tmp_path / "avg.weights.h5")
+def _readme_keras_commands():
+  """The commands of the README's Keras 3 section, one argv per line."""
+  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+    text = f.read()
+  section = text[text.index("## Keras 3"):]
+  block = section[section.index("```sh\n") + 6:section.index("```\n", 6)]
+  return [shlex.split(line) for line in block.splitlines()
+          if line and not line.startswith("#")]
+
+
+# Runs commands in one process (TensorFlow imported once): absl's app.run
+# re-parses the flags of a rerun, reset to their defaults first.
+_README_DRIVER = """
+import json, sys
+from absl import flags
+from t2t_avg import cli, cli_compare
+mains = {"t2t_avg": cli.run_main, "t2t_avg.compare": cli_compare.run,
+         "t2t-avg-all": cli.run_avg_all}
+for argv in json.loads(sys.argv[1]):
+  flags.FLAGS.unparse_flags()
+  sys.argv = argv
+  try:
+    mains[argv[0]]()
+  except SystemExit as e:
+    if e.code:
+      sys.exit(f"{argv} exited with {e.code}")
+"""
+
+
+def test_readme_keras_commands_work_on_a_real_run(keras_runs, tmp_path):
+  run = keras_runs["float32"]  # what `scripts/make_keras_run.py` writes
+  commands = _readme_keras_commands()
+  assert commands[0] == ["python", "scripts/make_keras_run.py",
+                         "/tmp/keras_run"]
+  places = {"/tmp/keras_run": run.directory,
+            "/tmp/keras_avg": str(tmp_path / "keras_avg")}
+  runs = []
+  for argv in commands[1:]:
+    for old, new in places.items():
+      argv = [arg.replace(old, new) for arg in argv]
+    if argv[0] == "python":
+      assert argv[1] == "-m", argv
+      argv = argv[2:]
+    runs.append(argv)
+  assert [argv[0] for argv in runs] == ["t2t_avg", "t2t_avg",
+                                        "t2t_avg.compare", "t2t_avg",
+                                        "t2t_avg", "t2t-avg-all"]
+  result = subprocess.run(
+      [sys.executable, "-c", _README_DRIVER, json.dumps(runs)],
+      capture_output=True, text=True, timeout=300, cwd=REPO, check=False,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "identical: all 24 float variables are equal" in result.stdout
+  out = places["/tmp/keras_avg"]
+  # Uniform: the last 3 files; softmax by the validation epoch_loss logged
+  # for the epochs of w-02..w-04, i.e. at 0-based epochs 1..3.
+  assert_same_values(datasets(os.path.join(out, "avg.weights.h5")),
+                     expected_average(run.weights[1:]))
   validation = os.path.join(run.tensorboard, "validation")
-  result = run_cli(f"--prefix={os.path.dirname(run.weights[0])}/w-",
-                   "--num_last_checkpoints=3", "--weighting=softmax",
-                   f"--metrics_from_events={validation}",
-                   "--metric=epoch_loss", f"--output_path={output}")
-  assert result.returncode == 0, result.stderr[-2000:]
-  # w-02..w-04: saved after epochs 2..4, logged at 0-based epochs 1..3.
   logged = tensorboard_scalars(validation, "epoch_loss")
   values = [logged[epoch] for epoch in (1, 2, 3)]
   weights = softmax_weights(values)
+  softmax = os.path.join(out, "softmax.weights.h5")
   expected = expected_average(run.weights[1:], weights)
-  assert_same_values(datasets(output), expected)
-  with open(output + ".t2t_avg.json", encoding="utf-8") as f:
+  assert_same_values(datasets(softmax), expected)
+  with open(softmax + ".t2t_avg.json", encoding="utf-8") as f:
     record = json.load(f)
   assert [r["metric"] for r in record["inputs"]] == values
   assert [r["weight"] for r in record["inputs"]] == weights
+  logged = csv_column(run.csv_log, "val_loss")
+  assert_same_values(datasets(os.path.join(out, "val_loss.keras")),
+                     expected_average(run.archives[2:], softmax_weights(
+                         [logged[2], logged[3]])))
+  assert sorted(os.listdir(os.path.join(out, "windows"))) == [
+      "w-03.weights.h5", "w-03.weights.h5.t2t_avg.json", "w-04.weights.h5",
+      "w-04.weights.h5.t2t_avg.json"]
+  # What Keras makes of the weighted file.
   model = build_model()
-  model.load_weights(output)
+  model.load_weights(softmax)
   resaved = str(tmp_path / "resaved.weights.h5")
   model.save_weights(resaved)
   assert_same_values(datasets(resaved), expected)
@@ -238,3 +298,37 @@ def test_csv_problems_are_named(tmp_path, text, message):
 
 def test_metric_points_carry_their_kind_by_default():
   assert MetricPoint(3, 0.0, 1.0).kind == STEP
+
+
+# --- The Keras weighting demo, smaller ------------------------------------------
+
+def test_keras_demo_softmax_by_epoch_loss_beats_uniform_after_a_spike(
+    tmp_path):
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(
+      "demo_keras_weighting", os.path.join(REPO, "scripts",
+                                           "demo_keras_weighting.py"))
+  demo = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(demo)
+  # 12 epochs of 100 steps, the last 3 after a learning-rate spike.
+  cfg = demo.demo.Config(train_size=16000, eval_size=500, test_size=2000,
+                         hidden=32, steps=1200, save_every=100,
+                         spike_from=900)
+  data = demo.demo.make_data(cfg)
+  run_dir = str(tmp_path / "run")
+  saved = demo.train(cfg, run_dir, data)
+  assert [int(datasets(path)["optimizer/vars/0"]) for path, _ in saved] == (
+      list(range(100, 1300, 100)))
+  validation = os.path.join(run_dir, demo.LOGS, "validation")
+  logged = tensorboard_scalars(validation, "epoch_loss")
+  assert sorted(logged) == list(range(12))  # 0-based epochs
+  assert min(logged[e] for e in (9, 10, 11)) > max(
+      logged[e] for e in range(4, 9))  # the spike degraded the last 3 files
+  uniform = demo.average(run_dir, 8, str(tmp_path / "u" / "a.weights.h5"),
+                         "uniform")
+  softmax = demo.average(run_dir, 8, str(tmp_path / "s" / "a.weights.h5"),
+                         "softmax")
+  assert [r.metric for r in softmax.rows] == [logged[e] for e in range(4, 12)]
+  uniform_loss, _ = demo.evaluate(cfg, uniform.output_path, data["test"])
+  softmax_loss, _ = demo.evaluate(cfg, softmax.output_path, data["test"])
+  assert softmax_loss < uniform_loss - 0.02, (softmax_loss, uniform_loss)

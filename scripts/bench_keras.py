@@ -1,0 +1,172 @@
+"""Time and peak memory of averaging large Keras 3 files (.weights.h5, .keras).
+
+Usage (from the repository root, in its virtualenv):
+
+  python scripts/bench_keras.py                # 4 files of ~0.5 GB each
+  python scripts/bench_keras.py --files=8 --runs=3
+
+Keras itself writes the inputs (cached in `.bench/keras/`): a model with a
+32000x1024 embedding and a 1024-4096-1024 feed-forward block (41M
+parameters), compiled with Adam, so every file holds the weights and both
+Adam moments (about 0.5 GB; the largest dataset is 131 MB). Each file gets
+its own random values. Every command runs in a child of its own, whose wall
+time and peak RSS (`os.wait4`) are measured, next to two floors (`import
+tensorflow`, and reading every input byte once from the page cache) and a
+naive h5py script that sums the whole model in float64 in memory, as one
+would by hand. Outputs are checked against that script's result, and the
+.keras output's weights against the .weights.h5 output, byte for byte.
+"""
+import argparse
+import glob
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from typing import Dict, List, Sequence, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CACHE = os.path.join(REPO, ".bench", "keras")
+
+_NAIVE = """
+import sys, h5py, numpy as np
+paths, output = sys.argv[1:-1], sys.argv[-1]
+totals = {}
+for path in paths:
+  with h5py.File(path, "r") as f:
+    def add(name, item):
+      if isinstance(item, h5py.Dataset) and item.dtype.kind == "f":
+        value = item[()].astype(np.float64)
+        totals[name] = totals[name] + value if name in totals else value
+    f.visititems(add)
+with h5py.File(output, "w") as out:
+  for name, total in totals.items():
+    out[name] = (total / len(paths)).astype(np.float32)
+"""
+
+
+def make_inputs(files: int) -> Tuple[List[str], List[str]]:
+  """The cached .weights.h5 and .keras inputs, written by Keras if missing."""
+  weights = [os.path.join(CACHE, f"w-{i:02d}.weights.h5")
+             for i in range(1, files + 1)]
+  archives = [os.path.join(CACHE, f"m-{i:02d}.keras")
+              for i in range(1, files + 1)]
+  if all(os.path.exists(p) for p in weights + archives):
+    return weights, archives
+  os.makedirs(CACHE, exist_ok=True)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  import keras  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  tokens = keras.Input((16,), dtype="int32")
+  x = keras.layers.Embedding(32000, 1024)(tokens)
+  x = keras.layers.Dense(4096, activation="relu")(x)
+  x = keras.layers.Dense(1024)(x)
+  model = keras.Model(tokens, x)
+  model.compile(keras.optimizers.Adam(1e-3), "mse")
+  model.optimizer.build(model.trainable_variables)
+  rng = np.random.default_rng(0)
+  for w, m in zip(weights, archives):
+    for variable in model.weights + model.optimizer.variables:
+      if variable.dtype == "float32" and len(variable.shape):
+        variable.assign(rng.standard_normal(variable.shape, np.float32))
+    model.optimizer.iterations.assign(model.optimizer.iterations + 100)
+    model.save_weights(w)
+    model.save(m)
+  return weights, archives
+
+
+def run_child(argv: Sequence[str]) -> Tuple[float, float]:
+  """(wall seconds, peak RSS MiB) of one child, which must succeed."""
+  with tempfile.TemporaryFile() as err:
+    start = time.perf_counter()
+    proc = subprocess.Popen(list(argv), stdout=subprocess.DEVNULL, stderr=err,
+                            cwd=REPO, env=dict(os.environ,
+                                               TF_CPP_MIN_LOG_LEVEL="3"))
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status):
+      err.seek(0)
+      raise SystemExit(f"{argv[:4]} failed:\n{err.read().decode()[-2000:]}")
+  return wall, usage.ru_maxrss / 1024.0
+
+
+def _read_all(paths: Sequence[str]) -> None:
+  for path in paths:
+    with open(path, "rb") as f:
+      while f.read(8 << 20):
+        pass
+
+
+def check_same(naive: str, ours: str) -> None:
+  """Every float dataset of our output equals the naive script's."""
+  import h5py  # pylint: disable=import-outside-toplevel
+  with h5py.File(naive, "r") as a, h5py.File(ours, "r") as b:
+    def same(name, item):
+      if isinstance(item, h5py.Dataset):
+        if item[()].tobytes() != b[name][()].tobytes():
+          raise SystemExit(f"{name} differs from the naive average")
+    a.visititems(same)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--files", type=int, default=4)
+  parser.add_argument("--runs", type=int, default=3)
+  parser.add_argument("--generate", action="store_true",
+                      help="only write the inputs (the measuring parent runs "
+                      "this in a child, so that it stays small)")
+  args = parser.parse_args()
+  if args.generate:
+    make_inputs(args.files)
+    return
+  # A child's ru_maxrss starts from its parent's size at fork: Keras is
+  # imported in a child of its own, never here.
+  subprocess.run([sys.executable, __file__, "--generate",
+                  f"--files={args.files}"], check=True)
+  weights, archives = make_inputs(args.files)
+  size = sum(os.path.getsize(p) for p in weights)
+  out = tempfile.mkdtemp(prefix="bench_keras.")
+  py = sys.executable
+  commands: Dict[str, List[str]] = {
+      "import tensorflow (floor)": [py, "-c", "import tensorflow"],
+      "read every input once (floor)": [
+          py, "-c", f"import sys; sys.path.insert(0, {REPO!r}+'/scripts'); "
+          f"import bench_keras; bench_keras._read_all({weights!r})"],
+      "naive h5py script (float64 sum in RAM)": [
+          py, "-c", _NAIVE, *weights, os.path.join(out, "naive.h5")],
+      "t2t_avg .weights.h5": [
+          py, "-m", "t2t_avg", f"--checkpoints={','.join(weights)}",
+          f"--output_path={os.path.join(out, 'avg.weights.h5')}"],
+      "t2t_avg .keras": [
+          py, "-m", "t2t_avg", f"--checkpoints={','.join(archives)}",
+          f"--output_path={os.path.join(out, 'avg.keras')}"],
+  }
+  results: Dict[str, List[Tuple[float, float]]] = {k: [] for k in commands}
+  _read_all(weights + archives)  # warm the page cache
+  for _ in range(args.runs):
+    for label, argv in commands.items():
+      for output in glob.glob(os.path.join(out, "avg*")):
+        if output.endswith(".keras") == label.endswith(".keras"):
+          os.remove(output)
+      results[label].append(run_child(argv))
+  check_same(os.path.join(out, "naive.h5"), os.path.join(out, "avg.weights.h5"))
+  with zipfile.ZipFile(os.path.join(out, "avg.keras")) as archive, open(
+      os.path.join(out, "avg.weights.h5"), "rb") as f:
+    if archive.read("model.weights.h5") != f.read():
+      raise SystemExit("the .keras output's weights differ from the "
+                       ".weights.h5 output")
+  print(f"{args.files} files of {size / args.files / 1e9:.2f} GB "
+        f"(.weights.h5; .keras {os.path.getsize(archives[0]) / 1e9:.2f} GB), "
+        f"{os.cpu_count()} CPU cores, warm page cache, median of "
+        f"{args.runs} runs:\n")
+  print("| command | wall s | peak RSS MiB |\n|---|---:|---:|")
+  for label, measured in results.items():
+    wall = statistics.median(m[0] for m in measured)
+    rss = statistics.median(m[1] for m in measured)
+    print(f"| {label} | {wall:.2f} | {rss:.0f} |")
+
+
+if __name__ == "__main__":
+  main()
