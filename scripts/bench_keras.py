@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from typing import Dict, List, Sequence, Tuple
+from collections.abc import Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(REPO, ".bench", "keras")
@@ -47,7 +47,7 @@ with h5py.File(output, "w") as out:
 """
 
 
-def make_inputs(files: int) -> Tuple[List[str], List[str]]:
+def make_inputs(files: int) -> tuple[list[str], list[str]]:
   """The cached .weights.h5 and .keras inputs, written by Keras if missing."""
   weights = [os.path.join(CACHE, f"w-{i:02d}.weights.h5")
              for i in range(1, files + 1)]
@@ -77,7 +77,7 @@ def make_inputs(files: int) -> Tuple[List[str], List[str]]:
   return weights, archives
 
 
-def run_child(argv: Sequence[str]) -> Tuple[float, float]:
+def run_child(argv: Sequence[str]) -> tuple[float, float]:
   """(wall seconds, peak RSS MiB) of one child, which must succeed."""
   with tempfile.TemporaryFile() as err:
     start = time.perf_counter()
@@ -103,7 +103,7 @@ def check_same(naive: str, ours: str) -> None:
   """Every float dataset of our output equals the naive script's."""
   import h5py  # pylint: disable=import-outside-toplevel
   with h5py.File(naive, "r") as a, h5py.File(ours, "r") as b:
-    def same(name, item):
+    def same(name: str, item: object) -> None:
       if isinstance(item, h5py.Dataset):
         if item[()].tobytes() != b[name][()].tobytes():
           raise SystemExit(f"{name} differs from the naive average")
@@ -129,7 +129,7 @@ def main() -> None:
   size = sum(os.path.getsize(p) for p in weights)
   out = tempfile.mkdtemp(prefix="bench_keras.")
   py = sys.executable
-  commands: Dict[str, List[str]] = {
+  commands: dict[str, list[str]] = {
       "import tensorflow (floor)": [py, "-c", "import tensorflow"],
       "read every input once (floor)": [
           py, "-c", f"import sys; sys.path.insert(0, {REPO!r}+'/scripts'); "
@@ -143,7 +143,7 @@ def main() -> None:
           py, "-m", "t2t_avg", f"--checkpoints={','.join(archives)}",
           f"--output_path={os.path.join(out, 'avg.keras')}"],
   }
-  results: Dict[str, List[Tuple[float, float]]] = {k: [] for k in commands}
+  results: dict[str, list[tuple[float, float]]] = {k: [] for k in commands}
   _read_all(weights + archives)  # warm the page cache
   for _ in range(args.runs):
     for label, argv in commands.items():

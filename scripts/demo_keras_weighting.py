@@ -15,27 +15,29 @@ way a Keras 3 user trains: `model.fit` for 16 epochs of 150 steps, with
 e - 1), loaded with `model.load_weights` and evaluated on a separate test
 split, which nothing was chosen or weighted by.
 """
+from __future__ import annotations
+
 import argparse
 import dataclasses
-import importlib.util
 import os
 import shlex
 import sys
 import tempfile
 import time
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location(
-    "demo_weighting", os.path.join(REPO, "scripts", "demo_weighting.py"))
-demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(demo)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import demo_weighting as demo  # noqa: E402  (the scripts/ directory)
+
+if TYPE_CHECKING:
+  from t2t_avg.record import AveragingResult
 
 METRIC = "epoch_loss"
 LOGS = "logs"
 
 
-def _compiled(cfg: demo.Config):
+def _compiled(cfg: demo.Config) -> Any:
   import keras  # pylint: disable=import-outside-toplevel
   model = demo.build_model(cfg)
   model.compile(optimizer=keras.optimizers.Adam(cfg.learning_rate),
@@ -44,7 +46,7 @@ def _compiled(cfg: demo.Config):
   return model
 
 
-def train(cfg: demo.Config, run_dir: str, data: dict) -> List[Tuple[str, int]]:
+def train(cfg: demo.Config, run_dir: str, data: dict) -> list[tuple[str, int]]:
   """Fits with ModelCheckpoint and TensorBoard; returns (file, epoch) of each
   save, oldest first."""
   import keras  # pylint: disable=import-outside-toplevel
@@ -76,7 +78,8 @@ def train(cfg: demo.Config, run_dir: str, data: dict) -> List[Tuple[str, int]]:
           for e in range(1, epochs + 1)]
 
 
-def evaluate(cfg: demo.Config, path: str, split: demo.Split) -> tuple:
+def evaluate(cfg: demo.Config, path: str,
+             split: demo.Split) -> tuple[float, float]:
   """(loss, accuracy) of a .weights.h5 file loaded into a fresh model."""
   model = _compiled(cfg)
   model.optimizer.build(model.trainable_variables)
@@ -99,7 +102,7 @@ def cli_args(run_dir: str, n: int, output_path: str, scheme: str,
 
 
 def average(run_dir: str, n: int, output_path: str, scheme: str, *,
-            top_k: int = 0):
+            top_k: int = 0) -> AveragingResult:
   """Averages the last n files with t2t_avg; returns its AveragingResult."""
   # pylint: disable-next=import-outside-toplevel
   from t2t_avg import oneshot, options
@@ -123,12 +126,14 @@ def compare(cfg: demo.Config, run_dir: str, saved: Sequence[tuple],
   logged = {p.step: p.value for p in keras_logs.read_metric(
       [os.path.join(run_dir, LOGS, "validation")], METRIC)}
   best = min(range(n), key=lambda i: (logged[last[i][1] - 1], -last[i][1]))
+  def row(label: str, path: str, effective_count: float) -> demo.Row:
+    loss, accuracy = evaluate(cfg, path, data["test"])
+    return demo.Row(label, loss, accuracy, effective_count)
+
   rows = [
-      demo.Row(f"best single file (epoch {last[best][1]}, lowest "
-               "validation epoch_loss)",
-               *evaluate(cfg, last[best][0], data["test"]), 1.0),
-      demo.Row(f"last file (epoch {last[-1][1]})",
-               *evaluate(cfg, last[-1][0], data["test"]), 1.0),
+      row(f"best single file (epoch {last[best][1]}, lowest validation "
+          "epoch_loss)", last[best][0], 1.0),
+      row(f"last file (epoch {last[-1][1]})", last[-1][0], 1.0),
   ]
   for scheme, extra in (("uniform", {}),) + demo.SCHEMES:
     output = os.path.join(run_dir, "avg", scheme, "averaged.weights.h5")
@@ -138,8 +143,7 @@ def compare(cfg: demo.Config, run_dir: str, saved: Sequence[tuple],
     if scheme == "softmax":
       label = (f"softmax (T = std of the epoch losses = "
                f"{result.record['weighting']['temperature']:.3f})")
-    rows.append(demo.Row(label, *evaluate(cfg, output, data["test"]),
-                         result.effective_count))
+    rows.append(row(label, output, result.effective_count))
   return rows
 
 

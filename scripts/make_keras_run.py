@@ -21,7 +21,8 @@ import contextlib
 import dataclasses
 import glob
 import os
-from typing import Iterator, Tuple
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +42,7 @@ class Run:
   csv_log: str  # the CSVLogger file
 
 
-def data(seed: int = 0, size: int = 64) -> Tuple[np.ndarray, np.ndarray]:
+def data(seed: int = 0, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
   """Random token sequences and labels (the task is noise: only the files
   matter)."""
   rng = np.random.default_rng(seed)
@@ -62,7 +63,7 @@ def policy_scope(policy: str) -> Iterator[None]:
     keras.mixed_precision.set_global_policy(old)
 
 
-def build_model(learning_rate: float = 0.01):
+def build_model(learning_rate: float = 0.01) -> Any:
   """The model, compiled, its optimizer built (so load_weights restores it)."""
   import keras  # pylint: disable=import-outside-toplevel
   tokens = keras.Input(shape=(SEQ,), dtype="int32")

@@ -12,7 +12,7 @@ import dataclasses
 import glob
 import os
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 from absl import logging
 
@@ -23,9 +23,9 @@ SUFFIXES = detect.KERAS_SUFFIXES
 RECORD_SUFFIX = ".t2t_avg.json"  # As checkpoints.RECORD_SUFFIX: our outputs.
 _NUMBERS = re.compile(r"\d+(?:\.\d+)?")
 # How each directory was last ordered, so the log says it once per change.
-_ORDER_LOGGED: Dict[str, str] = {}
+_ORDER_LOGGED: dict[str, str] = {}
 # (path, size, mtime_ns) -> (step, step key): files are not re-read per poll.
-_STEP_CACHE: Dict[Tuple[str, int, int], Tuple[Optional[int], str]] = {}
+_STEP_CACHE: dict[tuple[str, int, int], tuple[Optional[int], str]] = {}
 
 BY_COUNTER, BY_NAME, BY_MTIME = "counter", "name", "mtime"
 
@@ -69,7 +69,7 @@ def name_number(path: str) -> Optional[int]:
   return whole[-1] if whole else None
 
 
-def candidates(directory: str, name_prefix: str = "") -> List[str]:
+def candidates(directory: str, name_prefix: str = "") -> list[str]:
   """The Keras files in a directory whose names start with `name_prefix`.
 
   Outputs of t2t_avg (with a record beside them) are not candidates.
@@ -107,7 +107,7 @@ def check_one_kind(directory: str) -> None:
         "--checkpoints")
 
 
-def _step_of(path: str, stat: os.stat_result) -> Tuple[Optional[int], str]:
+def _step_of(path: str, stat: os.stat_result) -> tuple[Optional[int], str]:
   """(the file's iteration counter, its dataset path), or (None, '')."""
   key = (path, stat.st_size, stat.st_mtime_ns)
   if key not in _STEP_CACHE:
@@ -119,7 +119,7 @@ def _step_of(path: str, stat: os.stat_result) -> Tuple[Optional[int], str]:
   return _STEP_CACHE[key]
 
 
-def _read(path: str) -> Tuple[Optional[KerasFile], str]:
+def _read(path: str) -> tuple[Optional[KerasFile], str]:
   """The file with its step, or (None, why it cannot be read now)."""
   try:
     stat = os.stat(path)
@@ -128,8 +128,9 @@ def _read(path: str) -> Tuple[Optional[KerasFile], str]:
     return None, "it was deleted"
   except AveragingError as e:
     return None, str(e)
+  step: Optional[int] = counter
   if counter is not None:
-    step, source = counter, counter_key
+    source = counter_key
   else:
     step = name_number(path)
     source = "name" if step is not None else "unknown"
@@ -137,7 +138,7 @@ def _read(path: str) -> Tuple[Optional[KerasFile], str]:
 
 
 def list_directory(directory: str, *, name_prefix: str = "",
-                   warn_unreadable: bool = True) -> List[KerasFile]:
+                   warn_unreadable: bool = True) -> list[KerasFile]:
   """The Keras checkpoint files of a directory, oldest first.
 
   Ordered by the optimizer's iteration counter when every file has one,
@@ -176,7 +177,7 @@ def list_directory(directory: str, *, name_prefix: str = "",
   return files
 
 
-def _ordering(files: List[KerasFile]) -> str:
+def _ordering(files: list[KerasFile]) -> str:
   if all(f.step_source not in ("name", "unknown") for f in files):
     return BY_COUNTER
   if all(name_number(f.path) is not None for f in files):
@@ -184,7 +185,7 @@ def _ordering(files: List[KerasFile]) -> str:
   return BY_MTIME
 
 
-def _log_ordering(directory: str, basis: str, files: List[KerasFile]) -> None:
+def _log_ordering(directory: str, basis: str, files: list[KerasFile]) -> None:
   text = {BY_COUNTER: "their optimizer iteration counters (%s)" % ", ".join(
               sorted({f.step_source for f in files})),
           BY_NAME: "the numbers in their names (ModelCheckpoint's {epoch})",
@@ -195,7 +196,7 @@ def _log_ordering(directory: str, basis: str, files: List[KerasFile]) -> None:
     logging.info("Ordering the Keras files in %s by %s", directory, text)
 
 
-def last_n(prefix: str, n: int) -> List[str]:
+def last_n(prefix: str, n: int) -> list[str]:
   """The newest `n` Keras files in `dirname(prefix)` named `basename(prefix)*`.
 
   Raises:

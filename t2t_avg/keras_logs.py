@@ -18,7 +18,8 @@ import dataclasses
 import math
 import os
 import re
-from typing import Dict, List, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from absl import logging
 
@@ -58,7 +59,7 @@ def is_csv(path: str) -> bool:
   return bool(_CSV_HEADER.match(first))
 
 
-def read_metric(sources: Sequence[str], tag: str) -> List[MetricPoint]:
+def read_metric(sources: Sequence[str], tag: str) -> list[MetricPoint]:
   """The metric's points from TensorBoard event files or directories, or from
   CSVLogger files (told apart by content), each point of its step kind.
 
@@ -83,7 +84,7 @@ def read_metric(sources: Sequence[str], tag: str) -> List[MetricPoint]:
   return points
 
 
-def read_csv(paths_: Sequence[str], column: str) -> List[MetricPoint]:
+def read_csv(paths_: Sequence[str], column: str) -> list[MetricPoint]:
   """Every row's value of a column of CSVLogger files, one point per epoch.
 
   `NA` (a key missing from that epoch's logs) gives no point; `nan` and
@@ -96,7 +97,7 @@ def read_csv(paths_: Sequence[str], column: str) -> List[MetricPoint]:
     AveragingError: no such column (the message lists the columns), or a
       value that is not a number.
   """
-  points: Dict[int, MetricPoint] = {}
+  points: dict[int, MetricPoint] = {}
   for path in paths_:
     for point in _csv_points(path, column):
       old = points.get(point.step)
@@ -111,7 +112,7 @@ def read_csv(paths_: Sequence[str], column: str) -> List[MetricPoint]:
   return [points[epoch] for epoch in sorted(points)]
 
 
-def _csv_points(path: str, column: str) -> List[MetricPoint]:
+def _csv_points(path: str, column: str) -> list[MetricPoint]:
   with open(path, encoding="utf-8-sig", newline="") as f:
     text = f.read()
   lines = text.splitlines()
@@ -147,7 +148,9 @@ def _csv_points(path: str, column: str) -> List[MetricPoint]:
   return points
 
 
-def _is_keras(checkpoint) -> bool:
+def _is_keras(checkpoint: Any) -> bool:
+  """Whether a `Checkpoint` (anything with a path and a source: this module
+  does not import TensorFlow) is a Keras file."""
   source = getattr(checkpoint, "source", None)
   if source is not None:
     return source.format.name.startswith("Keras")
@@ -155,7 +158,7 @@ def _is_keras(checkpoint) -> bool:
 
 
 def checkpoint_positions(checkpoints: Sequence, kind: str, *,
-                         log: bool = False) -> List[int]:
+                         log: bool = False) -> list[int]:
   """Where each checkpoint sits on the step axis of a metric of `kind`.
 
   STEP and ITERATIONS: the checkpoint's step. EPOCH: the number in a Keras
@@ -196,7 +199,7 @@ def checkpoint_positions(checkpoints: Sequence, kind: str, *,
   return positions
 
 
-def _epoch_positions(checkpoints: Sequence) -> List[int]:
+def _epoch_positions(checkpoints: Sequence) -> list[int]:
   epochs = []
   for c in checkpoints:
     epoch = keras_checkpoints.name_number(c.path) if _is_keras(c) else None

@@ -132,10 +132,10 @@ def _list_stepfiles(model_dir: str, min_steps: int) -> collections.deque:
   return collections.deque(found)
 
 
-_UNORDERED: Set[str] = set()  # Keras files without a step, warned about once.
+_UNORDERED: set[str] = set()  # Keras files without a step, warned about once.
 
 
-def _keras_stepfiles(model_dir: str, min_steps: int) -> List[StepFile]:
+def _keras_stepfiles(model_dir: str, min_steps: int) -> list[StepFile]:
   """The Keras files of a directory as StepFiles, their step being their
   iteration counter (else the number in their name). A file that cannot be
   read yet (still being written) is left for the next look."""

@@ -28,11 +28,13 @@ data, policy_scope = make_keras_run.data, make_keras_run.policy_scope
 build_model, train = make_keras_run.build_model, make_keras_run.train
 
 
-_TRAINED = {}  # Each test module imports the fixture: one training for all.
+# Each test module imports the fixture (`from keras_runs import
+# keras_runs_fixture`): one training for all of them.
+_TRAINED: dict = {}
 
 
-@pytest.fixture(scope="session")
-def keras_runs(tmp_path_factory):
+@pytest.fixture(scope="session", name="keras_runs")
+def keras_runs_fixture(tmp_path_factory):
   """{policy: Run} for float32 and mixed_float16, trained once per session."""
   if not _TRAINED:
     root = tmp_path_factory.mktemp("keras_runs")

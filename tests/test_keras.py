@@ -12,8 +12,8 @@ import pytest
 
 from conftest import error_line, run_cli
 from keras_runs import (assert_same_values, build_model, data, datasets,
-                        expected_average, keras_runs, open_weights,
-                        policy_scope)  # pylint: disable=unused-import
+                        expected_average, open_weights, policy_scope)
+from keras_runs import keras_runs_fixture  # noqa: F401  (the fixture)
 from t2t_avg import AveragingError, average_checkpoints
 from t2t_avg import checkpoints
 from t2t_avg import keras_checkpoints

@@ -10,9 +10,9 @@ import pytest
 
 from conftest import REPO, options_from_flags
 from keras_runs import (EPOCHS, assert_same_values, build_model, csv_column,
-                        data, datasets, expected_average, keras_runs,
-                        policy_scope, softmax_weights,
-                        tensorboard_scalars)  # pylint: disable=unused-import
+                        data, datasets, expected_average, policy_scope,
+                        softmax_weights, tensorboard_scalars)
+from keras_runs import keras_runs_fixture  # noqa: F401  (the fixture)
 from t2t_avg import AveragingError
 from t2t_avg import keras_logs
 from t2t_avg import metrics
@@ -67,7 +67,8 @@ def test_readme_keras_commands_work_on_a_real_run(keras_runs, tmp_path):
   places = {"/tmp/keras_run": run.directory,
             "/tmp/keras_avg": str(tmp_path / "keras_avg")}
   runs = []
-  for argv in commands[1:]:
+  for command in commands[1:]:
+    argv = command
     for old, new in places.items():
       argv = [arg.replace(old, new) for arg in argv]
     if argv[0] == "python":

@@ -9,8 +9,8 @@ import time
 
 from conftest import REPO
 from keras_runs import (assert_same_values, csv_column, datasets,
-                        expected_average, keras_runs,
-                        softmax_weights)  # pylint: disable=unused-import
+                        expected_average, softmax_weights)
+from keras_runs import keras_runs_fixture  # noqa: F401  (the fixture)
 from t2t_avg import options
 from t2t_avg import watch
 

@@ -29,7 +29,8 @@ import os
 import struct
 import threading
 import weakref
-from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Optional
+from collections.abc import Iterator, Sequence
 
 import h5py
 import ml_dtypes
@@ -78,7 +79,7 @@ class _Window(io.RawIOBase):
   def tell(self) -> int:
     return self._position
 
-  def readinto(self, buffer) -> int:
+  def readinto(self, buffer: Any) -> int:
     count = max(0, min(len(buffer), self._size - self._position))
     data = os.pread(self._fd, count, self._offset + self._position)
     buffer[:len(data)] = data
@@ -93,7 +94,7 @@ class _Window(io.RawIOBase):
 
 # --- reading -----------------------------------------------------------------
 
-def _superblock_end(path: str, offset: int) -> Optional[Tuple[int, int]]:
+def _superblock_end(path: str, offset: int) -> Optional[tuple[int, int]]:
   """(base address, end-of-file address) from an HDF5 superblock, or None."""
   with open(path, "rb") as f:
     f.seek(offset)
@@ -182,7 +183,7 @@ def dtype_of(dataset: h5py.Dataset, where: str) -> base.DType:
 
 
 def _walk(group: h5py.Group, label: str, prefix: str = "",
-          depth: int = 0) -> Iterator[Tuple[str, object]]:
+          depth: int = 0) -> Iterator[tuple[str, object]]:
   """(path, group or dataset) below `group`, parents first, in name order.
 
   Raises:
@@ -231,7 +232,7 @@ def _tensor(name: str, dataset: h5py.Dataset, label: str, file: str,
     raise AveragingError(f"{label}: dataset {name} is {state}")
   dtype = dtype_of(dataset, label)
   shape = tuple(int(d) for d in dataset.shape)
-  nbytes = math.prod(shape) * dtype.numpy.itemsize
+  nbytes = math.prod(shape) * dataset.dtype.itemsize
   where = _raw_offset(dataset, nbytes)
   key = name.encode("utf-8", "surrogateescape")
   if where is None:
@@ -274,7 +275,7 @@ def _read_block(dataset: h5py.Dataset, index: tuple, shape: tuple, start: int,
 class KerasSource(base.Source):
   """A Keras 3 weights file, or the weights of a `.keras` file."""
 
-  def __init__(self, path: str, fmt: "KerasFormat", image: Tuple[str, int,
+  def __init__(self, path: str, fmt: KerasFormat, image: tuple[str, int,
                                                                   int],
                member: Optional[keras_zip.WeightsMember] = None):
     super().__init__(path)
@@ -300,6 +301,9 @@ class KerasSource(base.Source):
     except AveragingError:
       self.hdf5.close()
       raise
+    self._itemsizes = {name: int(item.dtype.itemsize)
+                       for name, item in _walk(self.hdf5, label)
+                       if isinstance(item, h5py.Dataset)}
     self.step_keys = tuple(k for k in STEP_KEYS if k in self._tensors and
                            _integer_scalar(self._tensors[k]))
 
@@ -307,7 +311,7 @@ class KerasSource(base.Source):
   def format(self) -> base.Format:
     return self._format
 
-  def tensors(self) -> Dict[str, base.Tensor]:
+  def tensors(self) -> dict[str, base.Tensor]:
     return self._tensors
 
   def name_step(self) -> Optional[int]:
@@ -319,7 +323,7 @@ class KerasSource(base.Source):
       super().read(part, offset, out)
       return
     name = part.key.decode("utf-8", "surrogateescape")
-    itemsize = self._tensors[name].dtype.numpy.itemsize
+    itemsize = self._itemsizes[name]
     first, last = offset // itemsize, -(-(offset + len(out)) // itemsize)
     try:
       with self._h5_lock:
@@ -328,7 +332,7 @@ class KerasSource(base.Source):
       raise AveragingError(f"cannot read dataset {name}: {_h5_error(e)}") from e
     data = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
     skip = offset - first * itemsize
-    out[:] = data[skip:skip + len(out)]
+    np.frombuffer(out, np.uint8)[:] = data[skip:skip + len(out)]
 
   def close(self) -> None:
     super().close()
@@ -345,7 +349,8 @@ def _remove_quietly(path: str) -> None:
 
 
 def _integer_scalar(tensor: base.Tensor) -> bool:
-  return tensor.shape == () and tensor.dtype.numpy.kind in "iu"
+  numpy = tensor.dtype.numpy
+  return tensor.shape == () and numpy is not None and numpy.kind in "iu"
 
 
 def _refuse_other_hdf5(h5: h5py.File, path: str) -> None:
@@ -381,7 +386,7 @@ def open_path(path: str, *, check_crc: bool = True) -> KerasSource:
   raise AveragingError(f"{path} is not a Keras 3 .weights.h5 or .keras file")
 
 
-def read_counter(path: str) -> Tuple[Optional[int], str]:
+def read_counter(path: str) -> tuple[Optional[int], str]:
   """(the optimizer's iteration count, its dataset path) of a Keras file, or
   (None, '') when it has no counter; a `.keras` file's CRC is not checked.
 
@@ -400,7 +405,8 @@ def read_counter(path: str) -> Tuple[Optional[int], str]:
 
 # --- writing -----------------------------------------------------------------
 
-def _copy_attrs(source, target) -> None:
+def _copy_attrs(source: Any, target: Any) -> None:
+  """Every attribute of an h5py object, its stored type kept, by name."""
   for key in sorted(source.attrs.keys()):
     target.attrs.create(key, source.attrs[key],
                         dtype=source.attrs.get_id(key).dtype)
@@ -424,7 +430,7 @@ def _create_dataset(parent: h5py.Group, leaf: str,
 
 
 def write_layout(path: str, newest: h5py.File,
-                 tensors: Sequence[base.Tensor]) -> Dict[str, Optional[int]]:
+                 tensors: Sequence[base.Tensor]) -> dict[str, Optional[int]]:
   """Creates the output HDF5 file without its data; returns each tensor's
   data offset (None for empty tensors).
 
@@ -464,7 +470,7 @@ class KerasSink(base.Sink):
                                  else "")
     self._offsets = write_layout(self._weights, newest.hdf5, self._tensors)
     self._sizes = {t.name: t.parts[0].size for t in self._tensors}
-    self._finished: Set[str] = set()
+    self._finished: set[str] = set()
     self._lock = threading.Lock()
     self._fd: Optional[int] = os.open(self._weights, os.O_WRONLY |
                                       getattr(os, "O_BINARY", 0))
@@ -474,8 +480,11 @@ class KerasSink(base.Sink):
     return _PartWriter(self, name, self._offsets[name] or 0, self._sizes[name])
 
   def _write_at(self, data: memoryview, offset: int) -> None:
+    fd = self._fd
+    if fd is None:
+      raise AveragingError("internal error: writing to a closed sink")
     while data:
-      written = os.pwrite(self._fd, data, offset)
+      written = os.pwrite(fd, data, offset)
       data, offset = data[written:], offset + written
 
   def _done(self, name: str) -> None:
@@ -484,16 +493,22 @@ class KerasSink(base.Sink):
 
   def close(self) -> None:
     """Flushes the weights file; for `.keras`, writes the zip around it."""
-    os.fsync(self._fd)
-    os.close(self._fd)
-    self._fd = None
+    fd, self._fd = self._fd, None
+    if fd is None:
+      raise AveragingError("internal error: the sink is closed twice")
+    os.fsync(fd)
+    os.close(fd)
     missing = sorted(set(self._sizes) - self._finished)
     if missing:
       raise AveragingError(f"internal error: datasets never written: "
                            f"{missing[:3]}")
     if self._archive:
+      member = self._newest.member
+      if member is None:
+        raise AveragingError(f"internal error: {self._newest.path} is not a "
+                             ".keras file")
       keras_zip.write_archive(self._output, self._newest.path,
-                              self._newest.member.members, self._weights)
+                              member.members, self._weights)
 
   def abort(self) -> None:
     if self._fd is not None:
@@ -529,7 +544,7 @@ class KerasSink(base.Sink):
     finally:
       output.close()
 
-  def publication(self, output: str) -> List[Tuple[str, str]]:
+  def publication(self, output: str) -> list[tuple[str, str]]:
     return [(self._output, output)]
 
 
@@ -541,7 +556,8 @@ class _PartWriter(base.PartWriter):
     self._offset, self._end = offset, offset + size
 
   def write(self, chunk: np.ndarray) -> None:
-    data = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
+    data = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(
+        np.uint8))  # type: ignore[arg-type]
     if self._offset + len(data) > self._end:
       raise AveragingError(f"internal error: dataset {self._name} overflows")
     self._sink._write_at(data, self._offset)  # pylint: disable=protected-access
@@ -574,7 +590,7 @@ class KerasFormat(base.Format):
           example=os.path.splitext(stem)[0] + self.suffix)
     return output_path
 
-  def files(self, output: str) -> List[str]:
+  def files(self, output: str) -> list[str]:
     return [output]
 
   def exists(self, output: str) -> bool:

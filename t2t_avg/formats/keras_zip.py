@@ -18,7 +18,8 @@ import struct
 import tempfile
 import zipfile
 import zlib
-from typing import Optional, Sequence, Tuple
+from typing import IO, Optional
+from collections.abc import Sequence
 
 from t2t_avg.errors import AveragingError
 from t2t_avg.formats import detect
@@ -48,7 +49,7 @@ class WeightsMember:
   path: str
   offset: int
   size: int
-  members: Tuple[zipfile.ZipInfo, ...]
+  members: tuple[zipfile.ZipInfo, ...]
   extracted: Optional[str] = None
 
 
@@ -155,6 +156,7 @@ def write_archive(output: str, newest: str, members: Sequence[zipfile.ZipInfo],
         if info.is_dir():
           target.writestr(entry, b"")
           continue
+        src: IO[bytes]
         if info.filename == WEIGHTS_MEMBER:
           src, size = open(weights, "rb"), os.path.getsize(weights)
         else:
