@@ -74,11 +74,12 @@ def make_plan(inputs: Sequence[Checkpoint], newest: int, *,
                          "would be written" if exclude else
                          f"checkpoint {inputs[newest].path} holds no tensors")
   items = []
+  state = inputs[newest].source.format.state_not_weights(list(reference))
   for name in sorted(reference):
     tensor = reference[name]
     if name == checkpoints.GLOBAL_STEP and _integer_scalar(tensor):
       items.append(Item(tensor, Action.STEP))
-    elif tensor.dtype.averaged:
+    elif tensor.dtype.averaged and name not in state:
       _same_everywhere(name, inputs, tensors)
       items.append(Item(tensor, Action.AVERAGE))
     else:
@@ -145,11 +146,12 @@ def log_plan(plan: Plan, exclude: Optional[Pattern[str]]) -> None:
   """One INFO line for what is copied and why, one for what is left out."""
   copied = [i.tensor for i in plan.items if i.action is Action.COPY]
   if copied:
-    kinds = sorted({t.dtype.name for t in copied})
+    kinds = sorted({"float hash table values" if t.dtype.averaged
+                    else t.dtype.name for t in copied})
     names = ", ".join(t.name for t in copied[:10]) + (
         ", ..." if len(copied) > 10 else "")
     logging.info("Copying %d tensors from the newest checkpoint, not "
-                 "averaging them (dtypes %s are not weights): %s",
+                 "averaging them (%s are not weights): %s",
                  len(copied), ", ".join(kinds), names)
   if exclude:
     logging.info("Leaving out variables matching %r", exclude.pattern)

@@ -187,6 +187,14 @@ class Format(abc.ABC):
   # graph can be written beside them.
   has_state_file = False
 
+  def state_not_weights(self, names: Sequence[str]) -> Dict[str, str]:
+    """{name: what it is} for float tensors that are state, not weights.
+
+    They are copied from the newest input like non-float tensors.
+    """
+    del names
+    return {}
+
   @abc.abstractmethod
   def output_name(self, output_path: str, step: int) -> str:
     """The output's path from `--output_path` and the output step."""

@@ -617,6 +617,18 @@ class TFFormat(base.Format):
   name = "TF checkpoint"
   has_state_file = True
 
+  def state_not_weights(self, names: Sequence[str]) -> Dict[str, str]:
+    # Hash tables save their keys and values as `<table>-keys`/`-values`
+    # (TF1) or `.ATTRIBUTES/table-keys`/`table-values` (TF2): buckets, not
+    # weights, even when the values are floats.
+    present = set(names)
+    tables = {}
+    for name in names:
+      if name.endswith("-values") and name[:-len("values")] + "keys" in (
+          present):
+        tables[name] = "hash table values"
+    return tables
+
   def output_name(self, output_path: str, step: int) -> str:
     return f"{output_path}-{step}"
 
