@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import List, Optional, Sequence, Union
+from typing import Optional, Union
+from collections.abc import Sequence
 
 from absl import logging
 import numpy as np
@@ -121,7 +122,7 @@ def average_checkpoints(
   return dataclasses.replace(result, written=True)
 
 
-def _normalised(weights: Optional[Sequence[float]], n: int) -> List[float]:
+def _normalised(weights: Optional[Sequence[float]], n: int) -> list[float]:
   if weights is None:
     return [1.0 / n] * n
   values = options.check_weights(weights, n)
@@ -145,11 +146,11 @@ def _output_step(output_step: options.OutputStep, newest: Checkpoint) -> int:
 
 
 def _one_format(inputs: Sequence[Checkpoint]) -> base.Format:
-  fmt = inputs[0].source.format
+  fmt = inputs[0].opened.format
   for c in inputs[1:]:
-    if c.source.format != fmt:
+    if c.opened.format != fmt:
       raise AveragingError(f"{inputs[0].path} is a {fmt.name} but {c.path} "
-                           f"is a {c.source.format.name}; average one format "
+                           f"is a {c.opened.format.name}; average one format "
                            "at a time")
   return fmt
 
@@ -170,7 +171,7 @@ def _refuse_overwriting(output: str, inputs: Sequence[Checkpoint],
                          "--output_path")
 
 
-def _output_names(output: str, fmt: base.Format) -> List[str]:
+def _output_names(output: str, fmt: base.Format) -> list[str]:
   """Every file an output at this name has or may have."""
   return fmt.files(output) + [output + ".meta",
                               output + checkpoints.RECORD_SUFFIX]
@@ -187,14 +188,14 @@ def _log_inputs(rows: Sequence[CheckpointRow], newest: str) -> None:
 
 
 def _write(plan: planning.Plan, inputs: Sequence[Checkpoint],
-           weights: Optional[List[float]], newest: int, output: str,
+           weights: Optional[list[float]], newest: int, output: str,
            record: dict, *, allow_nonfinite: bool, write_meta: bool) -> None:
   """Streams the output into a private directory, checks it, publishes it."""
-  fmt = inputs[newest].source.format
+  fmt = inputs[newest].opened.format
   try:
     with writer.Output(output) as out:
       sink = fmt.make_sink(out.temporary_path("out"), plan.tensors,
-                           inputs[newest].source)
+                           inputs[newest].opened)
       try:
         streaming.write_all(plan, inputs, weights, newest, sink,
                             allow_nonfinite=allow_nonfinite)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Optional
+from collections.abc import Sequence
 
 from absl import logging
 import numpy as np
@@ -38,6 +39,13 @@ class Checkpoint:
   step_source: str
   source: Optional[base.Source] = dataclasses.field(default=None,
                                                     compare=False, repr=False)
+
+  @property
+  def opened(self) -> base.Source:
+    """The source, for a checkpoint `open_all` or `load` opened."""
+    if self.source is None:
+      raise AveragingError(f"checkpoint {self.path} was never opened")
+    return self.source
 
 
 def exists(prefix: str) -> bool:
@@ -76,7 +84,7 @@ def _latest(directory: str) -> str:
   return _relocate(state.model_checkpoint_path, directory, state_file)
 
 
-def _state(directory: str):
+def _state(directory: str) -> Optional[Any]:
   state_file = os.path.join(directory, STATE_FILE)
   try:
     return tf.train.get_checkpoint_state(directory)
@@ -85,7 +93,7 @@ def _state(directory: str):
                          f"{tf_bundle.error_text(e)}") from e
 
 
-def from_list(checkpoints: Sequence[str], prefix: str = "") -> List[str]:
+def from_list(checkpoints: Sequence[str], prefix: str = "") -> list[str]:
   """The `--checkpoints` list: `prefix` string-prepended to each (legacy)."""
   return [resolve(prefix + c) for c in checkpoints]
 
@@ -106,7 +114,7 @@ def _relocate(listed: str, state_dir: str, state_file: str) -> str:
                        f"are missing (no {listed}{tf_bundle.INDEX_SUFFIX})")
 
 
-def last_n(prefix: str, n: int) -> List[str]:
+def last_n(prefix: str, n: int) -> list[str]:
   """The last `n` checkpoints of the state file in `dirname(prefix)`.
 
   TF2's `tf.train.Checkpoint.save` lists only its newest checkpoint: when
@@ -137,7 +145,7 @@ def last_n(prefix: str, n: int) -> List[str]:
   return chosen
 
 
-def _unlisted(listed: List[str], wanted: int) -> List[str]:
+def _unlisted(listed: list[str], wanted: int) -> list[str]:
   """Up to `wanted` unlisted checkpoints older than the newest listed one."""
   newest = listed[-1]
   newest_step = paths.name_step(newest)
@@ -151,7 +159,7 @@ def _unlisted(listed: List[str], wanted: int) -> List[str]:
   return [path for _, path in found[-wanted:]]
 
 
-def numbered(directory: str, basename: str = "*") -> List[Tuple[int, str]]:
+def numbered(directory: str, basename: str = "*") -> list[tuple[int, str]]:
   """(step, prefix) of the V2 checkpoints `<basename>-<N>` in a directory.
 
   Sorted by step (then name). `basename` may be a glob pattern ('*': any).
@@ -166,7 +174,7 @@ def numbered(directory: str, basename: str = "*") -> List[Tuple[int, str]]:
   return sorted(found)
 
 
-def _glob(pattern: str) -> List[str]:
+def _glob(pattern: str) -> list[str]:
   # GCS globbing can fail on a temporary file deleted meanwhile (T2T's
   # `_try_twice_tf_glob`).
   try:
@@ -222,24 +230,24 @@ def load(path: str, step_from: str = "auto") -> Checkpoint:
   return read_step(formats.open_source(resolve(path)), step_from)
 
 
-def open_all(items: Sequence, step_from: str) -> List[Checkpoint]:
+def open_all(items: Sequence, step_from: str) -> list[Checkpoint]:
   """Checkpoints (opened) from paths or Checkpoints; each listed once.
 
   Raises:
     AveragingError: one is missing or unreadable, or listed twice.
   """
-  opened, seen = [], set()
+  opened: list[Checkpoint] = []
   for item in items:
-    if isinstance(item, Checkpoint):
-      if item.source is None:
-        item = dataclasses.replace(
-            item, source=formats.open_source(resolve(item.path)))
+    if not isinstance(item, Checkpoint):
+      checkpoint = load(item, step_from)
+    elif item.source is None:
+      checkpoint = dataclasses.replace(
+          item, source=formats.open_source(resolve(item.path)))
     else:
-      item = load(item, step_from)
-    if item.path in seen:
-      raise AveragingError(f"checkpoint {item.path} is listed twice")
-    seen.add(item.path)
-    opened.append(item)
+      checkpoint = item
+    if any(c.path == checkpoint.path for c in opened):
+      raise AveragingError(f"checkpoint {checkpoint.path} is listed twice")
+    opened.append(checkpoint)
   return opened
 
 
@@ -255,7 +263,7 @@ def newest_of(inputs: Sequence[Checkpoint], active: Sequence[int]) -> int:
                     "unknown); taking the last listed, %s, as newest (its "
                     "non-float tensors are copied)", inputs[active[-1]].path)
     return active[-1]
-  top = max(inputs[i].step for i in active)
+  top = max(inputs[i].step or 0 for i in active)
   tied = [i for i in active if inputs[i].step == top]
   if len(tied) > 1:
     logging.warning("Checkpoints %s share step %d; taking the last listed, "

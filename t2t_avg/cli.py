@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, List, NoReturn
+from typing import NoReturn
+from collections.abc import Callable
 
 from absl import app
 from absl import flags
@@ -16,6 +17,7 @@ from absl import logging
 
 from t2t_avg import options
 from t2t_avg.errors import ArgumentError, AveragingError
+from t2t_avg.record import AveragingResult
 
 _ONE_SHOT = "[one-shot] "
 _CONTINUOUS = "[continuous: --model_dir, t2t-avg-all] "
@@ -114,7 +116,7 @@ def _fail(message: str) -> NoReturn:
   sys.exit(1)
 
 
-def _parse_flags(argv: List[str]) -> List[str]:
+def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -122,7 +124,7 @@ def _parse_flags(argv: List[str]) -> List[str]:
 
 
 def _present(name: str) -> bool:
-  return flags.FLAGS[name].present
+  return bool(flags.FLAGS[name].present)
 
 
 def _split(text: str) -> tuple:
@@ -149,7 +151,7 @@ def averaging_options() -> options.AveragingOptions:
       weight_summaries=_WEIGHT_SUMMARIES.value)
 
 
-def _run_once(argv: List[str]) -> None:
+def _run_once(argv: list[str]) -> None:
   del argv
   for name in _CONTINUOUS_ONLY:
     if _present(name):
@@ -175,7 +177,7 @@ def _run_once(argv: List[str]) -> None:
     print(format_table(result))
 
 
-def _run_continuous(argv: List[str]) -> None:
+def _run_continuous(argv: list[str]) -> None:
   del argv
   for name in _ONE_SHOT_ONLY:
     if _present(name):
@@ -190,7 +192,7 @@ def _run_continuous(argv: List[str]) -> None:
   watch.run(settings, weighting_options=weighing, averaging_options=averaging)
 
 
-def format_table(result) -> str:
+def format_table(result: AveragingResult) -> str:
   """The checkpoints, steps, metric values and weights, as a text table."""
   width = max(len(r.path) for r in result.rows)
   lines = [f"{'checkpoint':<{width}}  {'step':>10}  {'metric':>12}  "
@@ -205,14 +207,14 @@ def format_table(result) -> str:
   return "\n".join(lines)
 
 
-def _guarded(run: Callable[[List[str]], None],
-             interrupted: str) -> Callable[[List[str]], None]:
+def _guarded(run: Callable[[list[str]], None],
+             interrupted: str) -> Callable[[list[str]], None]:
   """Runs a mode; argument and domain errors become one line and exit 1.
 
   Anything else is a bug and keeps its traceback, except TensorFlow's own
   errors about a file (shown as their first line).
   """
-  def main(argv: List[str]) -> None:
+  def main(argv: list[str]) -> None:
     if len(argv) > 1:
       _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
@@ -231,7 +233,7 @@ def _guarded(run: Callable[[List[str]], None],
   return main
 
 
-def main(argv: List[str]) -> None:
+def main(argv: list[str]) -> None:
   """`python -m t2t_avg`: one-shot, or continuous when --model_dir is given."""
   if _MODEL_DIR.value:
     _guarded(_run_continuous, _INTERRUPTED_CONTINUOUS)(argv)

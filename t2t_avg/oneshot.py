@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence
+from typing import Optional
+from collections.abc import Sequence
 
 from absl import logging
 
@@ -11,15 +12,11 @@ from t2t_avg import checkpoints as ckpts
 from t2t_avg import events
 from t2t_avg import metrics
 from t2t_avg import options
-from t2t_avg import safe_files
 from t2t_avg import weighting
 from t2t_avg.metrics import MetricPoint
 from t2t_avg.record import AveragingResult
 
-SUMMARIES_DIR = "t2t_avg"
-
-
-def choose(inputs: options.InputOptions) -> List[str]:
+def choose(inputs: options.InputOptions) -> list[str]:
   """The input prefixes, from `checkpoints` or the last N of a state file."""
   if inputs.checkpoints:
     return ckpts.from_list(inputs.checkpoints, inputs.prefix)
@@ -27,7 +24,7 @@ def choose(inputs: options.InputOptions) -> List[str]:
 
 
 def read_points(settings: options.WeightingOptions) -> Optional[
-    List[MetricPoint]]:
+    list[MetricPoint]]:
   """The metric's points, when event files are given; None otherwise.
 
   A metric that is read but not used to weigh is said so.
@@ -57,9 +54,8 @@ def run(inputs: options.InputOptions, output: options.OutputOptions,
         averaging_options: options.AveragingOptions,
         weighting_options: options.WeightingOptions) -> AveragingResult:
   """The whole one-shot job, as `python -m t2t_avg` runs it."""
-  summaries = os.path.join(os.path.dirname(output.output_path), SUMMARIES_DIR)
-  if averaging_options.weight_summaries and safe_files.is_local(summaries):
-    safe_files.check_own_dir(summaries)
+  summaries = (events.summaries_directory(os.path.dirname(output.output_path))
+               if averaging_options.weight_summaries else None)
   chosen = [ckpts.load(p, averaging_options.step_from)
             for p in choose(inputs)]
   weighting_options.check_count(len(chosen))
@@ -73,7 +69,7 @@ def run(inputs: options.InputOptions, output: options.OutputOptions,
       allow_nonfinite=averaging_options.allow_nonfinite,
       step_from=averaging_options.step_from, write_meta=output.write_meta,
       dry_run=output.dry_run, record_extra=weighing.record)
-  if result.written and averaging_options.weight_summaries:
+  if result.written and summaries:
     events.write_weight_summaries(summaries, result.rows,
                                   weighting_options.metric)
   return result

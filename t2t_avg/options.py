@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Optional, Pattern, Sequence, Tuple, Union
+from typing import Optional, Union
+from re import Pattern
+from collections.abc import Sequence
 
 from t2t_avg import paths
 from t2t_avg.errors import ArgumentError
@@ -26,7 +28,7 @@ OutputStep = Union[str, int]
 
 
 def check_weights(weights: Sequence[float], count: Optional[int] = None,
-                  *, name: str = "weights") -> Tuple[float, ...]:
+                  *, name: str = "weights") -> tuple[float, ...]:
   """Explicit weights: finite, >= 0, with a positive sum; `count` of them.
 
   Raises:
@@ -43,7 +45,7 @@ def check_weights(weights: Sequence[float], count: Optional[int] = None,
   return values
 
 
-def parse_weights(text: str) -> Tuple[float, ...]:
+def parse_weights(text: str) -> tuple[float, ...]:
   """`--weights=w1,w2,...` as numbers (see `check_weights`)."""
   try:
     values = [float(w) for w in text.split(",")]
@@ -120,8 +122,8 @@ class WeightingOptions:
     missing_metric: 'error', or 'skip' (leave the checkpoint out).
   """
   weighting: str = "uniform"
-  weights: Optional[Tuple[float, ...]] = None
-  metrics_from_events: Tuple[str, ...] = ()
+  weights: Optional[tuple[float, ...]] = None
+  metrics_from_events: tuple[str, ...] = ()
   metric: str = "loss"
   metric_mode: str = "auto"
   temperature: float = 0.0
@@ -180,7 +182,7 @@ class InputOptions:
       `checkpoint` state file.
     num_last_checkpoints: average the last N (ignored with `checkpoints`).
   """
-  checkpoints: Tuple[str, ...] = ()
+  checkpoints: tuple[str, ...] = ()
   prefix: str = ""
   num_last_checkpoints: int = 0
 

@@ -6,7 +6,8 @@ import dataclasses
 import os
 import re
 import time
-from typing import Callable, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Optional
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from absl import logging
 import tensorflow as tf
@@ -27,7 +28,6 @@ from t2t_avg.paths import is_local
 from t2t_avg.record import AveragingResult
 
 OUTPUT_BASENAME = "model.ckpt"
-SUMMARIES_DIR = "t2t_avg"
 # Copied from the training directory for t2t-bleu and t2t-translate-all.
 RUN_FILES = ("flags.txt", "hparams.json", "flags_t2t.txt")
 WRITTEN, EXISTED, SKIPPED = "written", "existed", "skipped"
@@ -156,7 +156,7 @@ def windows(step_files: Iterable[StepFile],
   """
   if n < 1:
     raise ValueError(f"--n must be >= 1, not {n}")
-  window = collections.deque(maxlen=n)
+  window: collections.deque[StepFile] = collections.deque(maxlen=n)
   for step_file in step_files:
     window.append(step_file)
     if len(window) == n:
@@ -219,9 +219,8 @@ def average_all(settings: options.ContinuousOptions, *,
                              weighting_options.metric_mode)
   model_dir = os.path.expanduser(settings.model_dir)
   output_dir = os.path.expanduser(settings.output_dir)
-  summaries = os.path.join(output_dir, SUMMARIES_DIR)
-  if averaging_options.weight_summaries and is_local(summaries):
-    safe_files.check_own_dir(summaries)
+  if averaging_options.weight_summaries:
+    events.summaries_directory(output_dir)
   if not tf.io.gfile.isdir(model_dir) and not settings.wait_minutes:
     raise AveragingError(f"--model_dir {model_dir} is not a directory (pass "
                          "--wait_minutes to wait for it)")
@@ -249,7 +248,7 @@ class _Averager:
     self._mode = mode
     self._clock = clock
     self._sleep = sleep
-    self._copied: Set[str] = set()
+    self._copied: set[str] = set()
     self._warned_times = False
 
   def run(self, found: Iterator[StepFile]) -> Iterator[WindowOutcome]:
@@ -270,7 +269,7 @@ class _Averager:
                  "%d skipped", counts[WRITTEN], counts[EXISTED],
                  counts[SKIPPED])
 
-  def _process(self, window: Tuple[StepFile, ...]) -> WindowOutcome:
+  def _process(self, window: tuple[StepFile, ...]) -> WindowOutcome:
     newest = window[-1]
     prefix = output_prefix(self._settings.output_dir, newest.step)
 
@@ -282,13 +281,13 @@ class _Averager:
       logging.info("%s exists; skipped, not recomputed", prefix)
       return WindowOutcome(newest.step, prefix, window, EXISTED)
     members, problem = self._open(window)
-    if problem:
-      return skipped(problem)
+    if members is None:
+      return skipped(problem or "")
     weighing = None
     if self._weighting.weighting != "uniform":
       weighing, problem = self._weigh(members, newest)
-      if problem:
-        return skipped(problem)
+      if weighing is None:
+        return skipped(problem or "")
     try:
       result = self._average(members, weighing, newest.step)
     except (AveragingError,) + _READ_ERRORS as e:
@@ -299,8 +298,8 @@ class _Averager:
     self._finish(result, newest, members)
     return WindowOutcome(newest.step, prefix, window, WRITTEN, result=result)
 
-  def _open(self, window: Tuple[StepFile, ...]) -> Tuple[
-      Optional[List[checkpoints.Checkpoint]], Optional[str]]:
+  def _open(self, window: tuple[StepFile, ...]) -> tuple[
+      Optional[list[checkpoints.Checkpoint]], Optional[str]]:
     """The window's Checkpoints, or None and why one cannot be used."""
     members = []
     for step_file in window:
@@ -322,8 +321,8 @@ class _Averager:
                       f"{tf_bundle.error_text(e)}")
     return members, None
 
-  def _weigh(self, members: List[checkpoints.Checkpoint],
-             newest: StepFile) -> Tuple[Optional[weighting.Weighing],
+  def _weigh(self, members: list[checkpoints.Checkpoint],
+             newest: StepFile) -> tuple[Optional[weighting.Weighing],
                                         Optional[str]]:
     """A Weighing once the newest checkpoint's metric is in, or why not."""
     settings = self._weighting
@@ -353,8 +352,8 @@ class _Averager:
     except AveragingError as e:
       return None, f"cannot weigh its checkpoints: {e}"
 
-  def _metric_points(self, step: Optional[int]) -> Tuple[
-      Optional[List[MetricPoint]], Optional[str]]:
+  def _metric_points(self, step: Optional[int]) -> tuple[
+      Optional[list[MetricPoint]], Optional[str]]:
     """(the metric's points, None) when `step` has one; else (None, why)."""
     settings = self._weighting
     if step is None:
@@ -372,13 +371,14 @@ class _Averager:
                     f"{points[-1].step}")
     return points, None
 
-  def _average(self, members: List[checkpoints.Checkpoint],
+  def _average(self, members: list[checkpoints.Checkpoint],
                weighing: Optional[weighting.Weighing],
                step: int) -> AveragingResult:
     extra: dict = {"continuous": {"model_dir": self._settings.model_dir,
                                   "n": self._settings.n}}
+    chosen: Sequence[checkpoints.Checkpoint] = members
+    weights, values = None, None
     if weighing is None:
-      chosen, weights, values = members, None, None
       extra["weighting"] = {"scheme": "uniform"}
     else:
       chosen, weights, values = (weighing.checkpoints, weighing.weights,
@@ -393,7 +393,7 @@ class _Averager:
         record_extra=extra)
 
   def _finish(self, result: AveragingResult, newest: StepFile,
-              members: List[checkpoints.Checkpoint]) -> None:
+              members: list[checkpoints.Checkpoint]) -> None:
     """Times, run files and the state file, as downstream tools expect."""
     prefix = result.output_path
     output_dir = self._settings.output_dir
@@ -411,7 +411,7 @@ class _Averager:
       writer.write_state_file(output_dir, outputs[-1], outputs)
     if self._averaging.weight_summaries:
       events.write_weight_summaries(
-          os.path.join(output_dir, SUMMARIES_DIR), result.rows,
+          events.summaries_directory(output_dir), result.rows,
           self._weighting.metric)
 
   def _set_mtime(self, path: str, mtime_ns: int) -> None:
@@ -456,7 +456,7 @@ def _copy_with_times(source: str, target: str,
   set_mtime(target, tf.io.gfile.stat(source).mtime_nsec)
 
 
-def _unreadable_input(window: Tuple[StepFile, ...],
+def _unreadable_input(window: tuple[StepFile, ...],
                       error: Exception) -> Optional[str]:
   """Which input made averaging fail by vanishing or not reading; else None.
 
@@ -494,7 +494,7 @@ def _read_in_full(path: str) -> Optional[str]:
   return None
 
 
-def present_outputs(output_dir: str) -> List[str]:
+def present_outputs(output_dir: str) -> list[str]:
   """The `model.ckpt-<N>` checkpoints in a directory, oldest first."""
   return [path for _, path in checkpoints.numbered(output_dir,
                                                    OUTPUT_BASENAME)]
@@ -504,7 +504,7 @@ def run(settings: options.ContinuousOptions, *,
         weighting_options: options.WeightingOptions = (
             options.WeightingOptions()),
         averaging_options: options.AveragingOptions = (
-            options.AveragingOptions())) -> List[str]:
+            options.AveragingOptions())) -> list[str]:
   """The `t2t-avg-all` job with real time: averages until nothing is new.
 
   Returns:

@@ -202,25 +202,6 @@ def mixed_series(directory, steps, *, seed=7, shards=1):
 
 
 @pytest.fixture
-def random_series(tmp_path):
-  """Four TF1 checkpoints of random float32/float16/float64 and an int counter."""
-  rng = np.random.default_rng(1234)
-  values = {}
-
-  def make(step):
-    if step not in values:
-      values[step] = {
-          "transformer/body/encoder/layer_0/ffn/kernel":
-              rng.standard_normal((16, 32)).astype(np.float32),
-          "transformer/body/decoder/layer_0/ffn/bias":
-              rng.standard_normal((32,)).astype(np.float32),
-          "transformer/symbol_modality/shared/weights_0":
-              rng.standard_normal((50, 16)).astype(np.float16),
-          "transformer/scale": rng.standard_normal(()).astype(np.float64),
-          "train_stats/problem_0_steps": np.int32(step * 3),
-      }
-    return values[step]
-
-  prefixes = write_tf1_series(str(tmp_path / "train"), [100, 200, 300, 400],
-                              make)
-  return prefixes
+def mixed_checkpoints(tmp_path):
+  """Four TF1 checkpoints of `mixed_series`, at steps 100 to 400."""
+  return mixed_series(str(tmp_path / "train"), [100, 200, 300, 400])

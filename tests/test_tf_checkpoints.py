@@ -325,7 +325,7 @@ def test_excluded_variables_may_be_missing_or_differ(tmp_path):
   prefixes = []
   for step in STEPS:
     prefixes += write_tf1_series(str(tmp_path / f"t{step}"), [step],
-                                 lambda s: make(s))
+                                 make)
   refused = run_cli(f"--checkpoints={','.join(prefixes)}",
                     f"--output_path={tmp_path}/bad/avg")
   assert "extra/" in error_line(refused)

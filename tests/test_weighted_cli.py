@@ -254,16 +254,16 @@ def test_softmax_cli_writes_weighted_average_and_json_record(series, tmp_path):
 
 # --- top_k ------------------------------------------------------------------
 
-def test_top_k_is_bit_identical_to_uniform_over_the_selected(random_series,
+def test_top_k_is_bit_identical_to_uniform_over_the_selected(mixed_checkpoints,
                                                              tmp_path):
   # Random values, so 1/k * sum and sum / k would differ in the last bits.
   # 200 and 300 tie for second best: the newer (300) is taken. The newest
   # input (400) is left out, so the int counter must come from 300.
   eval_dir = write_tf2_events(tmp_path / "eval", "loss",
                               {100: 1.0, 200: 2.0, 300: 2.0, 400: 3.0})
-  top_k = run_oneshot(random_series, tmp_path / "top_k" / "avg.ckpt",
+  top_k = run_oneshot(mixed_checkpoints, tmp_path / "top_k" / "avg.ckpt",
                       weighting="top_k", top_k=2, metrics_from_events=[eval_dir])
-  uniform = run_oneshot([random_series[0], random_series[2]],
+  uniform = run_oneshot([mixed_checkpoints[0], mixed_checkpoints[2]],
                         tmp_path / "uniform" / "avg.ckpt")
 
   assert [r.weight for r in top_k.rows] == [0.5, 0.0, 0.5, 0.0]
@@ -272,7 +272,7 @@ def test_top_k_is_bit_identical_to_uniform_over_the_selected(random_series,
   assert sorted(got) == sorted(want)
   floats = [n for n in want if want[n].dtype.kind == "f"]
   assert len(floats) == 4
-  assert want["train_stats/problem_0_steps"] == 300 * 3
+  assert want["train_stats/problem_0_steps"] == 300 * 5 + 1
   for name in want:
     assert got[name].dtype == want[name].dtype, name
     assert got[name].tobytes() == want[name].tobytes(), name
