@@ -106,10 +106,10 @@ def average_checkpoints(
       copied=plan.count(planning.Action.COPY), version=t2t_avg.__version__,
       extra=record_extra)
   result = AveragingResult(output_prefix, False, rows, count, record)
-  _log_inputs(rows, inputs[newest].path)
   planning.log_plan(plan, exclude)
-  if dry_run:
+  if dry_run:  # The caller shows the inputs' table.
     return result
+  _log_inputs(rows, inputs[newest].path)
   uniform = len({weights[i] for i in active}) == 1
   _write(plan, [inputs[i] for i in active],
          None if uniform else [weights[i] for i in active],

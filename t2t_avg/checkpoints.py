@@ -129,8 +129,12 @@ def last_n(prefix: str, n: int) -> list[str]:
   state_file = os.path.join(state_dir, STATE_FILE)
   state = _state(state_dir)
   if state is None or not state.model_checkpoint_path:
+    hint = ""
+    if not prefix.endswith("/") and tf.io.gfile.exists(
+        os.path.join(prefix, STATE_FILE)):
+      hint = f"; did you mean --prefix={prefix}/?"
     raise AveragingError(f"no checkpoint state file {state_file} (the "
-                         "directory of --prefix)")
+                         f"directory of --prefix){hint}")
   listed = list(state.all_model_checkpoint_paths)
   if not listed or listed[-1] != state.model_checkpoint_path:
     listed.append(state.model_checkpoint_path)

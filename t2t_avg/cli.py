@@ -101,14 +101,32 @@ _MIN_STEPS = flags.DEFINE_integer("min_steps", 0, _CONTINUOUS + "Ignore "
 _WAIT_MINUTES = flags.DEFINE_integer(
     "wait_minutes", 0, _CONTINUOUS + "Wait upto N minutes for a new "
     "checkpoint.")
+_RECOMPUTE = flags.DEFINE_boolean(
+    "recompute", False, _CONTINUOUS + "Replace outputs in --output_dir whose "
+    "record shows other settings (other weighting, --n, ...); without it such "
+    "a directory is refused.")
 
 _INTERRUPTED_CONTINUOUS = ("the outputs written so far are complete; the one "
                            "in progress was not written")
 _ONE_SHOT_ONLY = ("checkpoints", "num_last_checkpoints", "prefix",
                   "output_path", "output_step", "dry_run", "write_meta")
-_CONTINUOUS_ONLY = ("output_dir", "n", "min_steps", "wait_minutes")
+_CONTINUOUS_ONLY = ("output_dir", "n", "min_steps", "wait_minutes",
+                    "recompute")
 # TF's start-up notices on stderr; t2t_avg's arithmetic is numpy, not oneDNN.
 _QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0"}
+USAGE = """Average TensorFlow checkpoints (a drop-in for T2T's avg_checkpoints.py).
+
+One-shot:   python -m t2t_avg --prefix=train/ --num_last_checkpoints=8 \\
+              --output_path=avg/averaged.ckpt
+            writes avg/averaged.ckpt-0 (--output_step: zero, last or N).
+Continuous: t2t-avg-all --model_dir=train --output_dir=train/avg --n=8
+            (or python -m t2t_avg --model_dir=...) writes
+            <output_dir>/model.ckpt-<N> for each new checkpoint.
+
+Flags say which mode they belong to: [one-shot], [continuous], [both modes].
+TensorFlow's start-up notices are silenced (TF_CPP_MIN_LOG_LEVEL=3,
+TF_ENABLE_ONEDNN_OPTS=0) unless those variables are set.
+"""
 
 
 def _fail(message: str) -> NoReturn:
@@ -185,7 +203,8 @@ def _run_continuous(argv: list[str]) -> None:
                           "with {model_dir}" % name)
   settings = options.ContinuousOptions(
       model_dir=_MODEL_DIR.value, output_dir=_OUTPUT_DIR.value, n=_N.value,
-      min_steps=_MIN_STEPS.value, wait_minutes=_WAIT_MINUTES.value)
+      min_steps=_MIN_STEPS.value, wait_minutes=_WAIT_MINUTES.value,
+      recompute=_RECOMPUTE.value)
   weighing, averaging = weighting_options(), averaging_options()
   settings.check_weighting(weighing)
   from t2t_avg import watch  # pylint: disable=import-outside-toplevel
@@ -248,7 +267,8 @@ def _quiet_tensorflow() -> None:
 
 
 def _show_flags_in_help() -> None:
-  # --help lists the main program's key flags; ours are defined here.
+  # --help shows the main module's docstring and key flags: ours.
+  sys.modules["__main__"].__doc__ = USAGE
   for flag in flags.FLAGS.get_flags_for_module(__name__):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 

@@ -104,16 +104,16 @@ def _event_files(source: str) -> list[str]:
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   if tf.io.gfile.isdir(source):
     names = sorted(name.rstrip("/") for name in tf.io.gfile.listdir(source))
+    found = [os.path.join(source, name) for name in names if "tfevents" in name]
+    if not found:
+      raise AveragingError(
+          f"No TensorBoard event files (*tfevents*) in directory {source}")
     if any(name.endswith(".index") or name == "checkpoint" for name in names):
       logging.warning(
           "%s holds checkpoints as well as events: that is usually training "
           "loss, not eval (Estimator and T2T write eval summaries to its "
           "eval/ subdirectory)", source)
-    paths = [os.path.join(source, name) for name in names if "tfevents" in name]
-    if not paths:
-      raise AveragingError(
-          f"No TensorBoard event files (*tfevents*) in directory {source}")
-    return paths
+    return found
   if not tf.io.gfile.exists(source):
     raise AveragingError(f"Event file or directory {source} does not exist")
   return [source]

@@ -59,8 +59,9 @@ def run(inputs: options.InputOptions, output: options.OutputOptions,
   chosen = [ckpts.load(p, averaging_options.step_from)
             for p in choose(inputs)]
   weighting_options.check_count(len(chosen))
-  for c in chosen:
-    logging.info("%s: step %s (from %s)", c.path, c.step, c.step_source)
+  if not output.dry_run:  # A dry run shows them in its table.
+    for c in chosen:
+      logging.info("%s: step %s (from %s)", c.path, c.step, c.step_source)
   weighing = weigh(chosen, weighting_options)
   result = averaging.average_checkpoints(
       weighing.checkpoints, output.output_path, weights=weighing.weights,

@@ -256,6 +256,8 @@ class ContinuousOptions:
     min_steps: ignore checkpoints with a lower step.
     wait_minutes: how long to wait for a new checkpoint (and a metric).
     poll_seconds: how often to look while waiting.
+    recompute: replace existing outputs whose record shows other settings
+      (otherwise such outputs are refused).
   """
   model_dir: str
   output_dir: str = "avg/"
@@ -263,6 +265,7 @@ class ContinuousOptions:
   min_steps: int = 0
   wait_minutes: float = 0
   poll_seconds: float = 10.0
+  recompute: bool = False
 
   def __post_init__(self) -> None:
     if not self.model_dir:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import os
 import re
 import time
@@ -250,11 +251,15 @@ class _Averager:
     self._sleep = sleep
     self._copied: set[str] = set()
     self._warned_times = False
+    self._recorded = numbers_settings(settings.n, weighting_options,
+                                      averaging_options)
 
   def run(self, found: Iterator[StepFile]) -> Iterator[WindowOutcome]:
     """The generator behind `average_all`."""
     settings = self._settings
     writer.make_dirs(settings.output_dir)
+    if not settings.recompute:
+      self._refuse_other_settings()
     self._copy_run_files()
     counts: collections.Counter = collections.Counter()
     for window in windows(found, settings.n):
@@ -277,7 +282,7 @@ class _Averager:
       logging.warning("Skipping %s: %s", prefix, reason)
       return WindowOutcome(newest.step, prefix, window, SKIPPED, reason)
 
-    if checkpoints.exists(prefix):
+    if checkpoints.exists(prefix) and not self._differs(prefix):
       logging.info("%s exists; skipped, not recomputed", prefix)
       return WindowOutcome(newest.step, prefix, window, EXISTED)
     members, problem = self._open(window)
@@ -297,6 +302,25 @@ class _Averager:
       return skipped(problem)
     self._finish(result, newest, members)
     return WindowOutcome(newest.step, prefix, window, WRITTEN, result=result)
+
+  def _differs(self, prefix: str) -> dict[str, tuple]:
+    """{setting: (recorded, now)} where an output's record differs from now."""
+    recorded = _recorded_settings(prefix)
+    return {key: (recorded[key], value) for key, value in self._recorded.items()
+            if key in recorded and recorded[key] != value}
+
+  def _refuse_other_settings(self) -> None:
+    """Refuses existing outputs made with other settings, before any work."""
+    for prefix in present_outputs(self._settings.output_dir):
+      differs = self._differs(prefix)
+      if differs:
+        then = ", ".join(f"{k}={v[0]!r}" for k, v in differs.items())
+        now = ", ".join(f"{k}={v[1]!r}" for k, v in differs.items())
+        raise AveragingError(
+            f"--output_dir {self._settings.output_dir} holds {prefix}, "
+            f"averaged with {then}; this run asks for {now} (pass "
+            "--recompute to replace such averages, or choose another "
+            "--output_dir)")
 
   def _open(self, window: tuple[StepFile, ...]) -> tuple[
       Optional[list[checkpoints.Checkpoint]], Optional[str]]:
@@ -375,7 +399,8 @@ class _Averager:
                weighing: Optional[weighting.Weighing],
                step: int) -> AveragingResult:
     extra: dict = {"continuous": {"model_dir": self._settings.model_dir,
-                                  "n": self._settings.n}}
+                                  "n": self._settings.n},
+                   "settings": self._recorded}
     chosen: Sequence[checkpoints.Checkpoint] = members
     weights, values = None, None
     if weighing is None:
@@ -443,6 +468,35 @@ class _Averager:
         continue
       self._copied.add(name)
       logging.info("Copied %s to %s with its times", source, target)
+
+
+def numbers_settings(n: int, weighting_options: options.WeightingOptions,
+                     averaging_options: options.AveragingOptions) -> dict:
+  """The settings that decide an output's numbers, as its record keeps them."""
+  fields = dataclasses.asdict(weighting_options)
+  del fields["metrics_from_events"]  # Where the metric is read does not count.
+  if fields["weights"] is not None:
+    fields["weights"] = list(fields["weights"])
+  fields.update(n=n, exclude_variables=averaging_options.exclude_variables,
+                allow_nonfinite=averaging_options.allow_nonfinite,
+                step_from=averaging_options.step_from)
+  return fields
+
+
+def _recorded_settings(prefix: str) -> dict:
+  """The settings an earlier output of this tool was made with, or {}.
+
+  Records of earlier versions name only the weighting scheme and n.
+  """
+  try:
+    with tf.io.gfile.GFile(prefix + checkpoints.RECORD_SUFFIX) as f:
+      record = json.load(f)
+  except (tf.errors.OpError, ValueError):
+    return {}  # Not ours (legacy t2t-avg-all), or unreadable.
+  if "settings" in record:
+    return record["settings"]
+  return {"weighting": record.get("weighting", {}).get("scheme"),
+          "n": record.get("continuous", {}).get("n")}
 
 
 def _copy_with_times(source: str, target: str,

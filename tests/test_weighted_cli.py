@@ -15,7 +15,6 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow.core.util import event_pb2
 
 import t2t_avg
 from t2t_avg import events
@@ -24,6 +23,7 @@ from t2t_avg import options
 from t2t_avg.errors import AveragingError
 
 from conftest import (REPO, error_line, options_from_flags, read_checkpoint, run_cli,
+                      write_tf1_events, write_tf2_events,
                       write_tf1_series)
 
 tf1 = tf.compat.v1
@@ -46,30 +46,6 @@ def _step_valued(step):
 
 
 # --- Event writers: TensorFlow's own --------------------------------------
-
-def write_tf1_events(directory, tag, values, wall_time=1.7e9):
-  """`simple_value`s with a TF1 graph-mode FileWriter, as Estimator/T2T eval."""
-  os.makedirs(directory, exist_ok=True)
-  with tf.Graph().as_default():
-    writer = tf1.summary.FileWriter(str(directory))
-    for step, value in sorted(values.items()):
-      writer.add_event(event_pb2.Event(
-          step=step, wall_time=wall_time + step,
-          summary=tf1.Summary(value=[
-              tf1.Summary.Value(tag=tag, simple_value=value)])))
-    writer.close()
-  return str(directory)
-
-
-def write_tf2_events(directory, tag, values):
-  """0-d tensors with TF2 `tf.summary.scalar`, as Keras and TF2 loops."""
-  writer = tf.summary.create_file_writer(str(directory))
-  with writer.as_default():
-    for step, value in sorted(values.items()):
-      tf.summary.scalar(tag, value, step=step)
-  writer.close()
-  return str(directory)
-
 
 # --- Expected weights, from the SPEC's formulas -----------------------------
 
