@@ -195,13 +195,12 @@ def average(prefixes: Sequence[str], output_path: str, scheme: str,
       return output, json.load(f)
   # pylint: disable-next=import-outside-toplevel
   from t2t_avg import oneshot, options
-  result = oneshot.run(
+  result = oneshot.run(options.OneShotSettings(
       options.InputOptions(checkpoints=tuple(prefixes)),
       options.OutputOptions(output_path=output_path),
-      options.AveragingOptions(),
-      options.WeightingOptions(
+      weighting=options.WeightingOptions(
           weighting=scheme, metric=METRIC, top_k=top_k,
-          metrics_from_events=(events_dir,) if scheme != "uniform" else ()))
+          metrics_from_events=(events_dir,) if scheme != "uniform" else ())))
   return result.output_path, result.record
 
 

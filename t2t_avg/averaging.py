@@ -44,6 +44,7 @@ def average_checkpoints(
     dry_run: bool = False,
     update_state_file: bool = True,
     record_extra: Optional[dict] = None,
+    quiet: bool = False,
 ) -> AveragingResult:
   """Averages checkpoints into `<output_path>-<output step>`.
 
@@ -68,6 +69,7 @@ def average_checkpoints(
     update_state_file: point the output directory's `checkpoint` file at the
       output (never done in a directory that holds input checkpoints).
     record_extra: more entries for the JSON record (metric tag, weighting).
+    quiet: log nothing (a candidate average the caller scores and deletes).
 
   Returns:
     An AveragingResult.
@@ -106,10 +108,12 @@ def average_checkpoints(
       copied=plan.count(planning.Action.COPY), version=t2t_avg.__version__,
       extra=record_extra)
   result = AveragingResult(output_prefix, False, rows, count, record)
-  planning.log_plan(plan, exclude)
+  if not quiet:
+    planning.log_plan(plan, exclude)
   if dry_run:  # The caller shows the inputs' table.
     return result
-  _log_inputs(rows, inputs[newest].path)
+  if not quiet:
+    _log_inputs(rows, inputs[newest].path)
   uniform = len({weights[i] for i in active}) == 1
   _write(plan, [inputs[i] for i in active],
          None if uniform else [weights[i] for i in active],
@@ -117,8 +121,9 @@ def average_checkpoints(
          allow_nonfinite=allow_nonfinite, write_meta=write_meta)
   if update_state_file and fmt.has_state_file:
     _update_state_file(output_prefix, [c.path for c in inputs])
-  logging.info("Averaged checkpoint saved as %s; decode with "
-               "--checkpoint_path=%s", output_prefix, output_prefix)
+  if not quiet:
+    logging.info("Averaged checkpoint saved as %s; decode with "
+                 "--checkpoint_path=%s", output_prefix, output_prefix)
   return dataclasses.replace(result, written=True)
 
 

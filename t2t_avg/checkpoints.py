@@ -114,19 +114,37 @@ def _relocate(listed: str, state_dir: str, state_file: str) -> str:
                        f"are missing (no {listed}{tf_bundle.INDEX_SUFFIX})")
 
 
-def last_n(prefix: str, n: int) -> list[str]:
+def last_n(prefix: str, n: Optional[int]) -> list[str]:
   """The last `n` checkpoints of the state file in `dirname(prefix)`.
 
   TF2's `tf.train.Checkpoint.save` lists only its newest checkpoint: when
   fewer than `n` are listed, unlisted checkpoints of the same basename with a
   step number no higher than the newest listed one count too, highest first
-  (never an output of this tool).
+  (never an output of this tool). `n=None` means all of them (the pool that
+  selection flags choose from).
 
   Raises:
     AveragingError: no state file, or a listed checkpoint is missing.
   """
   state_dir = os.path.dirname(prefix) or "."
   state_file = os.path.join(state_dir, STATE_FILE)
+  listed = _listed(prefix, state_dir, state_file)
+  wanted = len(listed) if n is None else n
+  chosen = [_relocate(p, state_dir, state_file) for p in listed[-wanted:]]
+  if n is None or len(chosen) < n:
+    unlisted = _unlisted(chosen, None if n is None else n - len(chosen))
+    if unlisted:
+      chosen = unlisted + chosen
+      logging.info("%s lists %d checkpoints; using %d: %s", state_file,
+                   len(listed), len(chosen), ", ".join(chosen))
+  if n is not None and len(chosen) < n:
+    logging.warning("--num_last_checkpoints=%d but only %d checkpoints were "
+                    "found in %s", n, len(chosen), state_dir)
+  return chosen
+
+
+def _listed(prefix: str, state_dir: str, state_file: str) -> list[str]:
+  """The paths a state file lists, oldest first, its newest last."""
   state = _state(state_dir)
   if state is None or not state.model_checkpoint_path:
     hint = ""
@@ -138,29 +156,21 @@ def last_n(prefix: str, n: int) -> list[str]:
   listed = list(state.all_model_checkpoint_paths)
   if not listed or listed[-1] != state.model_checkpoint_path:
     listed.append(state.model_checkpoint_path)
-  chosen = [_relocate(p, state_dir, state_file) for p in listed[-n:]]
-  if len(chosen) < n:
-    chosen = _unlisted(chosen, n - len(chosen)) + chosen
-    logging.info("%s lists %d checkpoints; using %d: %s", state_file,
-                 len(listed), len(chosen), ", ".join(chosen))
-  if len(chosen) < n:
-    logging.warning("--num_last_checkpoints=%d but only %d checkpoints were "
-                    "found in %s", n, len(chosen), state_dir)
-  return chosen
+  return listed
 
 
-def _unlisted(listed: list[str], wanted: int) -> list[str]:
-  """Up to `wanted` unlisted checkpoints older than the newest listed one."""
+def _unlisted(listed: list[str], wanted: Optional[int]) -> list[str]:
+  """Up to `wanted` (None: all) unlisted checkpoints older than the newest."""
   newest = listed[-1]
   newest_step = paths.name_step(newest)
-  if newest_step is None:
+  if newest_step is None or wanted == 0:
     return []
   base_name = os.path.basename(newest[:-len(f"-{newest_step}")])
   found = [(step, path) for step, path in numbered(os.path.dirname(newest),
                                                    base_name)
            if step <= newest_step and path not in listed and
            not is_output_of_this_tool(path)]
-  return [path for _, path in found[-wanted:]]
+  return [path for _, path in (found if wanted is None else found[-wanted:])]
 
 
 def numbered(directory: str, basename: str = "*") -> list[tuple[int, str]]:

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import NoReturn
+from typing import NoReturn, Optional
 from collections.abc import Callable
 
 from absl import app
 from absl import flags
 from absl import logging
 
+from t2t_avg import evaluation
 from t2t_avg import options
+from t2t_avg import selection
 from t2t_avg.errors import ArgumentError, AveragingError
 from t2t_avg.record import AveragingResult
 
@@ -78,6 +80,31 @@ _EXCLUDE_VARIABLES = flags.DEFINE_string(
 _STEP_FROM = flags.DEFINE_string(
     "step_from", "auto", _BOTH + "Where a checkpoint's step comes from: auto, "
     "name, or a tensor key.")
+_MIN_STEP = flags.DEFINE_integer(
+    "min_step", None, _ONE_SHOT + "Average no checkpoint below this step "
+    "(inclusive bound, applied before any other choice).")
+_MAX_STEP = flags.DEFINE_integer(
+    "max_step", None, _BOTH + "Average no checkpoint above this step "
+    "(inclusive bound, applied before any other choice).")
+_STRIDE = flags.DEFINE_integer(
+    "stride", 1, _BOTH + "Every k-th checkpoint, counting back from the "
+    "newest chosen (continuous: windows of checkpoints k apart).")
+_SELECT = flags.DEFINE_enum(
+    "select", "last", ["last", "best_window"],
+    _ONE_SHOT + "'last': the last N; 'best_window': the N consecutive "
+    "checkpoints ending at the best by the metric.")
+_EVAL_COMMAND = flags.DEFINE_string(
+    "eval_command", "", _ONE_SHOT + "A command scoring a candidate: "
+    "{checkpoint} is replaced by its path (a TF prefix or a Keras file); the "
+    "score is the last line of its stdout. Run without a shell. With "
+    "--weighting=greedy it builds the soup; otherwise it scores the average "
+    "beside the uniform one and the best single checkpoint.")
+_EVAL_TIMEOUT = flags.DEFINE_float(
+    "eval_timeout", None, _ONE_SHOT + "Seconds one run of --eval_command may "
+    "take (default: no limit).")
+_GREEDY_TOLERANCE = flags.DEFINE_float(
+    "greedy_tolerance", 0.0, _ONE_SHOT + "With --weighting=greedy: how much "
+    "worse (in the score's units) a soup may score and keep its candidate.")
 _DRY_RUN = flags.DEFINE_boolean(
     "dry_run", False, _ONE_SHOT + "Validate and print the table of "
     "checkpoints, steps, metrics and weights; write nothing.")
@@ -109,7 +136,9 @@ _RECOMPUTE = flags.DEFINE_boolean(
 _INTERRUPTED_CONTINUOUS = ("the outputs written so far are complete; the one "
                            "in progress was not written")
 _ONE_SHOT_ONLY = ("checkpoints", "num_last_checkpoints", "prefix",
-                  "output_path", "output_step", "dry_run", "write_meta")
+                  "output_path", "output_step", "dry_run", "write_meta",
+                  "min_step", "select", "eval_command", "eval_timeout",
+                  "greedy_tolerance")
 _CONTINUOUS_ONLY = ("output_dir", "n", "min_steps", "wait_minutes",
                     "recompute")
 # TF's start-up notices on stderr; t2t_avg's arithmetic is numpy, not oneDNN.
@@ -159,7 +188,28 @@ def weighting_options() -> options.WeightingOptions:
       metrics_from_events=_split(_METRICS_FROM_EVENTS.value),
       metric=_METRIC.value, metric_mode=_METRIC_MODE.value,
       temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-      max_step_gap=_MAX_STEP_GAP.value, missing_metric=_MISSING_METRIC.value)
+      max_step_gap=_MAX_STEP_GAP.value, missing_metric=_MISSING_METRIC.value,
+      greedy_tolerance=_GREEDY_TOLERANCE.value)
+
+
+def selection_options() -> selection.SelectionOptions:
+  return selection.SelectionOptions(
+      min_step=_MIN_STEP.value, max_step=_MAX_STEP.value,
+      stride=_STRIDE.value, select=_SELECT.value)
+
+
+def evaluation_options() -> Optional[evaluation.EvalOptions]:
+  """The eval command, or None; its score's direction must be known."""
+  if not _EVAL_COMMAND.value:
+    if _present("eval_timeout"):
+      raise ArgumentError("{eval_timeout} goes with {eval_command}")
+    return None
+  if _METRIC_MODE.value == "auto" and not _present("metric"):
+    raise ArgumentError("{eval_command}: say whether a higher or a lower "
+                        "score is better, with {metric_mode}=max|min (or name "
+                        "the score with {metric}, e.g. {metric}=bleu)")
+  return evaluation.EvalOptions(eval_command=_EVAL_COMMAND.value,
+                                eval_timeout=_EVAL_TIMEOUT.value)
 
 
 def averaging_options() -> options.AveragingOptions:
@@ -185,12 +235,12 @@ def _run_once(argv: list[str]) -> None:
   output = options.OutputOptions(
       output_path=_OUTPUT_PATH.value, output_step=_OUTPUT_STEP.value,
       write_meta=_WRITE_META.value, dry_run=_DRY_RUN.value)
-  weighing, averaging = weighting_options(), averaging_options()
-  if inputs.checkpoints:
-    weighing.check_count(len(inputs.checkpoints))
+  settings = options.OneShotSettings(
+      inputs, output, averaging_options(), weighting_options(),
+      selection_options(), evaluation_options())
   # TensorFlow prints start-up notices: imported only once flags are valid.
   from t2t_avg import oneshot  # pylint: disable=import-outside-toplevel
-  result = oneshot.run(inputs, output, averaging, weighing)
+  result = oneshot.run(settings)
   if output.dry_run:
     print(format_table(result))
 
@@ -204,7 +254,8 @@ def _run_continuous(argv: list[str]) -> None:
   settings = options.ContinuousOptions(
       model_dir=_MODEL_DIR.value, output_dir=_OUTPUT_DIR.value, n=_N.value,
       min_steps=_MIN_STEPS.value, wait_minutes=_WAIT_MINUTES.value,
-      recompute=_RECOMPUTE.value)
+      recompute=_RECOMPUTE.value, max_step=_MAX_STEP.value,
+      stride=_STRIDE.value)
   weighing, averaging = weighting_options(), averaging_options()
   settings.check_weighting(weighing)
   from t2t_avg import watch  # pylint: disable=import-outside-toplevel
@@ -223,6 +274,11 @@ def format_table(result: AveragingResult) -> str:
                  f"{r.weight:>8.4f}")
   lines.append(f"effective number of checkpoints: {result.effective_count:.2f}"
                f" of {len(result.rows)}; output: {result.output_path}")
+  order = result.record.get("weighting", {}).get("order")
+  if isinstance(order, list):
+    lines.append("greedy soup order (best first): " + ", ".join(order))
+  elif order:
+    lines.append(f"greedy soup order: {order}")
   return "\n".join(lines)
 
 

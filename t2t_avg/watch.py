@@ -61,7 +61,8 @@ class WindowOutcome:
 
 def stepfiles(model_dir: str, *, min_steps: int = 0, wait_minutes: float = 0,
               poll_seconds: float = 10.0, clock: Clock = time.time,
-              sleep: Sleep = time.sleep) -> Iterator[StepFile]:
+              sleep: Sleep = time.sleep,
+              max_step: Optional[int] = None) -> Iterator[StepFile]:
   """Yields the checkpoints of a directory as they appear, oldest first.
 
   As T2T's `bleu_hook.stepfiles_iterator`: files `<model_dir>/*-<N>.index`,
@@ -78,6 +79,7 @@ def stepfiles(model_dir: str, *, min_steps: int = 0, wait_minutes: float = 0,
     poll_seconds: how often to look while waiting.
     clock: the wall-clock time in seconds (ctimes are wall-clock times).
     sleep: sleeps for that many seconds.
+    max_step: end at the first checkpoint above this step.
 
   Yields:
     StepFiles, by increasing step.
@@ -101,6 +103,10 @@ def stepfiles(model_dir: str, *, min_steps: int = 0, wait_minutes: float = 0,
                    f" for {wait_minutes:g} minutes" if wait_minutes else "")
       return
     step_file = found.popleft()
+    if max_step is not None and step_file.step > max_step:
+      logging.info("%s is above --max_step=%d; done", step_file.path,
+                   max_step)
+      return
     deadline = step_file.ctime_ns / 1e9 + wait_minutes * 60
     min_steps = step_file.step + 1
     yield step_file
@@ -141,27 +147,30 @@ def _times(path: str) -> Optional[tuple]:
   return mtime, mtime
 
 
-def windows(step_files: Iterable[StepFile],
-            n: int) -> Iterator[tuple]:
-  """Yields each run of n consecutive checkpoints, once n have been seen.
+def windows(step_files: Iterable[StepFile], n: int,
+            stride: int = 1) -> Iterator[tuple]:
+  """Yields each window of n checkpoints `stride` apart, once it is complete.
 
   Args:
     step_files: checkpoints, oldest first (e.g. from `stepfiles`).
     n: the window size, >= 1.
+    stride: take every k-th checkpoint, counting back from the newest.
 
   Yields:
-    Tuples of n StepFiles, oldest first; one per checkpoint from the n-th.
+    Tuples of n StepFiles, oldest first; one per checkpoint from the
+    ((n - 1) * stride + 1)-th.
 
   Raises:
-    ValueError: n < 1.
+    ValueError: n < 1 or stride < 1.
   """
-  if n < 1:
-    raise ValueError(f"--n must be >= 1, not {n}")
-  window: collections.deque[StepFile] = collections.deque(maxlen=n)
+  if n < 1 or stride < 1:
+    raise ValueError(f"--n and --stride must be >= 1, not {n}, {stride}")
+  span = (n - 1) * stride + 1
+  window: collections.deque[StepFile] = collections.deque(maxlen=span)
   for step_file in step_files:
     window.append(step_file)
-    if len(window) == n:
-      yield tuple(window)
+    if len(window) == span:
+      yield tuple(window)[::-1][::stride][::-1]
 
 
 def output_prefix(output_dir: str, step: int) -> str:
@@ -232,7 +241,7 @@ def average_all(settings: options.ContinuousOptions, *,
   found = stepfiles(model_dir, min_steps=settings.min_steps,
                     wait_minutes=settings.wait_minutes,
                     poll_seconds=settings.poll_seconds, clock=clock,
-                    sleep=sleep)
+                    sleep=sleep, max_step=settings.max_step)
   return averager.run(found)
 
 
@@ -251,7 +260,7 @@ class _Averager:
     self._sleep = sleep
     self._copied: set[str] = set()
     self._warned_times = False
-    self._recorded = numbers_settings(settings.n, weighting_options,
+    self._recorded = numbers_settings(settings, weighting_options,
                                       averaging_options)
 
   def run(self, found: Iterator[StepFile]) -> Iterator[WindowOutcome]:
@@ -262,7 +271,7 @@ class _Averager:
       self._refuse_other_settings()
     self._copy_run_files()
     counts: collections.Counter = collections.Counter()
-    for window in windows(found, settings.n):
+    for window in windows(found, settings.n, settings.stride):
       outcome = self._process(window)
       counts[outcome.status] += 1
       yield outcome
@@ -470,14 +479,16 @@ class _Averager:
       logging.info("Copied %s to %s with its times", source, target)
 
 
-def numbers_settings(n: int, weighting_options: options.WeightingOptions,
+def numbers_settings(settings: options.ContinuousOptions,
+                     weighting_options: options.WeightingOptions,
                      averaging_options: options.AveragingOptions) -> dict:
   """The settings that decide an output's numbers, as its record keeps them."""
   fields = dataclasses.asdict(weighting_options)
   del fields["metrics_from_events"]  # Where the metric is read does not count.
   if fields["weights"] is not None:
     fields["weights"] = list(fields["weights"])
-  fields.update(n=n, exclude_variables=averaging_options.exclude_variables,
+  fields.update(n=settings.n, stride=settings.stride,
+                exclude_variables=averaging_options.exclude_variables,
                 allow_nonfinite=averaging_options.allow_nonfinite,
                 step_from=averaging_options.step_from)
   return fields

@@ -134,10 +134,9 @@ def run_oneshot(prefixes, output_path, **flags):
   """`oneshot.run` with the CLI's defaults, as `python -m t2t_avg` calls it."""
   built = options_from_flags(checkpoints=prefixes,
                              output_path=str(output_path), **flags)
-  return oneshot.run(built[options.InputOptions],
-                     built[options.OutputOptions],
-                     built[options.AveragingOptions],
-                     built[options.WeightingOptions])
+  return oneshot.run(options.OneShotSettings(
+      built[options.InputOptions], built[options.OutputOptions],
+      built[options.AveragingOptions], built[options.WeightingOptions]))
 
 
 def _record(output_prefix):
