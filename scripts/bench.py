@@ -33,7 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional
+from collections.abc import Sequence
 
 from absl import app
 from absl import flags
@@ -146,7 +147,7 @@ PRESETS = {
 class VariableInfo:
   """One model variable: its T2T name, shape and initial value range."""
   name: str
-  shape: Tuple[int, ...]
+  shape: tuple[int, ...]
   center: float
   limit: float  # values are uniform in center +- limit
 
@@ -155,7 +156,7 @@ class VariableInfo:
     return math.prod(self.shape)
 
 
-def model_variables(preset: Preset) -> List[VariableInfo]:
+def model_variables(preset: Preset) -> list[VariableInfo]:
   """The float32 variables of a T2T transformer, named as T2T names them.
 
   Args:
@@ -360,7 +361,7 @@ class ChildFailed(Exception):
   """A measured child exited non-zero."""
 
 
-def _child_env(*, legacy: bool) -> Dict[str, str]:
+def _child_env(*, legacy: bool) -> dict[str, str]:
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   legacy_path = os.path.abspath(_LEGACY_PATH.value)
   paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
@@ -431,15 +432,15 @@ def _run_worker(function: str, what: str, **kwargs) -> ChildRun:
 class Series:
   """A generated series: checkpoint prefixes (oldest first) and their files."""
   preset: Preset
-  prefixes: List[str]
-  files: List[str]
+  prefixes: list[str]
+  files: list[str]
 
   @property
   def total_bytes(self) -> int:
     return sum(os.path.getsize(f) for f in self.files)
 
 
-def _checkpoint_files(prefix: str) -> List[str]:
+def _checkpoint_files(prefix: str) -> list[str]:
   return sorted(glob.glob(glob.escape(prefix) + ".data-*")) + [
       prefix + ".index"]
 
@@ -534,9 +535,9 @@ class SizeResult:
   warm_s: float = 0.0
   load_before: str = ""
   load_after: str = ""
-  runs: Dict[str, List[ChildRun]] = dataclasses.field(default_factory=dict)
+  runs: dict[str, list[ChildRun]] = dataclasses.field(default_factory=dict)
   # tool -> (.data + .index bytes, bytes of its other output files)
-  output_bytes: Dict[str, Tuple[int, int]] = dataclasses.field(
+  output_bytes: dict[str, tuple[int, int]] = dataclasses.field(
       default_factory=dict)
   verdict: Optional[str] = None  # None: not compared (one tool only)
   identical: Optional[bool] = None
@@ -550,7 +551,7 @@ def _output_prefix(out_dir: str, tool: str) -> str:
   return os.path.join(out_dir, f"{tool}.ckpt")
 
 
-def _tool_argv(tool: str, series: Series, out_dir: str) -> List[str]:
+def _tool_argv(tool: str, series: Series, out_dir: str) -> list[str]:
   tool_flags = [f"--checkpoints={','.join(series.prefixes)}",
                 f"--output_path={_output_prefix(out_dir, tool)}"]
   if tool == "legacy":
@@ -558,7 +559,7 @@ def _tool_argv(tool: str, series: Series, out_dir: str) -> List[str]:
   return [_PYTHON.value, "-m", "t2t_avg"] + tool_flags
 
 
-def _output_bytes(out_dir: str, tool: str) -> Tuple[int, int]:
+def _output_bytes(out_dir: str, tool: str) -> tuple[int, int]:
   """(data + index bytes, other bytes) of a tool's output `<output_path>-0`.
 
   Other files: legacy's `.meta` graph, t2t_avg's JSON record.
@@ -680,7 +681,7 @@ def _fmt(value: Optional[float], spec: str) -> str:
   return "n/a" if value is None else format(value, spec)
 
 
-def ratios(result: SizeResult) -> Tuple[Optional[float], Optional[float]]:
+def ratios(result: SizeResult) -> tuple[Optional[float], Optional[float]]:
   """(t2t_avg/legacy wall, excess peak RSS ratio), None where not measured."""
   legacy_wall = result.median("legacy", "wall_s")
   ours_wall = result.median("t2t_avg", "wall_s")

@@ -107,14 +107,13 @@ def average(run_dir: str, n: int, output_path: str, scheme: str, *,
   # pylint: disable-next=import-outside-toplevel
   from t2t_avg import oneshot, options
   validation = os.path.join(run_dir, LOGS, "validation")
-  return oneshot.run(
+  return oneshot.run(options.OneShotSettings(
       options.InputOptions(prefix=os.path.join(run_dir, "w-"),
                            num_last_checkpoints=n),
       options.OutputOptions(output_path=output_path),
-      options.AveragingOptions(),
-      options.WeightingOptions(
+      weighting=options.WeightingOptions(
           weighting=scheme, metric=METRIC, top_k=top_k,
-          metrics_from_events=(validation,) if scheme != "uniform" else ()))
+          metrics_from_events=(validation,) if scheme != "uniform" else ())))
 
 
 def compare(cfg: demo.Config, run_dir: str, saved: Sequence[tuple],

@@ -32,13 +32,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional
+from collections.abc import Sequence
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC = "loss"
-SCHEMES = (("softmax", {}), ("proportional", {}), ("rank", {}),
+SCHEMES: tuple[tuple[str, dict[str, int]], ...] = (
+    ("softmax", {}), ("proportional", {}), ("rank", {}),
            ("top_k", {"top_k": 3}))
 
 
@@ -92,7 +94,7 @@ def make_data(cfg: Config) -> dict:
   return splits
 
 
-def build_model(cfg: Config):
+def build_model(cfg: Config) -> Any:
   """The MLP, built (so a checkpoint restores into it at once)."""
   import keras  # pylint: disable=import-outside-toplevel
   return keras.Sequential([
@@ -103,7 +105,7 @@ def build_model(cfg: Config):
   ])
 
 
-def _loss_and_accuracy(model, split: Split) -> tuple:
+def _loss_and_accuracy(model: Any, split: Split) -> tuple[float, float]:
   """Mean cross-entropy and accuracy on a split."""
   import keras  # pylint: disable=import-outside-toplevel
   logits = model(split.x, training=False)
@@ -130,7 +132,7 @@ def train(cfg: Config, run_dir: str, data: dict) -> list:
   writer = tf.summary.create_file_writer(os.path.join(run_dir, "eval"))
 
   @tf.function(reduce_retracing=True)
-  def train_step(x, y):
+  def train_step(x: Any, y: Any) -> Any:
     with tf.GradientTape() as tape:
       loss = loss_fn(y, model(x, training=True))
     grads = tape.gradient(loss, model.trainable_variables)
@@ -159,7 +161,7 @@ def train(cfg: Config, run_dir: str, data: dict) -> list:
   return saved
 
 
-def evaluate(cfg: Config, prefix: str, split: Split) -> tuple:
+def evaluate(cfg: Config, prefix: str, split: Split) -> tuple[float, float]:
   """(loss, accuracy) of a checkpoint restored into a fresh model."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   model = build_model(cfg)
@@ -181,7 +183,8 @@ def cli_args(prefixes: Sequence[str], output_path: str, scheme: str,
 
 
 def average(prefixes: Sequence[str], output_path: str, scheme: str,
-            events_dir: str, *, top_k: int = 0, use_cli: bool = False):
+            events_dir: str, *, top_k: int = 0,
+            use_cli: bool = False) -> tuple[str, dict]:
   """Averages with t2t_avg; returns (output prefix, its JSON record)."""
   if use_cli:
     args = cli_args(prefixes, output_path, scheme, events_dir, top_k)
@@ -192,13 +195,12 @@ def average(prefixes: Sequence[str], output_path: str, scheme: str,
       return output, json.load(f)
   # pylint: disable-next=import-outside-toplevel
   from t2t_avg import oneshot, options
-  result = oneshot.run(
+  result = oneshot.run(options.OneShotSettings(
       options.InputOptions(checkpoints=tuple(prefixes)),
       options.OutputOptions(output_path=output_path),
-      options.AveragingOptions(),
-      options.WeightingOptions(
+      weighting=options.WeightingOptions(
           weighting=scheme, metric=METRIC, top_k=top_k,
-          metrics_from_events=(events_dir,) if scheme != "uniform" else ()))
+          metrics_from_events=(events_dir,) if scheme != "uniform" else ())))
   return result.output_path, result.record
 
 

@@ -113,7 +113,7 @@ def model_shapes() -> dict:
   return shapes
 
 
-def _initial(name: str, shape: tuple, rng) -> np.ndarray:
+def _initial(name: str, shape: tuple, rng: np.random.Generator) -> np.ndarray:
   if name.endswith("_scale"):
     return np.ones(shape, np.float32)
   if name.endswith("_bias") or name.endswith("/bias"):

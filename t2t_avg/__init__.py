@@ -3,6 +3,9 @@ import importlib.util
 
 from t2t_avg.errors import ArgumentError, AveragingError
 
+__all__ = ["ArgumentError", "AveragingError", "AveragingResult",
+           "CheckpointRow", "average_checkpoints"]
+
 __version__ = "0.1.0"
 
 if importlib.util.find_spec("tensorflow") is None:
@@ -16,7 +19,7 @@ _LAZY = {"average_checkpoints": "t2t_avg.averaging",
          "CheckpointRow": "t2t_avg.record"}
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> object:
   # TensorFlow takes seconds to import: the command line validates its flags
   # first, so the library API is loaded on first use.
   if name in _LAZY:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import List, Optional, Sequence, Union
+from typing import Optional, Union
+from collections.abc import Sequence
 
 from absl import logging
 import numpy as np
@@ -43,6 +44,7 @@ def average_checkpoints(
     dry_run: bool = False,
     update_state_file: bool = True,
     record_extra: Optional[dict] = None,
+    quiet: bool = False,
 ) -> AveragingResult:
   """Averages checkpoints into `<output_path>-<output step>`.
 
@@ -67,6 +69,7 @@ def average_checkpoints(
     update_state_file: point the output directory's `checkpoint` file at the
       output (never done in a directory that holds input checkpoints).
     record_extra: more entries for the JSON record (metric tag, weighting).
+    quiet: log nothing (a candidate average the caller scores and deletes).
 
   Returns:
     An AveragingResult.
@@ -105,10 +108,12 @@ def average_checkpoints(
       copied=plan.count(planning.Action.COPY), version=t2t_avg.__version__,
       extra=record_extra)
   result = AveragingResult(output_prefix, False, rows, count, record)
-  _log_inputs(rows, inputs[newest].path)
-  planning.log_plan(plan, exclude)
-  if dry_run:
+  if not quiet:
+    planning.log_plan(plan, exclude)
+  if dry_run:  # The caller shows the inputs' table.
     return result
+  if not quiet:
+    _log_inputs(rows, inputs[newest].path)
   uniform = len({weights[i] for i in active}) == 1
   _write(plan, [inputs[i] for i in active],
          None if uniform else [weights[i] for i in active],
@@ -116,12 +121,13 @@ def average_checkpoints(
          allow_nonfinite=allow_nonfinite, write_meta=write_meta)
   if update_state_file and fmt.has_state_file:
     _update_state_file(output_prefix, [c.path for c in inputs])
-  logging.info("Averaged checkpoint saved as %s; %s", output_prefix,
-               fmt.how_to_load(output_prefix))
+  if not quiet:
+    logging.info("Averaged checkpoint saved as %s; %s", output_prefix,
+                 fmt.how_to_load(output_prefix))
   return dataclasses.replace(result, written=True)
 
 
-def _normalised(weights: Optional[Sequence[float]], n: int) -> List[float]:
+def _normalised(weights: Optional[Sequence[float]], n: int) -> list[float]:
   if weights is None:
     return [1.0 / n] * n
   values = options.check_weights(weights, n)
@@ -145,11 +151,11 @@ def _output_step(output_step: options.OutputStep, newest: Checkpoint) -> int:
 
 
 def _one_format(inputs: Sequence[Checkpoint]) -> base.Format:
-  fmt = inputs[0].source.format
+  fmt = inputs[0].opened.format
   for c in inputs[1:]:
-    if c.source.format != fmt:
+    if c.opened.format != fmt:
       raise AveragingError(f"{inputs[0].path} is a {fmt.name} but {c.path} "
-                           f"is a {c.source.format.name}; average one format "
+                           f"is a {c.opened.format.name}; average one format "
                            "at a time")
   return fmt
 
@@ -170,7 +176,7 @@ def _refuse_overwriting(output: str, inputs: Sequence[Checkpoint],
                          "--output_path")
 
 
-def _output_names(output: str, fmt: base.Format) -> List[str]:
+def _output_names(output: str, fmt: base.Format) -> list[str]:
   """Every file an output at this name has or may have."""
   return fmt.files(output) + [output + ".meta",
                               output + checkpoints.RECORD_SUFFIX]
@@ -187,14 +193,14 @@ def _log_inputs(rows: Sequence[CheckpointRow], newest: str) -> None:
 
 
 def _write(plan: planning.Plan, inputs: Sequence[Checkpoint],
-           weights: Optional[List[float]], newest: int, output: str,
+           weights: Optional[list[float]], newest: int, output: str,
            record: dict, *, allow_nonfinite: bool, write_meta: bool) -> None:
   """Streams the output into a private directory, checks it, publishes it."""
-  fmt = inputs[newest].source.format
+  fmt = inputs[newest].opened.format
   try:
     with writer.Output(output) as out:
       sink = fmt.make_sink(out.temporary_path("out"), plan.tensors,
-                           inputs[newest].source)
+                           inputs[newest].opened)
       try:
         streaming.write_all(plan, inputs, weights, newest, sink,
                             allow_nonfinite=allow_nonfinite)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Optional
+from collections.abc import Sequence
 
 from absl import logging
 import numpy as np
@@ -40,6 +41,13 @@ class Checkpoint:
   step_source: str
   source: Optional[base.Source] = dataclasses.field(default=None,
                                                     compare=False, repr=False)
+
+  @property
+  def opened(self) -> base.Source:
+    """The source, for a checkpoint `open_all` or `load` opened."""
+    if self.source is None:
+      raise AveragingError(f"checkpoint {self.path} was never opened")
+    return self.source
 
 
 def exists(prefix: str) -> bool:
@@ -90,7 +98,7 @@ def _latest(directory: str) -> str:
   return _relocate(state.model_checkpoint_path, directory, state_file)
 
 
-def _state(directory: str):
+def _state(directory: str) -> Optional[Any]:
   state_file = os.path.join(directory, STATE_FILE)
   try:
     return tf.train.get_checkpoint_state(directory)
@@ -99,7 +107,7 @@ def _state(directory: str):
                          f"{tf_bundle.error_text(e)}") from e
 
 
-def from_list(checkpoints: Sequence[str], prefix: str = "") -> List[str]:
+def from_list(checkpoints: Sequence[str], prefix: str = "") -> list[str]:
   """The `--checkpoints` list: `prefix` string-prepended to each (legacy)."""
   return [resolve(prefix + c) for c in checkpoints]
 
@@ -120,13 +128,14 @@ def _relocate(listed: str, state_dir: str, state_file: str) -> str:
                        f"are missing (no {listed}{tf_bundle.INDEX_SUFFIX})")
 
 
-def last_n(prefix: str, n: int) -> List[str]:
+def last_n(prefix: str, n: Optional[int]) -> list[str]:
   """The last `n` checkpoints of the state file in `dirname(prefix)`.
 
   TF2's `tf.train.Checkpoint.save` lists only its newest checkpoint: when
   fewer than `n` are listed, unlisted checkpoints of the same basename with a
   step number no higher than the newest listed one count too, highest first
-  (never an output of this tool). A directory of Keras files has no state
+  (never an output of this tool). `n=None` means all of them (the pool that
+  selection flags choose from). A directory of Keras files has no state
   file: its last `n` files named `basename(prefix)*` are taken, see
   `keras_checkpoints.list_directory`.
 
@@ -139,38 +148,52 @@ def last_n(prefix: str, n: int) -> List[str]:
   if (state is None or not state.model_checkpoint_path) and paths.is_local(
       state_dir) and keras_checkpoints.holds_keras_files(state_dir):
     return keras_checkpoints.last_n(prefix, n)
-  if state is None or not state.model_checkpoint_path:
-    raise AveragingError(f"no checkpoint state file {state_file} (the "
-                         "directory of --prefix)")
-  listed = list(state.all_model_checkpoint_paths)
-  if not listed or listed[-1] != state.model_checkpoint_path:
-    listed.append(state.model_checkpoint_path)
-  chosen = [_relocate(p, state_dir, state_file) for p in listed[-n:]]
-  if len(chosen) < n:
-    chosen = _unlisted(chosen, n - len(chosen)) + chosen
-    logging.info("%s lists %d checkpoints; using %d: %s", state_file,
-                 len(listed), len(chosen), ", ".join(chosen))
-  if len(chosen) < n:
+  listed = _listed(prefix, state_dir, state_file)
+  wanted = len(listed) if n is None else n
+  chosen = [_relocate(p, state_dir, state_file) for p in listed[-wanted:]]
+  if n is None or len(chosen) < n:
+    unlisted = _unlisted(chosen, None if n is None else n - len(chosen))
+    if unlisted:
+      chosen = unlisted + chosen
+      logging.info("%s lists %d checkpoints; using %d: %s", state_file,
+                   len(listed), len(chosen), ", ".join(chosen))
+  if n is not None and len(chosen) < n:
     logging.warning("--num_last_checkpoints=%d but only %d checkpoints were "
                     "found in %s", n, len(chosen), state_dir)
   return chosen
 
 
-def _unlisted(listed: List[str], wanted: int) -> List[str]:
-  """Up to `wanted` unlisted checkpoints older than the newest listed one."""
+def _listed(prefix: str, state_dir: str, state_file: str) -> list[str]:
+  """The paths a state file lists, oldest first, its newest last."""
+  state = _state(state_dir)
+  if state is None or not state.model_checkpoint_path:
+    hint = ""
+    if not prefix.endswith("/") and tf.io.gfile.exists(
+        os.path.join(prefix, STATE_FILE)):
+      hint = f"; did you mean --prefix={prefix}/?"
+    raise AveragingError(f"no checkpoint state file {state_file} (the "
+                         f"directory of --prefix){hint}")
+  listed = list(state.all_model_checkpoint_paths)
+  if not listed or listed[-1] != state.model_checkpoint_path:
+    listed.append(state.model_checkpoint_path)
+  return listed
+
+
+def _unlisted(listed: list[str], wanted: Optional[int]) -> list[str]:
+  """Up to `wanted` (None: all) unlisted checkpoints older than the newest."""
   newest = listed[-1]
   newest_step = paths.name_step(newest)
-  if newest_step is None:
+  if newest_step is None or wanted == 0:
     return []
   base_name = os.path.basename(newest[:-len(f"-{newest_step}")])
   found = [(step, path) for step, path in numbered(os.path.dirname(newest),
                                                    base_name)
            if step <= newest_step and path not in listed and
            not is_output_of_this_tool(path)]
-  return [path for _, path in found[-wanted:]]
+  return [path for _, path in (found if wanted is None else found[-wanted:])]
 
 
-def numbered(directory: str, basename: str = "*") -> List[Tuple[int, str]]:
+def numbered(directory: str, basename: str = "*") -> list[tuple[int, str]]:
   """(step, prefix) of the V2 checkpoints `<basename>-<N>` in a directory.
 
   Sorted by step (then name). `basename` may be a glob pattern ('*': any).
@@ -185,7 +208,7 @@ def numbered(directory: str, basename: str = "*") -> List[Tuple[int, str]]:
   return sorted(found)
 
 
-def _glob(pattern: str) -> List[str]:
+def _glob(pattern: str) -> list[str]:
   # GCS globbing can fail on a temporary file deleted meanwhile (T2T's
   # `_try_twice_tf_glob`).
   try:
@@ -241,24 +264,24 @@ def load(path: str, step_from: str = "auto") -> Checkpoint:
   return read_step(formats.open_source(resolve(path)), step_from)
 
 
-def open_all(items: Sequence, step_from: str) -> List[Checkpoint]:
+def open_all(items: Sequence, step_from: str) -> list[Checkpoint]:
   """Checkpoints (opened) from paths or Checkpoints; each listed once.
 
   Raises:
     AveragingError: one is missing or unreadable, or listed twice.
   """
-  opened, seen = [], set()
+  opened: list[Checkpoint] = []
   for item in items:
-    if isinstance(item, Checkpoint):
-      if item.source is None:
-        item = dataclasses.replace(
-            item, source=formats.open_source(resolve(item.path)))
+    if not isinstance(item, Checkpoint):
+      checkpoint = load(item, step_from)
+    elif item.source is None:
+      checkpoint = dataclasses.replace(
+          item, source=formats.open_source(resolve(item.path)))
     else:
-      item = load(item, step_from)
-    if item.path in seen:
-      raise AveragingError(f"checkpoint {item.path} is listed twice")
-    seen.add(item.path)
-    opened.append(item)
+      checkpoint = item
+    if any(c.path == checkpoint.path for c in opened):
+      raise AveragingError(f"checkpoint {checkpoint.path} is listed twice")
+    opened.append(checkpoint)
   return opened
 
 
@@ -274,7 +297,7 @@ def newest_of(inputs: Sequence[Checkpoint], active: Sequence[int]) -> int:
                     "unknown); taking the last listed, %s, as newest (its "
                     "non-float tensors are copied)", inputs[active[-1]].path)
     return active[-1]
-  top = max(inputs[i].step for i in active)
+  top = max(inputs[i].step or 0 for i in active)
   tied = [i for i in active if inputs[i].step == top]
   if len(tied) > 1:
     logging.warning("Checkpoints %s share step %d; taking the last listed, "

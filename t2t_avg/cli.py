@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, List, NoReturn
+from typing import NoReturn, Optional
+from collections.abc import Callable
 
 from absl import app
 from absl import flags
 from absl import logging
 
+from t2t_avg import evaluation
 from t2t_avg import options
+from t2t_avg import selection
 from t2t_avg.errors import ArgumentError, AveragingError
+from t2t_avg.record import AveragingResult
 
 _ONE_SHOT = "[one-shot] "
 _CONTINUOUS = "[continuous: --model_dir, t2t-avg-all] "
@@ -81,6 +85,31 @@ _EXCLUDE_VARIABLES = flags.DEFINE_string(
 _STEP_FROM = flags.DEFINE_string(
     "step_from", "auto", _BOTH + "Where a checkpoint's step comes from: auto, "
     "name, or a tensor key.")
+_MIN_STEP = flags.DEFINE_integer(
+    "min_step", None, _ONE_SHOT + "Average no checkpoint below this step "
+    "(inclusive bound, applied before any other choice).")
+_MAX_STEP = flags.DEFINE_integer(
+    "max_step", None, _BOTH + "Average no checkpoint above this step "
+    "(inclusive bound, applied before any other choice).")
+_STRIDE = flags.DEFINE_integer(
+    "stride", 1, _BOTH + "Every k-th checkpoint, counting back from the "
+    "newest chosen (continuous: windows of checkpoints k apart).")
+_SELECT = flags.DEFINE_enum(
+    "select", "last", ["last", "best_window"],
+    _ONE_SHOT + "'last': the last N; 'best_window': the N consecutive "
+    "checkpoints ending at the best by the metric.")
+_EVAL_COMMAND = flags.DEFINE_string(
+    "eval_command", "", _ONE_SHOT + "A command scoring a candidate: "
+    "{checkpoint} is replaced by its path (a TF prefix or a Keras file); the "
+    "score is the last line of its stdout. Run without a shell. With "
+    "--weighting=greedy it builds the soup; otherwise it scores the average "
+    "beside the uniform one and the best single checkpoint.")
+_EVAL_TIMEOUT = flags.DEFINE_float(
+    "eval_timeout", None, _ONE_SHOT + "Seconds one run of --eval_command may "
+    "take (default: no limit).")
+_GREEDY_TOLERANCE = flags.DEFINE_float(
+    "greedy_tolerance", 0.0, _ONE_SHOT + "With --weighting=greedy: how much "
+    "worse (in the score's units) a soup may score and keep its candidate.")
 _DRY_RUN = flags.DEFINE_boolean(
     "dry_run", False, _ONE_SHOT + "Validate and print the table of "
     "checkpoints, steps, metrics and weights; write nothing.")
@@ -105,14 +134,38 @@ _MIN_STEPS = flags.DEFINE_integer("min_steps", 0, _CONTINUOUS + "Ignore "
 _WAIT_MINUTES = flags.DEFINE_integer(
     "wait_minutes", 0, _CONTINUOUS + "Wait upto N minutes for a new "
     "checkpoint.")
+_RECOMPUTE = flags.DEFINE_boolean(
+    "recompute", False, _CONTINUOUS + "Replace outputs in --output_dir whose "
+    "record shows other settings (other weighting, --n, ...); without it such "
+    "a directory is refused.")
 
 _INTERRUPTED_CONTINUOUS = ("the outputs written so far are complete; the one "
                            "in progress was not written")
 _ONE_SHOT_ONLY = ("checkpoints", "num_last_checkpoints", "prefix",
-                  "output_path", "output_step", "dry_run", "write_meta")
-_CONTINUOUS_ONLY = ("output_dir", "n", "min_steps", "wait_minutes")
+                  "output_path", "output_step", "dry_run", "write_meta",
+                  "min_step", "select", "eval_command", "eval_timeout",
+                  "greedy_tolerance")
+_CONTINUOUS_ONLY = ("output_dir", "n", "min_steps", "wait_minutes",
+                    "recompute")
 # TF's start-up notices on stderr; t2t_avg's arithmetic is numpy, not oneDNN.
 _QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0"}
+USAGE = """Average TensorFlow checkpoints (a drop-in for T2T's avg_checkpoints.py).
+
+One-shot:   python -m t2t_avg --prefix=train/ --num_last_checkpoints=8 \\
+              --output_path=avg/averaged.ckpt
+            writes avg/averaged.ckpt-0 (--output_step: zero, last or N).
+Continuous: t2t-avg-all --model_dir=train --output_dir=train/avg --n=8
+            (or python -m t2t_avg --model_dir=...) writes
+            <output_dir>/model.ckpt-<N> for each new checkpoint.
+Keras 3:    .weights.h5 and .keras inputs (ModelCheckpoint's files) give an
+            output in their format at --output_path exactly as given (it
+            must end in .weights.h5 or .keras); t2t-avg-all writes
+            <output_dir>/<the window's newest file name>.
+
+Flags say which mode they belong to: [one-shot], [continuous], [both modes].
+TensorFlow's start-up notices are silenced (TF_CPP_MIN_LOG_LEVEL=3,
+TF_ENABLE_ONEDNN_OPTS=0) unless those variables are set.
+"""
 
 
 def _fail(message: str) -> NoReturn:
@@ -120,7 +173,7 @@ def _fail(message: str) -> NoReturn:
   sys.exit(1)
 
 
-def _parse_flags(argv: List[str]) -> List[str]:
+def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -128,7 +181,7 @@ def _parse_flags(argv: List[str]) -> List[str]:
 
 
 def _present(name: str) -> bool:
-  return flags.FLAGS[name].present
+  return bool(flags.FLAGS[name].present)
 
 
 def _split(text: str) -> tuple:
@@ -145,7 +198,28 @@ def weighting_options() -> options.WeightingOptions:
       metrics_from_events=_split(_METRICS_FROM_EVENTS.value),
       metric=_METRIC.value, metric_mode=_METRIC_MODE.value,
       temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-      max_step_gap=_MAX_STEP_GAP.value, missing_metric=_MISSING_METRIC.value)
+      max_step_gap=_MAX_STEP_GAP.value, missing_metric=_MISSING_METRIC.value,
+      greedy_tolerance=_GREEDY_TOLERANCE.value)
+
+
+def selection_options() -> selection.SelectionOptions:
+  return selection.SelectionOptions(
+      min_step=_MIN_STEP.value, max_step=_MAX_STEP.value,
+      stride=_STRIDE.value, select=_SELECT.value)
+
+
+def evaluation_options() -> Optional[evaluation.EvalOptions]:
+  """The eval command, or None; its score's direction must be known."""
+  if not _EVAL_COMMAND.value:
+    if _present("eval_timeout"):
+      raise ArgumentError("{eval_timeout} goes with {eval_command}")
+    return None
+  if _METRIC_MODE.value == "auto" and not _present("metric"):
+    raise ArgumentError("{eval_command}: say whether a higher or a lower "
+                        "score is better, with {metric_mode}=max|min (or name "
+                        "the score with {metric}, e.g. {metric}=bleu)")
+  return evaluation.EvalOptions(eval_command=_EVAL_COMMAND.value,
+                                eval_timeout=_EVAL_TIMEOUT.value)
 
 
 def averaging_options() -> options.AveragingOptions:
@@ -155,7 +229,7 @@ def averaging_options() -> options.AveragingOptions:
       weight_summaries=_WEIGHT_SUMMARIES.value)
 
 
-def _run_once(argv: List[str]) -> None:
+def _run_once(argv: list[str]) -> None:
   del argv
   for name in _CONTINUOUS_ONLY:
     if _present(name):
@@ -171,17 +245,17 @@ def _run_once(argv: List[str]) -> None:
   output = options.OutputOptions(
       output_path=_OUTPUT_PATH.value, output_step=_OUTPUT_STEP.value,
       write_meta=_WRITE_META.value, dry_run=_DRY_RUN.value)
-  weighing, averaging = weighting_options(), averaging_options()
-  if inputs.checkpoints:
-    weighing.check_count(len(inputs.checkpoints))
+  settings = options.OneShotSettings(
+      inputs, output, averaging_options(), weighting_options(),
+      selection_options(), evaluation_options())
   # TensorFlow prints start-up notices: imported only once flags are valid.
   from t2t_avg import oneshot  # pylint: disable=import-outside-toplevel
-  result = oneshot.run(inputs, output, averaging, weighing)
+  result = oneshot.run(settings)
   if output.dry_run:
     print(format_table(result))
 
 
-def _run_continuous(argv: List[str]) -> None:
+def _run_continuous(argv: list[str]) -> None:
   del argv
   for name in _ONE_SHOT_ONLY:
     if _present(name):
@@ -189,14 +263,16 @@ def _run_continuous(argv: List[str]) -> None:
                           "with {model_dir}" % name)
   settings = options.ContinuousOptions(
       model_dir=_MODEL_DIR.value, output_dir=_OUTPUT_DIR.value, n=_N.value,
-      min_steps=_MIN_STEPS.value, wait_minutes=_WAIT_MINUTES.value)
+      min_steps=_MIN_STEPS.value, wait_minutes=_WAIT_MINUTES.value,
+      recompute=_RECOMPUTE.value, max_step=_MAX_STEP.value,
+      stride=_STRIDE.value)
   weighing, averaging = weighting_options(), averaging_options()
   settings.check_weighting(weighing)
   from t2t_avg import watch  # pylint: disable=import-outside-toplevel
   watch.run(settings, weighting_options=weighing, averaging_options=averaging)
 
 
-def format_table(result) -> str:
+def format_table(result: AveragingResult) -> str:
   """The checkpoints, steps, metric values and weights, as a text table."""
   width = max(len(r.path) for r in result.rows)
   lines = [f"{'checkpoint':<{width}}  {'step':>10}  {'metric':>12}  "
@@ -208,17 +284,22 @@ def format_table(result) -> str:
                  f"{r.weight:>8.4f}")
   lines.append(f"effective number of checkpoints: {result.effective_count:.2f}"
                f" of {len(result.rows)}; output: {result.output_path}")
+  order = result.record.get("weighting", {}).get("order")
+  if isinstance(order, list):
+    lines.append("greedy soup order (best first): " + ", ".join(order))
+  elif order:
+    lines.append(f"greedy soup order: {order}")
   return "\n".join(lines)
 
 
-def _guarded(run: Callable[[List[str]], None],
-             interrupted: str) -> Callable[[List[str]], None]:
+def _guarded(run: Callable[[list[str]], None],
+             interrupted: str) -> Callable[[list[str]], None]:
   """Runs a mode; argument and domain errors become one line and exit 1.
 
   Anything else is a bug and keeps its traceback, except TensorFlow's own
   errors about a file (shown as their first line).
   """
-  def main(argv: List[str]) -> None:
+  def main(argv: list[str]) -> None:
     if len(argv) > 1:
       _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
@@ -237,7 +318,7 @@ def _guarded(run: Callable[[List[str]], None],
   return main
 
 
-def main(argv: List[str]) -> None:
+def main(argv: list[str]) -> None:
   """`python -m t2t_avg`: one-shot, or continuous when --model_dir is given."""
   if _MODEL_DIR.value:
     _guarded(_run_continuous, _INTERRUPTED_CONTINUOUS)(argv)
@@ -252,7 +333,8 @@ def _quiet_tensorflow() -> None:
 
 
 def _show_flags_in_help() -> None:
-  # --help lists the main program's key flags; ours are defined here.
+  # --help shows the main module's docstring and key flags: ours.
+  sys.modules["__main__"].__doc__ = USAGE
   for flag in flags.FLAGS.get_flags_for_module(__name__):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 

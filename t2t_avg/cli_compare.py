@@ -6,7 +6,7 @@ or a test process that also imports `t2t_avg.cli`, defines no flags there.
 """
 import sys
 import traceback
-from typing import List, NoReturn
+from typing import NoReturn
 
 from absl import app
 from absl import flags
@@ -37,7 +37,7 @@ def _usage_error(message: str) -> NoReturn:
   sys.exit(_EXIT_UNUSABLE)
 
 
-def _parse_flags(argv: List[str]) -> List[str]:
+def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, with usage errors as one line and exit status 2."""
   # absl's own -v is --verbosity=N; here -v alone means --verbose.
   argv = argv[:1] + ["--verbose" if arg == "-v" else arg for arg in argv[1:]]
@@ -55,7 +55,7 @@ def _parse_flags(argv: List[str]) -> List[str]:
   return args
 
 
-def main(argv: List[str]) -> int:
+def main(argv: list[str]) -> int:
   """Compares CKPT_A with CKPT_B; exit 0 same, 1 different, 2 unusable."""
   _, path_a, path_b = argv
   try:

@@ -7,11 +7,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional
+from collections.abc import Sequence
 
 import numpy as np
 
 from t2t_avg.errors import ArgumentError
+from t2t_avg.formats import base
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _SIGNED_OF_WIDTH = {2: np.int16, 4: np.int32, 8: np.int64}
@@ -70,7 +72,7 @@ class VariableComparison:
   def size(self) -> int:
     """Elements in the variable (of A where the shapes differ)."""
     shape = self.shape_a if self.shape_a is not None else self.shape_b
-    return math.prod(shape)
+    return math.prod(shape or ())
 
   def fails(self, *, strict: bool = False) -> bool:
     """Whether this variable makes the comparison fail."""
@@ -225,16 +227,20 @@ def compare_checkpoints(a: str, b: str, *, atol: float = 0.0,
 
 
 
-def _compare_variable(name: str, source_a, tensor_a, source_b, tensor_b, *,
-                      atol: float, rtol: float) -> VariableComparison:
+def _compare_variable(name: str, source_a: base.Source,
+                      tensor_a: Optional[base.Tensor], source_b: base.Source,
+                      tensor_b: Optional[base.Tensor], *, atol: float,
+                      rtol: float) -> VariableComparison:
   """One variable of both checkpoints (either may be None: absent)."""
-  metadata = dict(
+  present = tensor_a or tensor_b
+  assert present is not None
+  metadata: dict[str, Any] = dict(
       name=name,
       dtype_a=tensor_a.dtype.name if tensor_a else None,
       dtype_b=tensor_b.dtype.name if tensor_b else None,
       shape_a=tuple(tensor_a.shape) if tensor_a else None,
       shape_b=tuple(tensor_b.shape) if tensor_b else None,
-      is_float=(tensor_a or tensor_b).dtype.name in _FLOAT_DTYPES)
+      is_float=present.dtype.name in _FLOAT_DTYPES)
   if tensor_b is None:
     return VariableComparison(status=Status.ONLY_IN_A, **metadata)
   if tensor_a is None:
@@ -252,10 +258,8 @@ def _compare_variable(name: str, source_a, tensor_a, source_b, tensor_b, *,
   return VariableComparison(**metadata, **measures)
 
 
-def _values(source, tensor) -> np.ndarray:
+def _values(source: base.Source, tensor: base.Tensor) -> np.ndarray:
   """A tensor's values; strings and variants as their stored bytes."""
-  # pylint: disable-next=import-outside-toplevel
-  from t2t_avg.formats import base
   if tensor.dtype.numpy is not None:
     return base.read_array(source, tensor)
   data = bytearray()
@@ -397,8 +401,8 @@ def _row(v: VariableComparison) -> tuple:
   return (status, dtype, shape, differ) + numbers + (name,)
 
 
-def _shape(shape: tuple) -> str:
-  return "[" + ",".join(str(d) for d in shape) + "]"
+def _shape(shape: Optional[tuple]) -> str:
+  return "[" + ",".join(str(d) for d in shape or ()) + "]"
 
 
 def _table(rows: Sequence[tuple]) -> list:

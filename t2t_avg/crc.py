@@ -6,12 +6,14 @@ a numpy buffer and releases the GIL, while Apache-2.0 `google-crc32c` 1.9
 takes only read-only `bytes` (a copy per chunk), runs at 4.4 GiB/s and holds
 the GIL, which would serialise the two averaging workers.
 """
+from typing import Any
+
 import crc32c as _crc32c
 
 _MASK_DELTA = 0xa282ead8
 
 
-def crc32c(data, crc: int = 0) -> int:
+def crc32c(data: Any, crc: int = 0) -> int:
   """The CRC32C of `data` (any buffer), continuing from `crc`."""
   return _crc32c.crc32c(data, crc)
 

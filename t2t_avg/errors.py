@@ -1,6 +1,6 @@
 """The package's two error types: bad arguments, and inputs that cannot be averaged."""
 import string
-from typing import Mapping
+from collections.abc import Mapping
 
 
 class AveragingError(Exception):

@@ -140,6 +140,7 @@ def evaluate(options: EvalOptions, checkpoint_path: str, *,
     raise AveragingError(
         f"eval command {_quote(options.eval_command, 60)} {problem[0]} on "
         f"{_shorten(candidate, 60)}{problem[1]}")
+  assert score is not None  # `_problem` said so.
   logging.info("Eval score of %s: %g (%.1f s)", candidate, score,
                time.monotonic() - start)
   return score

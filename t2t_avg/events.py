@@ -7,12 +7,13 @@ import math
 import os
 import struct
 import uuid
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from absl import logging
 from google.protobuf import message
 
 from t2t_avg import crc
+from t2t_avg import paths
 from t2t_avg import safe_files
 from t2t_avg.errors import AveragingError
 from t2t_avg.metrics import MetricPoint
@@ -103,16 +104,16 @@ def _event_files(source: str) -> list[str]:
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   if tf.io.gfile.isdir(source):
     names = sorted(name.rstrip("/") for name in tf.io.gfile.listdir(source))
+    found = [os.path.join(source, name) for name in names if "tfevents" in name]
+    if not found:
+      raise AveragingError(
+          f"No TensorBoard event files (*tfevents*) in directory {source}")
     if any(name.endswith(".index") or name == "checkpoint" for name in names):
       logging.warning(
           "%s holds checkpoints as well as events: that is usually training "
           "loss, not eval (Estimator and T2T write eval summaries to its "
           "eval/ subdirectory)", source)
-    paths = [os.path.join(source, name) for name in names if "tfevents" in name]
-    if not paths:
-      raise AveragingError(
-          f"No TensorBoard event files (*tfevents*) in directory {source}")
-    return paths
+    return found
   if not tf.io.gfile.exists(source):
     raise AveragingError(f"Event file or directory {source} does not exist")
   return [source]
@@ -149,7 +150,7 @@ def _read_file(path: str, tag: str, tags: set[str]) -> Iterator[MetricPoint]:
                           value=float(number))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _is_numeric(dtype_enum: int) -> bool:
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   try:
@@ -198,6 +199,21 @@ def _records(path: str) -> Iterator[tuple[int, bytes]]:
       offset += _HEADER.size + length + _FOOTER.size
 
 
+SUMMARIES_DIR = "t2t_avg"
+
+
+def summaries_directory(output_dir: str) -> str:
+  """Where weight summaries go beside outputs, checked before any work.
+
+  Raises:
+    AveragingError: the name is a link or another user's (see `safe_files`).
+  """
+  path = os.path.join(output_dir, SUMMARIES_DIR)
+  if paths.is_local(path):
+    safe_files.check_own_dir(path)
+  return path
+
+
 def write_weight_summaries(directory: str, rows: Sequence, tag: str) -> None:
   """Writes each checkpoint's weight (and metric) as TensorBoard scalars.
 
@@ -212,7 +228,7 @@ def write_weight_summaries(directory: str, rows: Sequence, tag: str) -> None:
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   tf1 = tf.compat.v1
-  if safe_files.is_local(directory):
+  if paths.is_local(directory):
     safe_files.make_own_dir(directory)  # Never a planted link.
   # TF1's FileWriter (TF core, in a graph of its own) rather than
   # tf.summary.scalar, whose implementation lives in the tensorboard package.

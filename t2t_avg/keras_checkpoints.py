@@ -83,6 +83,14 @@ def candidates(directory: str, name_prefix: str = "") -> list[str]:
   return sorted(found)
 
 
+def outputs_in(directory: str) -> list[str]:
+  """The Keras files of a directory that are outputs of t2t_avg (a record
+  beside them), by name."""
+  return sorted(p for suffix in SUFFIXES for p in glob.glob(os.path.join(
+      glob.escape(directory), "*" + suffix)) if os.path.exists(
+          p + RECORD_SUFFIX))
+
+
 def holds_keras_files(directory: str) -> bool:
   """Whether a local directory holds Keras checkpoint files."""
   return os.path.isdir(directory) and bool(candidates(directory))
@@ -196,8 +204,9 @@ def _log_ordering(directory: str, basis: str, files: list[KerasFile]) -> None:
     logging.info("Ordering the Keras files in %s by %s", directory, text)
 
 
-def last_n(prefix: str, n: int) -> list[str]:
-  """The newest `n` Keras files in `dirname(prefix)` named `basename(prefix)*`.
+def last_n(prefix: str, n: Optional[int]) -> list[str]:
+  """The newest `n` (None: all) Keras files in `dirname(prefix)` named
+  `basename(prefix)*`, oldest first.
 
   Raises:
     AveragingError: there are none.
@@ -207,10 +216,10 @@ def last_n(prefix: str, n: int) -> list[str]:
   if not files:
     raise AveragingError(f"no Keras files (*.weights.h5, *.keras) named "
                          f"{os.path.basename(prefix)}* in {directory}")
-  chosen = [f.path for f in files[-n:]]
+  chosen = [f.path for f in (files if n is None else files[-n:])]
   logging.info("Using the last %d of %d Keras files in %s: %s", len(chosen),
                len(files), directory, ", ".join(chosen))
-  if len(chosen) < n:
+  if n is not None and len(chosen) < n:
     logging.warning("--num_last_checkpoints=%d but only %d Keras files were "
                     "found in %s", n, len(chosen), directory)
   return chosen

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from typing import Sequence, Set
+from collections.abc import Sequence
 
 import tensorflow as tf
 
@@ -11,7 +11,7 @@ from t2t_avg.formats import base
 _NOT_IN_OP_NAMES = re.compile(r"[^A-Za-z0-9_.\-/]")
 
 
-def op_name(key: str, taken: Set[str]) -> str:
+def op_name(key: str, taken: set[str]) -> str:
   """A graph op name for a checkpoint key, unique among `taken` (added to it).
 
   Checkpoint keys may hold characters op names may not (`a b`, `x:0`); the
@@ -29,7 +29,7 @@ def op_name(key: str, taken: Set[str]) -> str:
 def write(path: str, tensors: Sequence[base.Tensor]) -> None:
   """Writes the `.meta` graph: one variable per tensor, saved under its key."""
   graph = tf.Graph()
-  taken: Set[str] = set()
+  taken: set[str] = set()
   with graph.as_default():
     var_list = {}
     for tensor in tensors:

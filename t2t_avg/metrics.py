@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
-from typing import Sequence
+from typing import Optional
+from collections.abc import Sequence
 
 from absl import logging
 
@@ -83,6 +85,22 @@ def infer_direction(tag: str) -> str:
   raise ArgumentError(
       "cannot tell whether a lower or a higher {tag!r} is better; pass "
       "{metric_mode}=min|max", tag=tag)
+
+
+def check_mode(mode: str) -> None:
+  """Refuses a direction other than 'min' or 'max'.
+
+  Raises:
+    ArgumentError: naming `metric_mode`.
+  """
+  if mode not in MODES:
+    raise ArgumentError("{metric_mode} must be 'min' or 'max', not {mode!r}",
+                        mode=mode)
+
+
+def is_valid(value: Optional[float]) -> bool:
+  """Whether a metric value counts: present and finite."""
+  return value is not None and math.isfinite(value)
 
 
 def direction(tag: str, metric_mode: str) -> str:

@@ -1,34 +1,44 @@
 """One-shot mode: choose the checkpoints, weigh them, average them."""
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from absl import logging
 
 from t2t_avg import averaging
 from t2t_avg import checkpoints as ckpts
+from t2t_avg import evaluation
 from t2t_avg import events
+from t2t_avg import greedy
 from t2t_avg import keras_logs
 from t2t_avg import metrics
 from t2t_avg import options
-from t2t_avg import safe_files
+from t2t_avg import selection
+from t2t_avg import soup
 from t2t_avg import weighting
 from t2t_avg.metrics import MetricPoint
 from t2t_avg.record import AveragingResult
 
-SUMMARIES_DIR = "t2t_avg"
 
+def choose(inputs: options.InputOptions,
+           chooser: selection.SelectionOptions = selection.SelectionOptions(),
+           ) -> list[str]:
+  """The input prefixes: `checkpoints`, or from a state file's directory.
 
-def choose(inputs: options.InputOptions) -> List[str]:
-  """The input prefixes, from `checkpoints` or the last N of a state file."""
+  With the default selection, the last N of the state file (legacy); with
+  selection flags, every checkpoint there, for `select_among` to choose from.
+  """
   if inputs.checkpoints:
     return ckpts.from_list(inputs.checkpoints, inputs.prefix)
-  return ckpts.last_n(inputs.prefix, inputs.num_last_checkpoints)
+  return ckpts.last_n(inputs.prefix, inputs.num_last_checkpoints
+                      if chooser.is_default else None)
 
 
 def read_points(settings: options.WeightingOptions) -> Optional[
-    List[MetricPoint]]:
+    list[MetricPoint]]:
   """The metric's points, when event files (or Keras CSV logs) are given;
   None otherwise.
 
@@ -38,7 +48,7 @@ def read_points(settings: options.WeightingOptions) -> Optional[
     return None
   points = keras_logs.read_metric(settings.metrics_from_events,
                                   settings.metric)
-  if not settings.uses_metric:
+  if not settings.uses_metric and settings.weighting != "greedy":
     logging.warning(
         "--metrics_from_events is read and shown, but --weighting=%s does not "
         "use it; pass --weighting=softmax, rank, top_k or proportional to "
@@ -56,27 +66,148 @@ def weigh(inputs: Sequence[ckpts.Checkpoint],
   return weighting.weigh_checkpoints(inputs, points, settings, mode=mode)
 
 
-def run(inputs: options.InputOptions, output: options.OutputOptions,
-        averaging_options: options.AveragingOptions,
-        weighting_options: options.WeightingOptions) -> AveragingResult:
+def select_among(pool: Sequence[ckpts.Checkpoint],
+                 settings: options.OneShotSettings) -> list[ckpts.Checkpoint]:
+  """The checkpoints the selection flags choose from `pool`."""
+  values, mode = None, None
+  if settings.selection.select == "best_window":
+    mode = metrics.direction(settings.weighting.metric,
+                             settings.weighting.metric_mode)
+    aligned = weighting.align_metrics_to_checkpoints(
+        [c.step if c.step is not None else -1 for c in pool],
+        read_points(settings.weighting) or [],
+        max_step_gap=settings.weighting.max_step_gap)
+    values = [None if p is None else p.value for p in aligned]
+  n = settings.inputs.num_last_checkpoints or None
+  if settings.inputs.checkpoints:
+    n = None
+  chosen = selection.choose([c.step for c in pool],
+                            options=settings.selection, n=n, values=values,
+                            mode=mode, names=[c.path for c in pool])
+  return [pool[i] for i in chosen]
+
+
+def run(settings: options.OneShotSettings) -> AveragingResult:
   """The whole one-shot job, as `python -m t2t_avg` runs it."""
-  summaries = os.path.join(os.path.dirname(output.output_path), SUMMARIES_DIR)
-  if averaging_options.weight_summaries and safe_files.is_local(summaries):
-    safe_files.check_own_dir(summaries)
+  output, averaging_options = settings.output, settings.averaging
+  summaries = (events.summaries_directory(os.path.dirname(output.output_path))
+               if averaging_options.weight_summaries else None)
   chosen = [ckpts.load(p, averaging_options.step_from)
-            for p in choose(inputs)]
-  weighting_options.check_count(len(chosen))
-  for c in chosen:
-    logging.info("%s: step %s (from %s)", c.path, c.step, c.step_source)
-  weighing = weigh(chosen, weighting_options)
-  result = averaging.average_checkpoints(
-      weighing.checkpoints, output.output_path, weights=weighing.weights,
-      metrics=weighing.metrics, output_step=output.output_step,
+            for p in choose(settings.inputs, settings.selection)]
+  if not settings.selection.is_default:
+    chosen = select_among(chosen, settings)
+  settings.weighting.check_count(len(chosen))
+  if not output.dry_run:  # A dry run shows them in its table.
+    for c in chosen:
+      logging.info("%s: step %s (from %s)", c.path, c.step, c.step_source)
+  if settings.weighting.weighting == "greedy":
+    result = _greedy(chosen, settings)
+  else:
+    result = _weighted(chosen, settings)
+  if result.written and summaries:
+    events.write_weight_summaries(summaries, result.rows,
+                                  settings.weighting.metric)
+  return result
+
+
+def _average(inputs: Sequence[ckpts.Checkpoint],
+             settings: options.OneShotSettings, *,
+             weights: Optional[Sequence[float]] = None,
+             values: Optional[Sequence[Optional[float]]] = None,
+             record: Optional[dict] = None) -> AveragingResult:
+  output, averaging_options = settings.output, settings.averaging
+  return averaging.average_checkpoints(
+      inputs, output.output_path, weights=weights, metrics=values,
+      output_step=output.output_step,
       exclude_variables=averaging_options.exclude_variables,
       allow_nonfinite=averaging_options.allow_nonfinite,
       step_from=averaging_options.step_from, write_meta=output.write_meta,
-      dry_run=output.dry_run, record_extra=weighing.record)
-  if result.written and averaging_options.weight_summaries:
-    events.write_weight_summaries(summaries, result.rows,
-                                  weighting_options.metric)
+      dry_run=output.dry_run, record_extra=record)
+
+
+def _weighted(chosen: Sequence[ckpts.Checkpoint],
+              settings: options.OneShotSettings) -> AveragingResult:
+  """A weighted (or uniform) average, scored by the eval command if given."""
+  weighing = weigh(chosen, settings.weighting)
+  result = _average(weighing.checkpoints, settings, weights=weighing.weights,
+                    values=weighing.metrics, record=weighing.record)
+  if result.written and settings.evaluation is not None:
+    _score_beside(weighing, result, settings)
   return result
+
+
+def _score_beside(weighing: weighting.Weighing, result: AveragingResult,
+                  settings: options.OneShotSettings) -> None:
+  """Logs the average's score beside the best single's and the uniform's."""
+  mode = metrics.direction(settings.weighting.metric,
+                           settings.weighting.metric_mode)
+  inputs = list(weighing.checkpoints)
+  assert settings.evaluation is not None
+  with greedy.Candidates(inputs, settings.output.output_path,
+                         settings.evaluation, settings.averaging) as scorer:
+    scores = [(f"this {settings.weighting.weighting} average",
+               evaluation.evaluate(settings.evaluation, result.output_path,
+                                   candidate=result.output_path))]
+    if settings.weighting.weighting != "uniform":
+      scores.append(("uniform average", scorer.score(range(len(inputs)))))
+    best, how = _best_single(weighing, mode)
+    scores.append((f"{how} single checkpoint, {inputs[best].path}",
+                   scorer.score([best])))
+  greedy.log_comparison(scores, mode)
+
+
+def _best_single(weighing: weighting.Weighing, mode: str) -> tuple[int, str]:
+  """The best checkpoint by its logged metric, or else the newest."""
+  values = weighing.metrics or ()
+  valid = [i for i, v in enumerate(values) if metrics.is_valid(v)]
+  if not valid:
+    return len(weighing.checkpoints) - 1, "last"
+  sign = 1 if mode == "max" else -1
+  return max(valid, key=lambda i: (sign * (values[i] or 0), i)), "best logged"
+
+
+def _greedy(chosen: Sequence[ckpts.Checkpoint],
+            settings: options.OneShotSettings) -> AveragingResult:
+  """The greedy soup: its kept checkpoints' uniform average."""
+  mode = metrics.direction(settings.weighting.metric,
+                           settings.weighting.metric_mode)
+  points = read_points(settings.weighting)
+  logged: Optional[list[Optional[float]]] = None
+  if points is not None:  # Own scores from the logged metric.
+    uniform = dataclasses.replace(settings.weighting, weighting="uniform")
+    logged = list(weighting.weigh_checkpoints(chosen, points, uniform).metrics
+                  or [])
+  if settings.output.dry_run:
+    return _greedy_plan(chosen, settings, logged, mode)
+  assert settings.evaluation is not None
+  with greedy.Candidates(chosen, settings.output.output_path,
+                         settings.evaluation, settings.averaging) as scorer:
+    own = logged if logged is not None else [
+        scorer.score([i]) for i in range(len(chosen))]  # From the command.
+    soup_result = greedy.run_soup(
+        chosen, own, scorer, mode=mode,
+        tolerance=settings.weighting.greedy_tolerance,
+        own_scores_from_command=points is None)
+  logging.info("Greedy soup:\n%s", greedy.soup_table(chosen, soup_result))
+  kept = [chosen[i] for i in soup_result.kept]
+  record = {"weighting": {"scheme": "greedy",
+                          "tolerance": settings.weighting.greedy_tolerance,
+                          "mode": mode,
+                          "soup": greedy.soup_record(chosen, soup_result)}}
+  return _average(kept, settings, record=record)
+
+
+def _greedy_plan(chosen: Sequence[ckpts.Checkpoint],
+                 settings: options.OneShotSettings,
+                 own: Optional[Sequence[Optional[float]]],
+                 mode: str) -> AveragingResult:
+  """A dry run of the soup: the order candidates would be tried in."""
+  plan: dict = {"scheme": "greedy", "mode": mode}
+  if own is None:
+    plan["order"] = (f"each of the {len(chosen)} checkpoints scored alone by "
+                     "--eval_command, then tried best first")
+  else:
+    order = soup.plan_order(own, mode=mode,
+                            newer=[c.step or 0 for c in chosen])
+    plan["order"] = [chosen[i].path for i in order]
+  return _average(chosen, settings, values=own, record={"weighting": plan})

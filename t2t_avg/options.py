@@ -11,12 +11,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Optional, Pattern, Sequence, Tuple, Union
+from typing import Optional, Union
+from re import Pattern
+from collections.abc import Sequence
 
+from t2t_avg import evaluation
 from t2t_avg import paths
+from t2t_avg import selection
 from t2t_avg.errors import ArgumentError
 
-SCHEMES = ("uniform", "softmax", "proportional", "rank", "top_k", "explicit")
+SCHEMES = ("uniform", "softmax", "proportional", "rank", "top_k", "explicit",
+           "greedy")
 METRIC_SCHEMES = ("softmax", "proportional", "rank", "top_k")
 METRIC_MODES = ("auto", "min", "max")
 MISSING_METRIC = ("error", "skip")
@@ -25,8 +30,14 @@ OUTPUT_STEPS = ("zero", "last")
 OutputStep = Union[str, int]
 
 
+def _one_of(name: str, value: str, choices: Sequence[str]) -> None:
+  if value not in choices:
+    raise ArgumentError("{%s} must be one of {choices}, not {value!r}" % name,
+                        choices=", ".join(choices), value=value)
+
+
 def check_weights(weights: Sequence[float], count: Optional[int] = None,
-                  *, name: str = "weights") -> Tuple[float, ...]:
+                  *, name: str = "weights") -> tuple[float, ...]:
   """Explicit weights: finite, >= 0, with a positive sum; `count` of them.
 
   Raises:
@@ -43,7 +54,7 @@ def check_weights(weights: Sequence[float], count: Optional[int] = None,
   return values
 
 
-def parse_weights(text: str) -> Tuple[float, ...]:
+def parse_weights(text: str) -> tuple[float, ...]:
   """`--weights=w1,w2,...` as numbers (see `check_weights`)."""
   try:
     values = [float(w) for w in text.split(",")]
@@ -119,16 +130,19 @@ class WeightingOptions:
     max_step_gap: 0: a metric at the checkpoint's exact step; g > 0: the
       nearest preceding point within g steps.
     missing_metric: 'error', or 'skip' (leave the checkpoint out).
+    greedy_tolerance: with 'greedy', how much worse a soup may score and
+      still keep a candidate (in the score's units, >= 0).
   """
   weighting: str = "uniform"
-  weights: Optional[Tuple[float, ...]] = None
-  metrics_from_events: Tuple[str, ...] = ()
+  weights: Optional[tuple[float, ...]] = None
+  metrics_from_events: tuple[str, ...] = ()
   metric: str = "loss"
   metric_mode: str = "auto"
   temperature: float = 0.0
   top_k: int = 0
   max_step_gap: int = 0
   missing_metric: str = "error"
+  greedy_tolerance: float = 0.0
 
   def __post_init__(self) -> None:
     _one_of("weighting", self.weighting, SCHEMES)
@@ -159,6 +173,12 @@ class WeightingOptions:
     if self.max_step_gap < 0:
       raise ArgumentError("{max_step_gap} must be >= 0, not {g}",
                           g=self.max_step_gap)
+    if not (math.isfinite(self.greedy_tolerance) and
+            self.greedy_tolerance >= 0):
+      raise ArgumentError("{greedy_tolerance} must be >= 0, not {t}",
+                          t=self.greedy_tolerance)
+    if self.greedy_tolerance and self.weighting != "greedy":
+      raise ArgumentError("{greedy_tolerance} goes with {weighting}=greedy")
 
   @property
   def uses_metric(self) -> bool:
@@ -181,7 +201,7 @@ class InputOptions:
       `checkpoint` state file.
     num_last_checkpoints: average the last N (ignored with `checkpoints`).
   """
-  checkpoints: Tuple[str, ...] = ()
+  checkpoints: tuple[str, ...] = ()
   prefix: str = ""
   num_last_checkpoints: int = 0
 
@@ -255,6 +275,11 @@ class ContinuousOptions:
     min_steps: ignore checkpoints with a lower step.
     wait_minutes: how long to wait for a new checkpoint (and a metric).
     poll_seconds: how often to look while waiting.
+    recompute: replace existing outputs whose record shows other settings
+      (otherwise such outputs are refused).
+    max_step: ignore checkpoints above this step.
+    stride: windows of checkpoints `stride` apart (every k-th, counting back
+      from the newest).
   """
   model_dir: str
   output_dir: str = "avg/"
@@ -262,6 +287,9 @@ class ContinuousOptions:
   min_steps: int = 0
   wait_minutes: float = 0
   poll_seconds: float = 10.0
+  recompute: bool = False
+  max_step: Optional[int] = None
+  stride: int = 1
 
   def __post_init__(self) -> None:
     if not self.model_dir:
@@ -276,6 +304,8 @@ class ContinuousOptions:
           "{output_dir}", output=self.output_dir, model=self.model_dir)
     if self.n < 1:
       raise ArgumentError("{n} must be >= 1, not {n_value}", n_value=self.n)
+    if self.stride < 1:
+      raise ArgumentError("{stride} must be >= 1, not {k}", k=self.stride)
     for name in ("min_steps", "wait_minutes", "poll_seconds"):
       if not getattr(self, name) >= 0:
         raise ArgumentError("{%s} must be >= 0, not {value}" % name,
@@ -283,6 +313,9 @@ class ContinuousOptions:
 
   def check_weighting(self, weighting: WeightingOptions) -> None:
     """Weighting settings that depend on the window size."""
+    if weighting.weighting == "greedy":
+      raise ArgumentError("{weighting}=greedy is for one-shot averaging: it "
+                          "evaluates many candidates per output")
     if weighting.weights is not None and len(weighting.weights) != self.n:
       raise ArgumentError(
           "{weighting}=explicit in continuous mode needs {n}={count} "
@@ -293,7 +326,25 @@ class ContinuousOptions:
                           "{k}", count=self.n, k=weighting.top_k)
 
 
-def _one_of(name: str, value: str, choices: Sequence[str]) -> None:
-  if value not in choices:
-    raise ArgumentError("{%s} must be one of {choices}, not {value!r}" % name,
-                        choices=", ".join(choices), value=value)
+@dataclasses.dataclass(frozen=True)
+class OneShotSettings:
+  """Everything a one-shot run was asked to do, typed and validated."""
+  inputs: InputOptions
+  output: OutputOptions
+  averaging: AveragingOptions = AveragingOptions()
+  weighting: WeightingOptions = WeightingOptions()
+  selection: selection.SelectionOptions = selection.SelectionOptions()
+  evaluation: Optional[evaluation.EvalOptions] = None
+
+  def __post_init__(self) -> None:
+    if self.weighting.weighting == "greedy" and self.evaluation is None:
+      raise ArgumentError("{weighting}=greedy needs {eval_command}")
+    if self.selection.select == "best_window":
+      if self.inputs.checkpoints:
+        raise ArgumentError("{select}=best_window chooses from {prefix}'s "
+                            "directory; it does not go with {checkpoints}")
+      if not self.weighting.metrics_from_events:
+        raise ArgumentError("{select}=best_window needs "
+                            "{metrics_from_events}")
+    if self.inputs.checkpoints:
+      self.weighting.check_count(len(self.inputs.checkpoints))

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Optional, Pattern, Sequence, Tuple
+from typing import Optional
+from re import Pattern
+from collections.abc import Sequence
 
 from absl import logging
 import numpy as np
@@ -39,14 +41,14 @@ class Item:
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Every output tensor, sorted by name, and the output step."""
-  items: Tuple[Item, ...]
+  items: tuple[Item, ...]
   step: int
 
   def count(self, action: Action) -> int:
     return sum(item.action is action for item in self.items)
 
   @property
-  def tensors(self) -> Tuple[base.Tensor, ...]:
+  def tensors(self) -> tuple[base.Tensor, ...]:
     return tuple(item.tensor for item in self.items)
 
 
@@ -74,28 +76,29 @@ def make_plan(inputs: Sequence[Checkpoint], newest: int, *,
                          "would be written" if exclude else
                          f"checkpoint {inputs[newest].path} holds no tensors")
   items = []
+  state = inputs[newest].opened.format.state_not_weights(list(reference))
   for name in sorted(reference):
     tensor = reference[name]
     if name == checkpoints.GLOBAL_STEP and _integer_scalar(tensor):
       items.append(Item(tensor, Action.STEP))
-    elif tensor.dtype.averaged:
+    elif tensor.dtype.averaged and name not in state:
       _same_everywhere(name, inputs, tensors)
       items.append(Item(tensor, Action.AVERAGE))
     else:
       items.append(Item(tensor, Action.COPY))
-  source = inputs[newest].source
+  source = inputs[newest].opened
   if (checkpoints.GLOBAL_STEP not in reference and source.adds_global_step
       and not (exclude and exclude.search(checkpoints.GLOBAL_STEP))):
     items.append(Item(_global_step(), Action.STEP))
   for item in items:
     if item.action is Action.STEP:
-      checkpoints.scalar_bytes(step, item.tensor.dtype.numpy)
+      checkpoints.scalar_bytes(step, item.tensor.dtype.element)
   return Plan(tuple(sorted(items, key=lambda i: i.tensor.name)), step)
 
 
 def _kept(checkpoint: Checkpoint,
           exclude: Optional[Pattern[str]]) -> dict:
-  return {name: tensor for name, tensor in checkpoint.source.tensors().items()
+  return {name: tensor for name, tensor in checkpoint.opened.tensors().items()
           if not (exclude and exclude.search(name))}
 
 
@@ -145,11 +148,12 @@ def log_plan(plan: Plan, exclude: Optional[Pattern[str]]) -> None:
   """One INFO line for what is copied and why, one for what is left out."""
   copied = [i.tensor for i in plan.items if i.action is Action.COPY]
   if copied:
-    kinds = sorted({t.dtype.name for t in copied})
+    kinds = sorted({"float hash table values" if t.dtype.averaged
+                    else t.dtype.name for t in copied})
     names = ", ".join(t.name for t in copied[:10]) + (
         ", ..." if len(copied) > 10 else "")
     logging.info("Copying %d tensors from the newest checkpoint, not "
-                 "averaging them (dtypes %s are not weights): %s",
+                 "averaging them (%s are not weights): %s",
                  len(copied), ", ".join(kinds), names)
   if exclude:
     logging.info("Leaving out variables matching %r", exclude.pattern)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-from typing import Optional, Sequence, Tuple
+from typing import Optional
+from collections.abc import Sequence
 
 from t2t_avg import paths
 
@@ -27,7 +28,7 @@ class AveragingResult:
   """What was (or, for a dry run, would be) written."""
   output_path: str  # The output checkpoint prefix.
   written: bool
-  rows: Tuple[CheckpointRow, ...]
+  rows: tuple[CheckpointRow, ...]
   effective_count: float
   record: dict
 

@@ -34,11 +34,6 @@ _OPEN_EXISTING = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(
     os, "O_NONBLOCK", 0)
 
 
-def is_local(path: str) -> bool:
-  """Whether a path is on a local file system (not `gs://` and the like)."""
-  return "://" not in path
-
-
 def _owner_text() -> str:
   return f"{os.getpid()} {socket.gethostname()}\n"
 

@@ -8,15 +8,14 @@ bounds, then stride, then the last N or the best window.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from absl import logging
 
+from t2t_avg import metrics
 from t2t_avg.errors import ArgumentError, AveragingError
 
 SELECTS = ("last", "best_window")
-MODES = ("min", "max")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,16 +129,16 @@ def best_window(indices: Sequence[int], values: Sequence[float | None],
     ArgumentError: an unknown mode, `n` < 1.
     AveragingError: no candidate has a valid value.
   """
-  _check_mode(mode)
+  metrics.check_mode(mode)
   if n is not None:
     _check_count(n)
   sign = 1.0 if mode == "max" else -1.0
-  scored = [p for p, i in enumerate(indices) if _is_value(values[i])]
+  scored = [p for p, i in enumerate(indices) if metrics.is_valid(values[i])]
   if not scored:
     raise AveragingError(f"no valid metric value among the {len(indices)} "
                          "checkpoints to find the best window in (all NaN, "
                          "inf or missing)")
-  best = max(scored, key=lambda p: (sign * values[indices[p]],
+  best = max(scored, key=lambda p: (sign * float(values[indices[p]] or 0),
                                     _newer(indices[p], steps), indices[p]))
   window = list(indices)[0 if n is None else max(0, best - n + 1):best + 1]
   where = _name(indices[best], names, steps)
@@ -203,14 +202,6 @@ def _check_count(n: int) -> None:
     raise ArgumentError("{num_last_checkpoints} must be >= 1, not {n}", n=n)
 
 
-def _check_mode(mode: str) -> None:
-  if mode not in MODES:
-    raise ArgumentError("{metric_mode} must be 'min' or 'max', not {mode!r}",
-                        mode=mode)
-
-
-def _is_value(value: float | None) -> bool:
-  return value is not None and math.isfinite(value)
 
 
 def _newer(index: int, steps: Sequence[int | None] | None) -> int:
@@ -239,8 +230,9 @@ def _nothing_within(steps: Sequence[int | None],
                     options: SelectionOptions) -> str:
   if not steps:
     return "no checkpoints to choose from"
+  known = [s for s in steps if s is not None]
   return (f"no checkpoint has a step within {_bounds_text(options)} (the "
-          f"steps run from {min(steps)} to {max(steps)})")
+          f"steps run from {min(known)} to {max(known)})")
 
 
 def _log_left(what: str, chosen: list[int], before: int) -> list[int]:

@@ -8,14 +8,13 @@ Nothing here makes or evaluates an average: the caller's `score_soup` does.
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from absl import logging
 
+from t2t_avg import metrics
 from t2t_avg.errors import ArgumentError, AveragingError
 
-MODES = ("min", "max")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +59,7 @@ def plan_order(own_scores: Sequence[float | None], *, mode: str,
   Raises:
     ArgumentError: an unknown mode, or `newer` of the wrong length.
   """
-  _check_mode(mode)
+  metrics.check_mode(mode)
   count = len(own_scores)
   if newer is None:
     newer = range(count)
@@ -68,10 +67,10 @@ def plan_order(own_scores: Sequence[float | None], *, mode: str,
     raise ArgumentError("{newer} has {given} values for {count} candidates",
                         given=len(newer), count=count)
   sign = 1.0 if mode == "max" else -1.0
-  scored = [i for i in range(count) if _is_score(own_scores[i])]
-  order = sorted(scored, key=lambda i: (sign * own_scores[i], newer[i], i),
-                 reverse=True)
-  return order + [i for i in range(count) if not _is_score(own_scores[i])]
+  scored = [i for i in range(count) if metrics.is_valid(own_scores[i])]
+  order = sorted(scored, key=lambda i: (sign * float(own_scores[i] or 0),
+                                       newer[i], i), reverse=True)
+  return order + [i for i in range(count) if not metrics.is_valid(own_scores[i])]
 
 
 def greedy_soup(own_scores: Sequence[float | None], *, mode: str,
@@ -109,7 +108,7 @@ def greedy_soup(own_scores: Sequence[float | None], *, mode: str,
     raise ArgumentError("{greedy_tolerance} must be >= 0, not {tolerance}",
                         tolerance=tolerance)
   order = plan_order(own_scores, mode=mode, newer=newer)
-  tried = [i for i in order if _is_score(own_scores[i])]
+  tried = [i for i in order if metrics.is_valid(own_scores[i])]
   if not tried:
     raise AveragingError(f"none of the {len(order)} candidates of the greedy "
                          "soup has a score of its own (all NaN, inf or "
@@ -117,7 +116,7 @@ def greedy_soup(own_scores: Sequence[float | None], *, mode: str,
   name = (lambda i: names[i]) if names is not None else "candidate {}".format
   best = tried[0]
   soup = [best]
-  soup_score = (own_scores[best] if own_scores_from_command
+  soup_score = (float(own_scores[best] or 0) if own_scores_from_command
                 else score_soup([best]))
   steps = [_step(best, own_scores, soup_score, True, name)]
   for i in tried[1:]:
@@ -133,14 +132,6 @@ def greedy_soup(own_scores: Sequence[float | None], *, mode: str,
   return SoupResult(tuple(sorted(soup)), tuple(steps))
 
 
-def _check_mode(mode: str) -> None:
-  if mode not in MODES:
-    raise ArgumentError("{metric_mode} must be 'min' or 'max', not {mode!r}",
-                        mode=mode)
-
-
-def _is_score(value: float | None) -> bool:
-  return value is not None and math.isfinite(value)
 
 
 def _at_least_as_good(score: float, soup_score: float, mode: str,

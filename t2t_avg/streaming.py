@@ -13,7 +13,8 @@ import concurrent.futures
 import dataclasses
 import threading
 import time
-from typing import List, Optional, Sequence
+from typing import Optional
+from collections.abc import Sequence
 
 from absl import logging
 import numpy as np
@@ -50,7 +51,8 @@ class _Stopped(Exception):
 
 
 def write_all(plan: Plan, inputs: Sequence[checkpoints.Checkpoint],
-              weights: Optional[Sequence[float]], newest: int, sink, *,
+              weights: Optional[Sequence[float]], newest: int,
+              sink: base.Sink, *,
               allow_nonfinite: bool) -> None:
   """Computes every output part of `plan` and writes it into `sink`.
 
@@ -68,7 +70,7 @@ def write_all(plan: Plan, inputs: Sequence[checkpoints.Checkpoint],
   units = []
   for item in plan.items:
     if item.action is Action.STEP:
-      value = checkpoints.scalar_bytes(plan.step, item.tensor.dtype.numpy)
+      value = checkpoints.scalar_bytes(plan.step, item.tensor.dtype.element)
       writer = sink.open_part(item.tensor.parts[0].key)
       writer.write(value)
       writer.close()
@@ -76,7 +78,7 @@ def write_all(plan: Plan, inputs: Sequence[checkpoints.Checkpoint],
     sources = inputs if item.action is Action.AVERAGE else [inputs[newest]]
     for j, part in enumerate(item.tensor.parts):
       units.append(_Unit(item.action, item.tensor, part.key, tuple(
-          _Input(c.source, c.source.tensors()[item.tensor.name].parts[j])
+          _Input(c.opened, c.opened.tensors()[item.tensor.name].parts[j])
           for c in sources)))
   # Largest first, so the workers end close together.
   units.sort(key=lambda u: -u.inputs[0].part.size)
@@ -120,7 +122,8 @@ class _Arithmetic:
 class _Pool:
   """`WORKERS` threads taking units largest first; the first error stops all."""
 
-  def __init__(self, units: List[_Unit], sink, arithmetic: _Arithmetic):
+  def __init__(self, units: list[_Unit], sink: base.Sink,
+               arithmetic: _Arithmetic):
     self._todo = iter(units)
     self._sink = sink
     self._arithmetic = arithmetic
@@ -156,8 +159,8 @@ class _Pool:
       raise
 
 
-def _run_unit(unit: _Unit, writer, arithmetic: _Arithmetic,
-              stop: threading.Event, progress: "_Progress") -> None:
+def _run_unit(unit: _Unit, writer: base.PartWriter, arithmetic: _Arithmetic,
+              stop: threading.Event, progress: _Progress) -> None:
   """Reads, combines and writes one part chunk by chunk, checking crc32c."""
   numpy = unit.tensor.dtype.numpy
   itemsize = numpy.itemsize if numpy is not None else 1
@@ -196,23 +199,23 @@ class _ChunkState:
 
 def _read(inp: _Input, unit: _Unit, chunk: np.ndarray, start: int) -> None:
   try:
-    inp.source.read(inp.part, start, memoryview(chunk))
+    inp.source.read(inp.part, start, memoryview(chunk))  # type: ignore[arg-type]
   except (AveragingError, OSError) as e:
     raise AveragingError(f"cannot read variable {unit.tensor.name} from "
                          f"checkpoint {inp.source.path}: {e}") from e
 
 
 def _copy_chunk(state: _ChunkState, chunk: np.ndarray, start: int,
-                crcs: List[int]) -> np.ndarray:
+                crcs: list[int]) -> np.ndarray:
   _read(state.unit.inputs[0], state.unit, chunk, start)
   crcs[0] = crc.crc32c(chunk, crcs[0])
   return chunk
 
 
 def _average_chunk(state: _ChunkState, chunk: np.ndarray, start: int,
-                   crcs: List[int]) -> np.ndarray:
+                   crcs: list[int]) -> np.ndarray:
   unit, arithmetic = state.unit, state.arithmetic
-  numpy = unit.tensor.dtype.numpy
+  numpy = unit.tensor.dtype.element
   count = len(chunk) // numpy.itemsize
   total, scratch = state.total[:count], state.scratch[:count]
   total.fill(0)
@@ -232,7 +235,7 @@ def _raise_nonfinite(unit: _Unit, chunk: np.ndarray, start: int) -> None:
     _check_whole_crc(inp, unit)
   for inp in unit.inputs:
     _read(inp, unit, chunk, start)
-    if not np.isfinite(chunk.view(unit.tensor.dtype.numpy)).all():
+    if not np.isfinite(chunk.view(unit.tensor.dtype.element)).all():
       raise AveragingError(
           f"variable {unit.tensor.name} in checkpoint {inp.source.path} holds "
           "NaN or inf (pass --allow_nonfinite to average it anyway)")

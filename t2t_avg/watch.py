@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import os
 import re
 import time
-from typing import Callable, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Optional
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from absl import logging
 import tensorflow as tf
@@ -30,7 +32,6 @@ from t2t_avg.paths import is_local
 from t2t_avg.record import AveragingResult
 
 OUTPUT_BASENAME = "model.ckpt"
-SUMMARIES_DIR = "t2t_avg"
 # Copied from the training directory for t2t-bleu and t2t-translate-all.
 RUN_FILES = ("flags.txt", "hparams.json", "flags_t2t.txt")
 WRITTEN, EXISTED, SKIPPED = "written", "existed", "skipped"
@@ -63,7 +64,8 @@ class WindowOutcome:
 
 def stepfiles(model_dir: str, *, min_steps: int = 0, wait_minutes: float = 0,
               poll_seconds: float = 10.0, clock: Clock = time.time,
-              sleep: Sleep = time.sleep) -> Iterator[StepFile]:
+              sleep: Sleep = time.sleep,
+              max_step: Optional[int] = None) -> Iterator[StepFile]:
   """Yields the checkpoints of a directory as they appear, oldest first.
 
   As T2T's `bleu_hook.stepfiles_iterator`: files `<model_dir>/*-<N>.index`,
@@ -80,6 +82,7 @@ def stepfiles(model_dir: str, *, min_steps: int = 0, wait_minutes: float = 0,
     poll_seconds: how often to look while waiting.
     clock: the wall-clock time in seconds (ctimes are wall-clock times).
     sleep: sleeps for that many seconds.
+    max_step: end at the first checkpoint above this step.
 
   Yields:
     StepFiles, by increasing step.
@@ -103,6 +106,10 @@ def stepfiles(model_dir: str, *, min_steps: int = 0, wait_minutes: float = 0,
                    f" for {wait_minutes:g} minutes" if wait_minutes else "")
       return
     step_file = found.popleft()
+    if max_step is not None and step_file.step > max_step:
+      logging.info("%s is above --max_step=%d; done", step_file.path,
+                   max_step)
+      return
     deadline = step_file.ctime_ns / 1e9 + wait_minutes * 60
     min_steps = step_file.step + 1
     yield step_file
@@ -169,27 +176,30 @@ def _times(path: str) -> Optional[tuple]:
   return mtime, mtime
 
 
-def windows(step_files: Iterable[StepFile],
-            n: int) -> Iterator[tuple]:
-  """Yields each run of n consecutive checkpoints, once n have been seen.
+def windows(step_files: Iterable[StepFile], n: int,
+            stride: int = 1) -> Iterator[tuple]:
+  """Yields each window of n checkpoints `stride` apart, once it is complete.
 
   Args:
     step_files: checkpoints, oldest first (e.g. from `stepfiles`).
     n: the window size, >= 1.
+    stride: take every k-th checkpoint, counting back from the newest.
 
   Yields:
-    Tuples of n StepFiles, oldest first; one per checkpoint from the n-th.
+    Tuples of n StepFiles, oldest first; one per checkpoint from the
+    ((n - 1) * stride + 1)-th.
 
   Raises:
-    ValueError: n < 1.
+    ValueError: n < 1 or stride < 1.
   """
-  if n < 1:
-    raise ValueError(f"--n must be >= 1, not {n}")
-  window = collections.deque(maxlen=n)
+  if n < 1 or stride < 1:
+    raise ValueError(f"--n and --stride must be >= 1, not {n}, {stride}")
+  span = (n - 1) * stride + 1
+  window: collections.deque[StepFile] = collections.deque(maxlen=span)
   for step_file in step_files:
     window.append(step_file)
-    if len(window) == n:
-      yield tuple(window)
+    if len(window) == span:
+      yield tuple(window)[::-1][::stride][::-1]
 
 
 def output_prefix(output_dir: str, step: int) -> str:
@@ -256,9 +266,8 @@ def average_all(settings: options.ContinuousOptions, *,
                              weighting_options.metric_mode)
   model_dir = os.path.expanduser(settings.model_dir)
   output_dir = os.path.expanduser(settings.output_dir)
-  summaries = os.path.join(output_dir, SUMMARIES_DIR)
-  if averaging_options.weight_summaries and is_local(summaries):
-    safe_files.check_own_dir(summaries)
+  if averaging_options.weight_summaries:
+    events.summaries_directory(output_dir)
   if not tf.io.gfile.isdir(model_dir) and not settings.wait_minutes:
     raise AveragingError(f"--model_dir {model_dir} is not a directory (pass "
                          "--wait_minutes to wait for it)")
@@ -269,7 +278,7 @@ def average_all(settings: options.ContinuousOptions, *,
   found = stepfiles(model_dir, min_steps=settings.min_steps,
                     wait_minutes=settings.wait_minutes,
                     poll_seconds=settings.poll_seconds, clock=clock,
-                    sleep=sleep)
+                    sleep=sleep, max_step=settings.max_step)
   return averager.run(found)
 
 
@@ -286,16 +295,20 @@ class _Averager:
     self._mode = mode
     self._clock = clock
     self._sleep = sleep
-    self._copied: Set[str] = set()
+    self._copied: set[str] = set()
     self._warned_times = False
+    self._recorded = numbers_settings(settings, weighting_options,
+                                      averaging_options)
 
   def run(self, found: Iterator[StepFile]) -> Iterator[WindowOutcome]:
     """The generator behind `average_all`."""
     settings = self._settings
     writer.make_dirs(settings.output_dir)
+    if not settings.recompute:
+      self._refuse_other_settings()
     self._copy_run_files()
     counts: collections.Counter = collections.Counter()
-    for window in windows(found, settings.n):
+    for window in windows(found, settings.n, settings.stride):
       outcome = self._process(window)
       counts[outcome.status] += 1
       yield outcome
@@ -307,7 +320,7 @@ class _Averager:
                  "%d skipped", counts[WRITTEN], counts[EXISTED],
                  counts[SKIPPED])
 
-  def _process(self, window: Tuple[StepFile, ...]) -> WindowOutcome:
+  def _process(self, window: tuple[StepFile, ...]) -> WindowOutcome:
     newest = window[-1]
     prefix = output_for(self._settings.output_dir, newest)
 
@@ -315,17 +328,17 @@ class _Averager:
       logging.warning("Skipping %s: %s", prefix, reason)
       return WindowOutcome(newest.step, prefix, window, SKIPPED, reason)
 
-    if checkpoints.exists(prefix):
+    if checkpoints.exists(prefix) and not self._differs(prefix):
       logging.info("%s exists; skipped, not recomputed", prefix)
       return WindowOutcome(newest.step, prefix, window, EXISTED)
     members, problem = self._open(window)
-    if problem:
-      return skipped(problem)
+    if members is None:
+      return skipped(problem or "")
     weighing = None
     if self._weighting.weighting != "uniform":
       weighing, problem = self._weigh(members, newest)
-      if problem:
-        return skipped(problem)
+      if weighing is None:
+        return skipped(problem or "")
     try:
       result = self._average(members, weighing, newest.step, prefix)
     except (AveragingError,) + _READ_ERRORS as e:
@@ -336,8 +349,30 @@ class _Averager:
     self._finish(result, newest, members)
     return WindowOutcome(newest.step, prefix, window, WRITTEN, result=result)
 
-  def _open(self, window: Tuple[StepFile, ...]) -> Tuple[
-      Optional[List[checkpoints.Checkpoint]], Optional[str]]:
+  def _differs(self, prefix: str) -> dict[str, tuple]:
+    """{setting: (recorded, now)} where an output's record differs from now."""
+    recorded = _recorded_settings(prefix)
+    return {key: (recorded[key], value) for key, value in self._recorded.items()
+            if key in recorded and recorded[key] != value}
+
+  def _refuse_other_settings(self) -> None:
+    """Refuses existing outputs made with other settings, before any work."""
+    output_dir = self._settings.output_dir
+    for prefix in present_outputs(output_dir) + (
+        keras_checkpoints.outputs_in(output_dir) if is_local(output_dir)
+        else []):
+      differs = self._differs(prefix)
+      if differs:
+        then = ", ".join(f"{k}={v[0]!r}" for k, v in differs.items())
+        now = ", ".join(f"{k}={v[1]!r}" for k, v in differs.items())
+        raise AveragingError(
+            f"--output_dir {self._settings.output_dir} holds {prefix}, "
+            f"averaged with {then}; this run asks for {now} (pass "
+            "--recompute to replace such averages, or choose another "
+            "--output_dir)")
+
+  def _open(self, window: tuple[StepFile, ...]) -> tuple[
+      Optional[list[checkpoints.Checkpoint]], Optional[str]]:
     """The window's Checkpoints, or None and why one cannot be used."""
     members = []
     for step_file in window:
@@ -359,8 +394,8 @@ class _Averager:
                       f"{tf_bundle.error_text(e)}")
     return members, None
 
-  def _weigh(self, members: List[checkpoints.Checkpoint],
-             newest: StepFile) -> Tuple[Optional[weighting.Weighing],
+  def _weigh(self, members: list[checkpoints.Checkpoint],
+             newest: StepFile) -> tuple[Optional[weighting.Weighing],
                                         Optional[str]]:
     """A Weighing once the newest checkpoint's metric is in, or why not."""
     settings = self._weighting
@@ -390,8 +425,8 @@ class _Averager:
     except AveragingError as e:
       return None, f"cannot weigh its checkpoints: {e}"
 
-  def _metric_points(self, newest: checkpoints.Checkpoint) -> Tuple[
-      Optional[List[MetricPoint]], Optional[str]]:
+  def _metric_points(self, newest: checkpoints.Checkpoint) -> tuple[
+      Optional[list[MetricPoint]], Optional[str]]:
     """(the metric's points, None) when `newest` has one; else (None, why)."""
     settings = self._weighting
     if newest.step is None:
@@ -411,13 +446,15 @@ class _Averager:
                     f"at {keras_logs.position_text(kind, points[-1].step)}")
     return points, None
 
-  def _average(self, members: List[checkpoints.Checkpoint],
+  def _average(self, members: list[checkpoints.Checkpoint],
                weighing: Optional[weighting.Weighing], step: int,
                output: str) -> AveragingResult:
     extra: dict = {"continuous": {"model_dir": self._settings.model_dir,
-                                  "n": self._settings.n}}
+                                  "n": self._settings.n},
+                   "settings": self._recorded}
+    chosen: Sequence[checkpoints.Checkpoint] = members
+    weights, values = None, None
     if weighing is None:
-      chosen, weights, values = members, None, None
       extra["weighting"] = {"scheme": "uniform"}
     else:
       chosen, weights, values = (weighing.checkpoints, weighing.weights,
@@ -433,7 +470,7 @@ class _Averager:
         record_extra=extra)
 
   def _finish(self, result: AveragingResult, newest: StepFile,
-              members: List[checkpoints.Checkpoint]) -> None:
+              members: list[checkpoints.Checkpoint]) -> None:
     """Times, run files and the state file, as downstream tools expect."""
     prefix = result.output_path
     output_dir = self._settings.output_dir
@@ -458,7 +495,7 @@ class _Averager:
   def _write_summaries(self, result: AveragingResult) -> None:
     if self._averaging.weight_summaries:
       events.write_weight_summaries(
-          os.path.join(self._settings.output_dir, SUMMARIES_DIR), result.rows,
+          events.summaries_directory(self._settings.output_dir), result.rows,
           self._weighting.metric)
 
   def _set_mtime(self, path: str, mtime_ns: int) -> None:
@@ -492,6 +529,37 @@ class _Averager:
       logging.info("Copied %s to %s with its times", source, target)
 
 
+def numbers_settings(settings: options.ContinuousOptions,
+                     weighting_options: options.WeightingOptions,
+                     averaging_options: options.AveragingOptions) -> dict:
+  """The settings that decide an output's numbers, as its record keeps them."""
+  fields = dataclasses.asdict(weighting_options)
+  del fields["metrics_from_events"]  # Where the metric is read does not count.
+  if fields["weights"] is not None:
+    fields["weights"] = list(fields["weights"])
+  fields.update(n=settings.n, stride=settings.stride,
+                exclude_variables=averaging_options.exclude_variables,
+                allow_nonfinite=averaging_options.allow_nonfinite,
+                step_from=averaging_options.step_from)
+  return fields
+
+
+def _recorded_settings(prefix: str) -> dict:
+  """The settings an earlier output of this tool was made with, or {}.
+
+  Records of earlier versions name only the weighting scheme and n.
+  """
+  try:
+    with tf.io.gfile.GFile(prefix + checkpoints.RECORD_SUFFIX) as f:
+      record = json.load(f)
+  except (tf.errors.OpError, ValueError):
+    return {}  # Not ours (legacy t2t-avg-all), or unreadable.
+  if "settings" in record:
+    return record["settings"]
+  return {"weighting": record.get("weighting", {}).get("scheme"),
+          "n": record.get("continuous", {}).get("n")}
+
+
 def _copy_with_times(source: str, target: str,
                      set_mtime: Callable[[str, int], None]) -> None:
   if is_local(source) and is_local(target):
@@ -503,7 +571,7 @@ def _copy_with_times(source: str, target: str,
   set_mtime(target, tf.io.gfile.stat(source).mtime_nsec)
 
 
-def _unreadable_input(window: Tuple[StepFile, ...],
+def _unreadable_input(window: tuple[StepFile, ...],
                       error: Exception) -> Optional[str]:
   """Which input made averaging fail by vanishing or not reading; else None.
 
@@ -559,7 +627,7 @@ def _read_keras_in_full(path: str) -> Optional[str]:
   return None
 
 
-def present_outputs(output_dir: str) -> List[str]:
+def present_outputs(output_dir: str) -> list[str]:
   """The `model.ckpt-<N>` checkpoints in a directory, oldest first."""
   return [path for _, path in checkpoints.numbered(output_dir,
                                                    OUTPUT_BASENAME)]
@@ -569,7 +637,7 @@ def run(settings: options.ContinuousOptions, *,
         weighting_options: options.WeightingOptions = (
             options.WeightingOptions()),
         averaging_options: options.AveragingOptions = (
-            options.AveragingOptions())) -> List[str]:
+            options.AveragingOptions())) -> list[str]:
   """The `t2t-avg-all` job with real time: averages until nothing is new.
 
   Returns:

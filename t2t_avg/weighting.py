@@ -8,7 +8,8 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Optional
+from collections.abc import Callable, Sequence
 
 from absl import logging
 import numpy as np
@@ -69,8 +70,8 @@ def weigh_checkpoints(checkpoints: Sequence, points: Optional[Sequence[
   return Weighing(tuple(checkpoints), tuple(weights), values, record)
 
 
-def _align(checkpoints: List, points: Sequence[MetricPoint],
-           settings: options.WeightingOptions) -> Tuple[List, List]:
+def _align(checkpoints: list, points: Sequence[MetricPoint],
+           settings: options.WeightingOptions) -> tuple[list, list]:
   """The checkpoints (those with a metric, under 'skip') and their points.
 
   A checkpoint's position on the metric's step axis depends on what the
@@ -111,7 +112,7 @@ def _steps_text(points: Sequence[MetricPoint], most: int = 20) -> str:
 
 def align_metrics_to_checkpoints(
     steps: Sequence[int], points: Sequence[MetricPoint], *,
-    max_step_gap: int = 0) -> List[Optional[MetricPoint]]:
+    max_step_gap: int = 0) -> list[Optional[MetricPoint]]:
   """Finds the metric point that belongs to each checkpoint.
 
   Args:
@@ -131,7 +132,7 @@ def align_metrics_to_checkpoints(
                         g=max_step_gap)
   by_step = {point.step: point for point in points}
   known = sorted(by_step)
-  aligned = []
+  aligned: list[Optional[MetricPoint]] = []
   for step in steps:
     i = bisect.bisect_right(known, step)  # known[i - 1] <= step < known[i]
     if i and step - known[i - 1] <= max_step_gap:
@@ -155,7 +156,7 @@ def compute_weights(
     values: Optional[Sequence[Optional[float]]], *, scheme: str, mode: str,
     temperature: float = 0.0, top_k: int = 0,
     explicit: Optional[Sequence[float]] = None,
-    steps: Optional[Sequence[int]] = None) -> Tuple[List[float], dict]:
+    steps: Optional[Sequence[int]] = None) -> tuple[list[float], dict]:
   """Turns per-checkpoint metric values into weights that sum to 1.
 
   Schemes, where "better" follows `mode`:
@@ -208,8 +209,8 @@ def compute_weights(
   if scheme == "uniform":
     return _normalised(np.ones(n)), {"scheme": scheme}
   if scheme == "explicit":
-    weights = options.check_weights(explicit or (), n)
-    return _normalised(np.asarray(weights)), {"scheme": scheme}
+    given = options.check_weights(explicit or (), n)
+    return _normalised(np.asarray(given)), {"scheme": scheme}
   metric = _valid(values, n, scheme=scheme, mode=mode, steps=steps)
   weights, details = _SCHEMES[scheme](metric, temperature=temperature,
                                       top_k=top_k)
@@ -217,9 +218,9 @@ def compute_weights(
              "excluded": [int(i) for i in np.flatnonzero(~metric.valid)],
              **details}
   if scheme == "top_k":
-    return weights, details  # Exactly 1/k: already normalised.
+    return weights.tolist(), details  # Exactly 1/k: already normalised.
   with np.errstate(all="ignore"):
-    result = _normalised(np.asarray(weights))
+    result = _normalised(weights)
   if not (all(math.isfinite(w) for w in result) and
           math.isclose(math.fsum(result), 1.0)):
     # Metric values near the limits of float64 (e.g. 1e300) overflow.
@@ -231,7 +232,8 @@ def compute_weights(
   return result, details
 
 
-def _count(values, steps, explicit) -> int:
+def _count(values: Optional[Sequence], steps: Optional[Sequence],
+           explicit: Optional[Sequence]) -> int:
   for given in (values, steps, explicit):
     if given is not None:
       if not len(given):
@@ -240,11 +242,10 @@ def _count(values, steps, explicit) -> int:
   raise ArgumentError("compute_weights needs values, steps or explicit weights")
 
 
-def _valid(values, n: int, *, scheme: str, mode: str,
+def _valid(values: Optional[Sequence[Optional[float]]], n: int, *,
+           scheme: str, mode: str,
            steps: Optional[Sequence[int]]) -> _Values:
-  if mode not in MODES:
-    raise ArgumentError("{metric_mode} must be 'min' or 'max', not {mode!r}",
-                        mode=mode)
+  metrics.check_mode(mode)
   if values is None:
     raise ArgumentError("{weighting}={scheme} needs metric values",
                         scheme=scheme)
@@ -253,7 +254,7 @@ def _valid(values, n: int, *, scheme: str, mode: str,
                         count=len(steps), n_values=n)
   v = np.asarray([np.nan if x is None else x for x in values], np.float64)
   valid = np.isfinite(v)
-  for i in np.flatnonzero(~valid):
+  for i in np.flatnonzero(~valid).tolist():
     logging.warning("Checkpoint %d%s has metric value %s: weight 0", i,
                     f" (step {steps[i]})" if steps is not None else "",
                     values[i])
@@ -264,7 +265,8 @@ def _valid(values, n: int, *, scheme: str, mode: str,
   return _Values(v, valid, goodness, steps, mode)
 
 
-def _softmax(m: _Values, *, temperature: float, **_) -> Tuple[np.ndarray,
+def _softmax(m: _Values, *, temperature: float,
+             **_: object) -> tuple[np.ndarray,
                                                                dict]:
   if not temperature >= 0:  # also refuses NaN
     raise ArgumentError("{temperature} must be >= 0, not {t}", t=temperature)
@@ -281,7 +283,7 @@ def _softmax(m: _Values, *, temperature: float, **_) -> Tuple[np.ndarray,
   return weights, {"temperature": temperature}
 
 
-def _proportional(m: _Values, **_) -> Tuple[np.ndarray, dict]:
+def _proportional(m: _Values, **_: object) -> tuple[np.ndarray, dict]:
   valid = m.values[m.valid]
   if (valid <= 0).any():
     raise AveragingError(
@@ -292,16 +294,17 @@ def _proportional(m: _Values, **_) -> Tuple[np.ndarray, dict]:
   return weights, {}
 
 
-def _rank(m: _Values, **_) -> Tuple[np.ndarray, dict]:
-  _, inverse, counts = np.unique(m.goodness[m.valid], return_inverse=True,
-                                 return_counts=True)
+def _rank(m: _Values, **_: object) -> tuple[np.ndarray, dict]:
+  _unique, inverse, counts = np.unique(m.goodness[m.valid],
+                                       return_inverse=True,
+                                       return_counts=True)
   upper = np.cumsum(counts)  # Ascending goodness: the worst group has rank 1.
   weights = np.zeros(len(m.values))
   weights[m.valid] = (upper - (counts - 1) / 2)[inverse]
   return weights, {}
 
 
-def _top_k(m: _Values, *, top_k: int, **_) -> Tuple[List[float], dict]:
+def _top_k(m: _Values, *, top_k: int, **_: object) -> tuple[np.ndarray, dict]:
   count = int(m.valid.sum())
   if not 1 <= top_k <= count:
     raise ArgumentError("{top_k} must be between 1 and {count} (checkpoints "
@@ -311,13 +314,12 @@ def _top_k(m: _Values, *, top_k: int, **_) -> Tuple[List[float], dict]:
   order = sorted(range(n), key=lambda i: (m.goodness[i], newer[i], i),
                  reverse=True)
   selected = sorted(order[:top_k])
-  weights = [0.0] * n
-  for i in selected:
-    weights[i] = 1.0 / top_k
+  weights = np.zeros(n)
+  weights[selected] = 1.0 / top_k
   return weights, {"top_k": top_k, "selected": selected}
 
 
-_SCHEMES: Dict[str, Callable[..., Tuple[object, dict]]] = {
+_SCHEMES: dict[str, Callable[..., tuple[np.ndarray, dict]]] = {
     "softmax": _softmax,
     "proportional": _proportional,
     "rank": _rank,
@@ -325,7 +327,7 @@ _SCHEMES: Dict[str, Callable[..., Tuple[object, dict]]] = {
 }
 
 
-def _normalised(weights: np.ndarray) -> List[float]:
+def _normalised(weights: np.ndarray) -> list[float]:
   return (weights / weights.sum()).tolist()
 
 

@@ -12,7 +12,8 @@ import json
 import os
 import shutil
 import tempfile
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional
+from collections.abc import Sequence
 
 from absl import logging
 from google.protobuf import text_format
@@ -39,7 +40,7 @@ class Output:
     self._claim: Optional[str] = None
     self._tmp_dir: Optional[str] = None
 
-  def __enter__(self) -> "Output":
+  def __enter__(self) -> Output:
     make_dirs(self.directory)
     if not paths.is_local(self.directory):
       self._tmp_dir = tempfile.mkdtemp(prefix="t2t_avg-staging.")
@@ -54,7 +55,7 @@ class Output:
       raise
     return self
 
-  def __exit__(self, *exc_info) -> None:
+  def __exit__(self, *exc_info: object) -> None:
     self.abort()
 
   def temporary_path(self, name: str) -> str:
@@ -62,7 +63,7 @@ class Output:
     assert self._tmp_dir is not None
     return os.path.join(self._tmp_dir, name)
 
-  def publish(self, files: Sequence[Tuple[str, str]],
+  def publish(self, files: Sequence[tuple[str, str]],
               replaced: Sequence[str] = ()) -> None:
     """Flushes the files, removes `replaced`, renames each into place in order.
 
@@ -77,7 +78,7 @@ class Output:
       return
     for tmp, _ in files:
       _fsync_file(tmp)
-    _fsync_dir(self._tmp_dir)
+    _fsync_dir(os.path.dirname(files[-1][0]))
     for old in replaced:
       if os.path.lexists(old):
         os.remove(old)
@@ -85,7 +86,7 @@ class Output:
       os.replace(tmp, final)
     _fsync_dir(self.directory)
 
-  def _publish_remote(self, files: Sequence[Tuple[str, str]],
+  def _publish_remote(self, files: Sequence[tuple[str, str]],
                       replaced: Sequence[str]) -> None:
     for old in replaced:
       if tf.io.gfile.exists(old):
@@ -189,7 +190,7 @@ def write_state_file(directory: str, newest: str,
   return True
 
 
-def listed_outputs(directory: str) -> List[str]:
+def listed_outputs(directory: str) -> list[str]:
   """The checkpoints the directory's state file lists, or none."""
   try:
     state = tf.train.get_checkpoint_state(directory)

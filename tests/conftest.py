@@ -88,6 +88,35 @@ def options_from_flags(**flags):
   return built
 
 
+def write_tf1_events(directory, tag, values, wall_time=1.7e9, suffix=""):
+  """`simple_value`s with a TF1 graph-mode FileWriter, as Estimator/T2T eval."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from tensorflow.core.util import event_pb2  # pylint: disable=import-outside-toplevel
+  tf1 = tf.compat.v1
+  os.makedirs(directory, exist_ok=True)
+  with tf.Graph().as_default():
+    # Two writers in one second would share a file name: `suffix` tells.
+    writer = tf1.summary.FileWriter(str(directory), filename_suffix=suffix)
+    for step, value in sorted(values.items()):
+      writer.add_event(event_pb2.Event(
+          step=step, wall_time=wall_time + step,
+          summary=tf1.Summary(value=[
+              tf1.Summary.Value(tag=tag, simple_value=value)])))
+    writer.close()
+  return str(directory)
+
+
+def write_tf2_events(directory, tag, values):
+  """0-d tensors with TF2 `tf.summary.scalar`, as Keras and TF2 loops."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  writer = tf.summary.create_file_writer(str(directory))
+  with writer.as_default():
+    for step, value in sorted(values.items()):
+      tf.summary.scalar(tag, value, step=step)
+  writer.close()
+  return str(directory)
+
+
 def read_checkpoint(prefix):
   """Returns {name: numpy value} of every tensor in a checkpoint."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -202,25 +231,6 @@ def mixed_series(directory, steps, *, seed=7, shards=1):
 
 
 @pytest.fixture
-def random_series(tmp_path):
-  """Four TF1 checkpoints of random float32/float16/float64 and an int counter."""
-  rng = np.random.default_rng(1234)
-  values = {}
-
-  def make(step):
-    if step not in values:
-      values[step] = {
-          "transformer/body/encoder/layer_0/ffn/kernel":
-              rng.standard_normal((16, 32)).astype(np.float32),
-          "transformer/body/decoder/layer_0/ffn/bias":
-              rng.standard_normal((32,)).astype(np.float32),
-          "transformer/symbol_modality/shared/weights_0":
-              rng.standard_normal((50, 16)).astype(np.float16),
-          "transformer/scale": rng.standard_normal(()).astype(np.float64),
-          "train_stats/problem_0_steps": np.int32(step * 3),
-      }
-    return values[step]
-
-  prefixes = write_tf1_series(str(tmp_path / "train"), [100, 200, 300, 400],
-                              make)
-  return prefixes
+def mixed_checkpoints(tmp_path):
+  """Four TF1 checkpoints of `mixed_series`, at steps 100 to 400."""
+  return mixed_series(str(tmp_path / "train"), [100, 200, 300, 400])

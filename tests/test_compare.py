@@ -202,7 +202,7 @@ def test_ulps_from_checkpoints_count_nextafter_steps_in_each_dtype(tmp_path):
   report = compare_checkpoints(a, b)
 
   by_name = {v.name: v for v in report.variables}
-  for name, start in values_a.items():
+  for name in values_a:
     assert by_name[name].dtype_a == name[len("w_"):]
     assert by_name[name].max_ulp_diff == steps.max(), name
     assert by_name[name].max_abs_diff == np.inf, name
@@ -340,22 +340,23 @@ def test_directory_without_checkpoint_is_refused(tmp_path):
 
 
 def test_command_line_names_each_differing_variable_and_exits_1(
-    random_series):
-  directory = os.path.dirname(random_series[-1])
+    mixed_checkpoints):
+  directory = os.path.dirname(mixed_checkpoints[-1])
 
-  result = run_compare(random_series[0], directory)
+  result = run_compare(mixed_checkpoints[0], directory)
 
   assert result.returncode == 1, result.stderr[-2000:]
   lines = result.stdout.splitlines()
-  assert lines[1] == f"B: {random_series[-1]} (reference)"
-  for name in ["transformer/body/encoder/layer_0/ffn/kernel",
-               "transformer/body/decoder/layer_0/ffn/bias",
+  assert lines[1] == f"B: {mixed_checkpoints[-1]} (reference)"
+  for name in ["transformer/body/encoder/layer_0/self_attention/q/kernel",
+               "transformer/body/encoder/layer_0/ffn/conv1/bias",
+               "transformer/body/decoder/layer_0/layer_prepostprocess/scale",
                "transformer/symbol_modality/shared/weights_0",
-               "transformer/scale"]:
+               "transformer/body/scale64"]:
     assert row_for(result.stdout, name).startswith("different"), name
   assert row_for(result.stdout, "train_stats/problem_0_steps").startswith(
       "non-float differs")
-  assert lines[-1].startswith("different: 4 of 4 float variables outside")
+  assert lines[-1].startswith("different: 5 of 5 float variables outside")
 
 
 def test_command_line_identical_exits_0_and_lists_all_with_v(tmp_path):
@@ -432,8 +433,8 @@ def test_command_line_bad_flags_exit_2_with_one_line(args, message):
 
 
 def test_uniform_average_float_tensors_are_identical_to_legacy(
-    random_series, tmp_path):
-  checkpoints = ",".join(random_series)
+    mixed_checkpoints, tmp_path):
+  checkpoints = ",".join(mixed_checkpoints)
   run_legacy("avg_checkpoints", f"--checkpoints={checkpoints}",
              f"--output_path={tmp_path / 'legacy' / 'averaged.ckpt'}")
   ours = run_cli(f"--checkpoints={checkpoints}",
@@ -445,17 +446,17 @@ def test_uniform_average_float_tensors_are_identical_to_legacy(
 
   assert result.returncode == 0, (result.stdout, result.stderr[-2000:])
   lines = result.stdout.splitlines()
-  assert lines[-1] == "identical: all 4 float variables are equal"
+  assert lines[-1] == "identical: all 5 float variables are equal"
   # Legacy averaged and truncated the integer; t2t_avg copies the newest.
   assert lines[-2].startswith(
       "non-float: 1 of 2 variables differ (train_stats/problem_0_steps)")
 
 
 def test_compare_with_legacy_script_passes_prefix_and_exit_status(
-    random_series):
+    mixed_checkpoints):
   _require_legacy()
   script = os.path.join(REPO, "scripts", "compare_with_legacy.py")
-  directory = os.path.dirname(random_series[0])
+  directory = os.path.dirname(mixed_checkpoints[0])
 
   # --prefix is string-prepended to each checkpoint by both tools.
   result = subprocess.run(
@@ -470,5 +471,5 @@ def test_compare_with_legacy_script_passes_prefix_and_exit_status(
       "non-float differs")
   # Floats identical to legacy; the integer legacy truncated counts here.
   assert result.stdout.splitlines()[-1] == (
-      "different: 0 of 4 float variables outside atol=0 rtol=0, "
+      "different: 0 of 5 float variables outside atol=0 rtol=0, "
       "1 non-float differ")

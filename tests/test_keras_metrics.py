@@ -25,9 +25,9 @@ from t2t_avg.metrics import EPOCH, ITERATIONS, STEP, MetricPoint
 
 def _one_shot(**flags):
   built = options_from_flags(**flags)
-  return oneshot.run(built[options.InputOptions], built[options.OutputOptions],
-                     built[options.AveragingOptions],
-                     built[options.WeightingOptions])
+  return oneshot.run(options.OneShotSettings(
+      built[options.InputOptions], built[options.OutputOptions],
+      built[options.AveragingOptions], built[options.WeightingOptions]))
 
 
 def _readme_keras_commands():

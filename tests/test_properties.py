@@ -107,15 +107,15 @@ def test_averaging_identical_checkpoints_changes_no_bit(checkpoints, data,
     assert out[name].shape == value.shape, name
     # The float64 sum starts at +0.0, so -0.0 comes out as +0.0, as in
     # legacy T2T (np.zeros, then +=): the one change of a bit allowed.
-    value = value + np.zeros_like(value)
+    expected = value + np.zeros_like(value)
     if value.dtype != np.float64:
-      assert _bits(out[name]) == _bits(value), name
+      assert _bits(out[name]) == _bits(expected), name
     else:
       # The contract's float64 sum / n (legacy's too) is not exact for
       # float64 itself: 3x / 3 can be 1 ulp off x (see the next test), and
       # each weighted term and partial sum rounds (half an ulp each, at most
       # twice the input's ulp near a power of two).
-      np.testing.assert_array_max_ulp(out[name], value,
+      np.testing.assert_array_max_ulp(out[name], expected,
                                       maxulp=2 * len(checkpoints))
 
 

@@ -15,7 +15,6 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow.core.util import event_pb2
 
 import t2t_avg
 from t2t_avg import events
@@ -24,6 +23,7 @@ from t2t_avg import options
 from t2t_avg.errors import AveragingError
 
 from conftest import (REPO, error_line, options_from_flags, read_checkpoint, run_cli,
+                      write_tf1_events, write_tf2_events,
                       write_tf1_series)
 
 tf1 = tf.compat.v1
@@ -46,30 +46,6 @@ def _step_valued(step):
 
 
 # --- Event writers: TensorFlow's own --------------------------------------
-
-def write_tf1_events(directory, tag, values, wall_time=1.7e9):
-  """`simple_value`s with a TF1 graph-mode FileWriter, as Estimator/T2T eval."""
-  os.makedirs(directory, exist_ok=True)
-  with tf.Graph().as_default():
-    writer = tf1.summary.FileWriter(str(directory))
-    for step, value in sorted(values.items()):
-      writer.add_event(event_pb2.Event(
-          step=step, wall_time=wall_time + step,
-          summary=tf1.Summary(value=[
-              tf1.Summary.Value(tag=tag, simple_value=value)])))
-    writer.close()
-  return str(directory)
-
-
-def write_tf2_events(directory, tag, values):
-  """0-d tensors with TF2 `tf.summary.scalar`, as Keras and TF2 loops."""
-  writer = tf.summary.create_file_writer(str(directory))
-  with writer.as_default():
-    for step, value in sorted(values.items()):
-      tf.summary.scalar(tag, value, step=step)
-  writer.close()
-  return str(directory)
-
 
 # --- Expected weights, from the SPEC's formulas -----------------------------
 
@@ -158,10 +134,9 @@ def run_oneshot(prefixes, output_path, **flags):
   """`oneshot.run` with the CLI's defaults, as `python -m t2t_avg` calls it."""
   built = options_from_flags(checkpoints=prefixes,
                              output_path=str(output_path), **flags)
-  return oneshot.run(built[options.InputOptions],
-                     built[options.OutputOptions],
-                     built[options.AveragingOptions],
-                     built[options.WeightingOptions])
+  return oneshot.run(options.OneShotSettings(
+      built[options.InputOptions], built[options.OutputOptions],
+      built[options.AveragingOptions], built[options.WeightingOptions]))
 
 
 def _record(output_prefix):
@@ -254,16 +229,16 @@ def test_softmax_cli_writes_weighted_average_and_json_record(series, tmp_path):
 
 # --- top_k ------------------------------------------------------------------
 
-def test_top_k_is_bit_identical_to_uniform_over_the_selected(random_series,
+def test_top_k_is_bit_identical_to_uniform_over_the_selected(mixed_checkpoints,
                                                              tmp_path):
   # Random values, so 1/k * sum and sum / k would differ in the last bits.
   # 200 and 300 tie for second best: the newer (300) is taken. The newest
   # input (400) is left out, so the int counter must come from 300.
   eval_dir = write_tf2_events(tmp_path / "eval", "loss",
                               {100: 1.0, 200: 2.0, 300: 2.0, 400: 3.0})
-  top_k = run_oneshot(random_series, tmp_path / "top_k" / "avg.ckpt",
+  top_k = run_oneshot(mixed_checkpoints, tmp_path / "top_k" / "avg.ckpt",
                       weighting="top_k", top_k=2, metrics_from_events=[eval_dir])
-  uniform = run_oneshot([random_series[0], random_series[2]],
+  uniform = run_oneshot([mixed_checkpoints[0], mixed_checkpoints[2]],
                         tmp_path / "uniform" / "avg.ckpt")
 
   assert [r.weight for r in top_k.rows] == [0.5, 0.0, 0.5, 0.0]
@@ -272,7 +247,7 @@ def test_top_k_is_bit_identical_to_uniform_over_the_selected(random_series,
   assert sorted(got) == sorted(want)
   floats = [n for n in want if want[n].dtype.kind == "f"]
   assert len(floats) == 4
-  assert want["train_stats/problem_0_steps"] == 300 * 3
+  assert want["train_stats/problem_0_steps"] == 300 * 5 + 1
   for name in want:
     assert got[name].dtype == want[name].dtype, name
     assert got[name].tobytes() == want[name].tobytes(), name

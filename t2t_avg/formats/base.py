@@ -12,7 +12,8 @@ import dataclasses
 import enum
 import os
 import threading
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Optional
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -20,7 +21,7 @@ from t2t_avg import crc
 from t2t_avg import paths
 from t2t_avg.errors import AveragingError
 
-Extent = Tuple[int, int]  # (start, length) along one dimension
+Extent = tuple[int, int]  # (start, length) along one dimension
 
 
 class Kind(enum.Enum):
@@ -48,6 +49,13 @@ class DType:
   def averaged(self) -> bool:
     return self.kind is not Kind.OTHER
 
+  @property
+  def element(self) -> np.dtype:
+    """`numpy`, for dtypes known to have fixed-size elements."""
+    if self.numpy is None:
+      raise AveragingError(f"{self.name} values have no fixed size")
+    return self.numpy
+
 
 @dataclasses.dataclass(frozen=True)
 class Part:
@@ -65,8 +73,8 @@ class Part:
     crc: the masked crc32c the format stores for them, or None.
   """
   key: bytes
-  extents: Optional[Tuple[Extent, ...]]
-  shape: Tuple[int, ...]
+  extents: Optional[tuple[Extent, ...]]
+  shape: tuple[int, ...]
   size: int
   file: Optional[str] = None
   offset: int = 0
@@ -78,15 +86,15 @@ class Tensor:
   """One named tensor of a checkpoint and the parts holding it."""
   name: str
   dtype: DType
-  shape: Tuple[int, ...]
-  parts: Tuple[Part, ...]
+  shape: tuple[int, ...]
+  parts: tuple[Part, ...]
 
   @property
   def nbytes(self) -> int:
     return sum(part.size for part in self.parts)
 
   @property
-  def layout(self) -> Tuple[Optional[Tuple[Extent, ...]], ...]:
+  def layout(self) -> tuple[Optional[tuple[Extent, ...]], ...]:
     """How the tensor is cut into parts (slices), for comparing inputs."""
     return tuple(part.extents for part in self.parts)
 
@@ -99,18 +107,18 @@ class Source(abc.ABC):
   """
 
   # Scalar integer tensors that count training steps, most telling first.
-  step_keys: Tuple[str, ...] = ()
+  step_keys: tuple[str, ...] = ()
   # Whether outputs get a `global_step` when the inputs have none (legacy).
   adds_global_step = False
 
   def __init__(self, path: str):
     self.path = path
-    self._files: Dict[str, "_PositionedFile"] = {}
+    self._files: dict[str, _PositionedFile] = {}
     self._lock = threading.Lock()
 
   @property
   @abc.abstractmethod
-  def format(self) -> "Format":
+  def format(self) -> Format:
     """The checkpoint format this source is in."""
 
   @abc.abstractmethod
@@ -179,7 +187,7 @@ class Sink(abc.ABC):
     tensor; raises AveragingError otherwise."""
 
   @abc.abstractmethod
-  def publication(self, output: str) -> List[Tuple[str, str]]:
+  def publication(self, output: str) -> list[tuple[str, str]]:
     """(temporary path, final path) to rename, in order; the last makes the
     output visible."""
 
@@ -188,16 +196,26 @@ class Format(abc.ABC):
   """A checkpoint format: how outputs are named, found and written."""
 
   name: str = ""
+  # What an output name must end in (Keras: `.weights.h5`, `.keras`).
+  suffix: str = ""
   # Whether a `checkpoint` state file lists outputs (TF), and a `.meta`
   # graph can be written beside them.
   has_state_file = False
+
+  def state_not_weights(self, names: Sequence[str]) -> dict[str, str]:
+    """{name: what it is} for float tensors that are state, not weights.
+
+    They are copied from the newest input like non-float tensors.
+    """
+    del names
+    return {}
 
   @abc.abstractmethod
   def output_name(self, output_path: str, step: int) -> str:
     """The output's path from `--output_path` and the output step."""
 
   @abc.abstractmethod
-  def files(self, output: str) -> List[str]:
+  def files(self, output: str) -> list[str]:
     """Every file an output at `output` has now, the one that makes it
     visible first (replacing an output removes them in this order)."""
 
@@ -227,18 +245,17 @@ class _PositionedFile:
 
   def __init__(self, path: str):
     self.path = path
-    self._local = "://" not in path
+    self._local = paths.is_local(path)
     if self._local:
       try:
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
       except OSError as e:
         raise AveragingError(f"cannot open {path}: {e.strerror}") from e
       self._pread = getattr(os, "preadv", None)
-      self._lock = None if self._pread else threading.Lock()
     else:
       import tensorflow as tf  # pylint: disable=import-outside-toplevel
       self._gfile = tf.io.gfile.GFile(path, "rb")
-      self._lock = threading.Lock()
+    self._lock = threading.Lock()
 
   def read_into(self, out: memoryview, offset: int) -> None:
     done = 0
@@ -284,7 +301,7 @@ def read_array(source: Source, tensor: Tensor) -> np.ndarray:
   for part in tensor.parts:
     value = whole if part.extents is None else np.empty(part.shape,
                                                         whole.dtype)
-    data = memoryview(value.reshape(-1).view(np.uint8))
+    data = memoryview(value.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
     source.read(part, 0, data)
     if part.crc is not None and crc.masked(crc.crc32c(data)) != part.crc:
       raise AveragingError(f"cannot read variable {tensor.name} from "

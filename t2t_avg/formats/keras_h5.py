@@ -575,7 +575,6 @@ class _PartWriter(base.PartWriter):
 class KerasFormat(base.Format):
   """Keras 3 files: the output is named by `--output_path` as given."""
 
-  suffix = ""
   archive = False
   loader = ""
 

@@ -20,7 +20,8 @@ import dataclasses
 import os
 import struct
 import threading
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Optional
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -28,6 +29,7 @@ from tensorflow.core.framework import tensor_slice_pb2
 from tensorflow.core.protobuf import tensor_bundle_pb2
 
 from t2t_avg import crc
+from t2t_avg import paths
 from t2t_avg.errors import AveragingError
 from t2t_avg.formats import base
 
@@ -109,7 +111,7 @@ def slice_key(name: bytes, extents: Sequence[base.Extent]) -> bytes:
   return key
 
 
-def _extents(proto: tensor_slice_pb2.TensorSliceProto) -> Tuple[base.Extent,
+def _extents(proto: tensor_slice_pb2.TensorSliceProto) -> tuple[base.Extent,
                                                                  ...]:
   return tuple((e.start, e.length if e.HasField("length") else -1)
                for e in proto.extent)
@@ -117,7 +119,7 @@ def _extents(proto: tensor_slice_pb2.TensorSliceProto) -> Tuple[base.Extent,
 
 # --- reading the index table -------------------------------------------------
 
-def _varint(buf: bytes, i: int) -> Tuple[int, int]:
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
   result = shift = 0
   while True:
     byte = buf[i]
@@ -128,7 +130,7 @@ def _varint(buf: bytes, i: int) -> Tuple[int, int]:
       return result, i
 
 
-def _block_entries(block: bytes) -> Iterator[Tuple[bytes, bytes]]:
+def _block_entries(block: bytes) -> Iterator[tuple[bytes, bytes]]:
   restarts = struct.unpack_from("<I", block, len(block) - 4)[0]
   end = len(block) - 4 - 4 * restarts
   i, key = 0, b""
@@ -158,7 +160,7 @@ def _read_block(table: bytes, handle: bytes) -> bytes:
   return block[:-1]
 
 
-def _table_entries(table: bytes) -> Iterator[Tuple[bytes, bytes]]:
+def _table_entries(table: bytes) -> Iterator[tuple[bytes, bytes]]:
   if len(table) < _FOOTER_BYTES or struct.unpack_from(
       "<Q", table, len(table) - 8)[0] != _MAGIC:
     raise ValueError("no table footer")
@@ -169,9 +171,9 @@ def _table_entries(table: bytes) -> Iterator[Tuple[bytes, bytes]]:
     yield from _block_entries(_read_block(table, handle))
 
 
-def _parse_index(table: bytes) -> Optional[Tuple[
+def _parse_index(table: bytes) -> Optional[tuple[
     tensor_bundle_pb2.BundleHeaderProto,
-    Dict[bytes, tensor_bundle_pb2.BundleEntryProto]]]:
+    dict[bytes, tensor_bundle_pb2.BundleEntryProto]]]:
   """The header and entries of an index, or None for a layout we do not read.
 
   None means compressed blocks, a big-endian bundle or anything unexpected:
@@ -196,41 +198,47 @@ def data_file(prefix: str, shard: int, shards: int) -> str:
   return f"{prefix}.data-{shard:05d}-of-{shards:05d}"
 
 
-def _tensors_of(prefix: str, header, entries) -> Dict[str, base.Tensor]:
+Entries = dict[bytes, tensor_bundle_pb2.BundleEntryProto]
+
+
+def _tensors_of(prefix: str, header: tensor_bundle_pb2.BundleHeaderProto,
+                entries: Entries) -> dict[str, base.Tensor]:
   """{name: Tensor} from parsed index entries: slices joined to their tensor."""
-  shards = header.num_shards
-  slice_keys = set()
-  tensors = {}
-  for key, entry in entries.items():
-    if not entry.slices:
-      continue
-    parts = []
-    for proto in entry.slices:
-      extents = _extents(proto)
-      part_key = slice_key(key, extents)
-      stored = entries.get(part_key)
-      if stored is None:
-        raise AveragingError(f"checkpoint {prefix} is corrupted: slice "
-                             f"{extents} of {key.decode(errors='replace')} "
-                             "has no entry")
-      slice_keys.add(part_key)
-      parts.append(_part(prefix, shards, part_key, stored, extents))
-    tensors[key] = (entry, tuple(parts))
+  sliced = {key: _slices(prefix, header.num_shards, key, entry, entries)
+            for key, entry in entries.items() if entry.slices}
+  slice_keys = {part.key for parts in sliced.values() for part in parts}
   result = {}
   for key, entry in entries.items():
     if key in slice_keys:
       continue
-    parts = tensors[key][1] if key in tensors else (
-        _part(prefix, shards, key, entry, None),)
+    parts = sliced.get(key) or (_part(prefix, header.num_shards, key, entry,
+                                      None),)
     name = key.decode("utf-8", "surrogateescape")
     result[name] = base.Tensor(name, dtype_of(entry.dtype),
                                tuple(d.size for d in entry.shape.dim), parts)
   return result
 
 
+def _slices(prefix: str, shards: int, key: bytes,
+            entry: tensor_bundle_pb2.BundleEntryProto,
+            entries: Entries) -> tuple[base.Part, ...]:
+  """The parts of a sliced tensor, found by encoding each slice's key."""
+  parts = []
+  for proto in entry.slices:
+    extents = _extents(proto)
+    part_key = slice_key(key, extents)
+    stored = entries.get(part_key)
+    if stored is None:
+      raise AveragingError(f"checkpoint {prefix} is corrupted: slice "
+                           f"{extents} of {key.decode(errors='replace')} "
+                           "has no entry")
+    parts.append(_part(prefix, shards, part_key, stored, extents))
+  return tuple(parts)
+
+
 def _part(prefix: str, shards: int, key: bytes,
           entry: tensor_bundle_pb2.BundleEntryProto,
-          extents: Optional[Tuple[base.Extent, ...]]) -> base.Part:
+          extents: Optional[tuple[base.Extent, ...]]) -> base.Part:
   return base.Part(key=key, extents=extents,
                    shape=tuple(d.size for d in entry.shape.dim),
                    size=entry.size,
@@ -243,7 +251,7 @@ def _part(prefix: str, shards: int, key: bytes,
 class _TFSource(base.Source):
   """What every TF checkpoint source shares: its format and step tensors."""
   step_keys = STEP_KEYS
-  _tensors: Dict[str, base.Tensor]
+  _tensors: dict[str, base.Tensor]
 
   @property
   def format(self) -> base.Format:
@@ -261,7 +269,7 @@ class _TFSource(base.Source):
 class BundleSource(_TFSource):
   """A V2 checkpoint whose index this module reads: every byte read directly."""
 
-  def __init__(self, prefix: str, tensors: Dict[str, base.Tensor]):
+  def __init__(self, prefix: str, tensors: dict[str, base.Tensor]):
     super().__init__(prefix)
     self._tensors = tensors
 
@@ -274,13 +282,13 @@ class ReaderSource(_TFSource):
   checksum), so the output is always a V2 bundle.
   """
 
-  def __init__(self, prefix: str, reader):
+  def __init__(self, prefix: str, reader: Any):
     super().__init__(prefix)
     self._reader = reader
     shapes = reader.get_variable_to_shape_map()
     dtypes = reader.get_variable_to_dtype_map()
     self._tensors = {}
-    self._strings: Dict[str, bytes] = {}
+    self._strings: dict[str, bytes] = {}
     for name, shape in shapes.items():
       dtype = dtype_of(dtypes[name].as_datatype_enum)
       key = name.encode("utf-8", "surrogateescape")
@@ -308,7 +316,7 @@ class ReaderSource(_TFSource):
     out[:] = data[offset:offset + len(out)]
 
 
-def _read_whole(reader, path: str, name: str) -> np.ndarray:
+def _read_whole(reader: Any, path: str, name: str) -> np.ndarray:
   try:
     return np.asarray(reader.get_tensor(name))
   # A truncated data file (still being copied) raises IndexError.
@@ -317,7 +325,7 @@ def _read_whole(reader, path: str, name: str) -> np.ndarray:
                          f"{error_text(e)}") from e
 
 
-def _encode_strings(values: np.ndarray) -> Tuple[bytes, int]:
+def _encode_strings(values: np.ndarray) -> tuple[bytes, int]:
   """A string tensor as a bundle stores it, with the crc TF computes for it."""
   items = [v if isinstance(v, bytes) else str(v).encode() for v in values]
   lengths = b"".join(_put_varint(len(v)) for v in items)
@@ -343,7 +351,7 @@ def is_v2(prefix: str) -> bool:
 
 def is_v1(prefix: str) -> bool:
   """A V1 checkpoint: one file named as the prefix (or its shards)."""
-  if "://" in prefix:
+  if not paths.is_local(prefix):
     return False
   if os.path.isfile(prefix):
     return True
@@ -377,7 +385,7 @@ def open_source(prefix: str) -> base.Source:
   return BundleSource(prefix, _tensors_of(prefix, *parsed))
 
 
-def _load_reader(prefix: str):
+def _load_reader(prefix: str) -> Any:
   try:
     return tf.train.load_checkpoint(prefix)
   except (tf.errors.OpError, ValueError) as e:
@@ -422,13 +430,13 @@ class BundleSink(base.Sink):
   def __init__(self, prefix: str, tensors: Sequence[base.Tensor]):
     self.prefix = prefix
     self._tensors = list(tensors)
-    self._places: Dict[bytes, _Placed] = {}
+    self._places: dict[bytes, _Placed] = {}
     offset = 0
     for part in sorted((p for t in tensors for p in t.parts),
                        key=lambda p: p.key):
       self._places[part.key] = _Placed(part, offset)
       offset += part.size
-    self._crcs: Dict[bytes, int] = {}
+    self._crcs: dict[bytes, int] = {}
     self._lock = threading.Lock()
     self._fd = os.open(self.data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
                        getattr(os, "O_BINARY", 0), 0o644)
@@ -443,7 +451,7 @@ class BundleSink(base.Sink):
   def index_path(self) -> str:
     return self.prefix + INDEX_SUFFIX
 
-  def open_part(self, key: bytes) -> "PartWriter":
+  def open_part(self, key: bytes) -> PartWriter:
     placed = self._places[key]
     return PartWriter(self, key, placed.offset, placed.part.size)
 
@@ -483,11 +491,11 @@ class BundleSink(base.Sink):
   def verify(self) -> None:
     verify_readable(self.prefix, self._tensors)
 
-  def publication(self, output: str) -> List[Tuple[str, str]]:
+  def publication(self, output: str) -> list[tuple[str, str]]:
     return [(self.data_path, data_file(output, 0, 1)),
             (self.index_path, output + INDEX_SUFFIX)]
 
-  def _index_entries(self) -> List[Tuple[bytes, bytes]]:
+  def _index_entries(self) -> list[tuple[bytes, bytes]]:
     header = tensor_bundle_pb2.BundleHeaderProto(
         num_shards=1, endianness=tensor_bundle_pb2.BundleHeaderProto.LITTLE)
     header.version.producer = 1
@@ -503,7 +511,7 @@ class BundleSink(base.Sink):
         full = _entry(enum, tensor.shape)
         for part in tensor.parts:
           proto = full.slices.add()
-          for start, length in part.extents:
+          for start, length in part.extents or ():
             extent = proto.extent.add(start=start)
             if length >= 0:
               extent.length = length
@@ -531,7 +539,8 @@ class PartWriter(base.PartWriter):
     self._crc = 0
 
   def write(self, chunk: np.ndarray) -> None:
-    data = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
+    data = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(
+        np.uint8))  # type: ignore[arg-type]
     if self._offset + len(data) > self._end:
       raise AveragingError(f"internal error: part {self._key!r} overflows")
     self._crc = crc.crc32c(data, self._crc)
@@ -555,7 +564,7 @@ def _put_varint(value: int) -> bytes:
   return bytes(out)
 
 
-def _block(entries: Sequence[Tuple[bytes, bytes]]) -> bytes:
+def _block(entries: Sequence[tuple[bytes, bytes]]) -> bytes:
   """A table block with a restart point at every entry (no key sharing)."""
   body, restarts = bytearray(), []
   for key, value in entries:
@@ -568,7 +577,7 @@ def _block(entries: Sequence[Tuple[bytes, bytes]]) -> bytes:
   return bytes(body)
 
 
-def _table(entries: Sequence[Tuple[bytes, bytes]]) -> bytes:
+def _table(entries: Sequence[tuple[bytes, bytes]]) -> bytes:
   """A LevelDB-format table of sorted (key, value) pairs."""
   out = bytearray()
 
@@ -617,10 +626,22 @@ class TFFormat(base.Format):
   name = "TF checkpoint"
   has_state_file = True
 
+  def state_not_weights(self, names: Sequence[str]) -> dict[str, str]:
+    # Hash tables save their keys and values as `<table>-keys`/`-values`
+    # (TF1) or `.ATTRIBUTES/table-keys`/`table-values` (TF2): buckets, not
+    # weights, even when the values are floats.
+    present = set(names)
+    tables = {}
+    for name in names:
+      if name.endswith("-values") and name[:-len("values")] + "keys" in (
+          present):
+        tables[name] = "hash table values"
+    return tables
+
   def output_name(self, output_path: str, step: int) -> str:
     return f"{output_path}-{step}"
 
-  def files(self, output: str) -> List[str]:
+  def files(self, output: str) -> list[str]:
     return [output + INDEX_SUFFIX] + sorted(tf.io.gfile.glob(output +
                                                              ".data-*"))
 

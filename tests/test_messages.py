@@ -1,0 +1,215 @@
+"""Every message true, no silent surprises: each CLI line a tired user meets.
+
+Each test runs the command line and checks the exit status and the exact
+line (a warning or the `t2t_avg: error:` line).
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import (REPO, error_line, run_cli, step_valued,
+                      write_tf1_events, write_tf1_series)
+
+STEPS = (100, 200, 300)
+LOSSES = {100: 3.0, 200: 2.0, 300: 2.5}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A training directory with three checkpoints, eval events beside it."""
+  root = tmp_path_factory.mktemp("messages")
+  train = root / "train"
+  prefixes = write_tf1_series(str(train), list(STEPS), step_valued({"w": (3,)}))
+  write_tf1_events(train / "eval", "loss", LOSSES)
+  write_tf1_events(train / "eval", "learning_rate", {s: 0.1 for s in STEPS},
+                   suffix=".lr")
+  return {"root": root, "train": str(train), "prefixes": prefixes,
+          "eval": str(train / "eval")}
+
+
+def _warnings(result):
+  return [line.split("] ", 1)[1] for line in result.stderr.splitlines()
+          if line.startswith("W") and "] " in line]
+
+
+def test_metric_read_but_not_used_is_said(run, tmp_path):
+  result = run_cli(f"--checkpoints={','.join(run['prefixes'])}",
+                   f"--metrics_from_events={run['eval']}",
+                   f"--output_path={tmp_path}/avg")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert ("--metrics_from_events is read and shown, but --weighting=uniform "
+          "does not use it; pass --weighting=softmax, rank, top_k or "
+          "proportional to weigh by loss") in _warnings(result)
+
+
+def test_continuous_rerun_with_other_settings_is_refused(run, tmp_path):
+  out = tmp_path / "avg"
+  first = run_cli(f"--model_dir={run['train']}", f"--output_dir={out}",
+                  "--n=2")
+  assert first.returncode == 0, first.stderr[-2000:]
+  before = {n: os.path.getmtime(out / n) for n in os.listdir(out)}
+  softmax = (f"--model_dir={run['train']}", f"--output_dir={out}", "--n=2",
+             "--weighting=softmax", f"--metrics_from_events={run['eval']}")
+  line = error_line(run_cli(*softmax))
+  assert line == (
+      f"t2t_avg: error: --output_dir {out} holds {out}/model.ckpt-200, "
+      "averaged with weighting='uniform'; this run asks for "
+      "weighting='softmax' (pass --recompute to replace such averages, or "
+      "choose another --output_dir)")
+  assert {n: os.path.getmtime(out / n) for n in os.listdir(out)} == before
+  again = run_cli(*softmax, "--recompute")
+  assert again.returncode == 0, again.stderr[-2000:]
+  with open(out / "model.ckpt-300.t2t_avg.json", encoding="utf-8") as f:
+    assert json.load(f)["settings"]["weighting"] == "softmax"
+  # Now the same settings again: left as they are.
+  same = run_cli(*softmax)
+  assert same.returncode == 0 and "exists; skipped, not recomputed" in (
+      same.stderr)
+
+
+def test_state_file_naming_a_deleted_checkpoint_says_so(tmp_path):
+  prefixes = write_tf1_series(str(tmp_path / "t"), [1, 2],
+                              step_valued({"w": (2,)}))
+  for name in os.listdir(tmp_path / "t"):
+    if name.startswith("model.ckpt-2."):
+      os.remove(tmp_path / "t" / name)
+  result = run_cli(f"--checkpoints={tmp_path}/t",
+                   f"--output_path={tmp_path}/out/avg")
+  assert error_line(result) == (
+      f"t2t_avg: error: {tmp_path}/t/checkpoint names checkpoint "
+      f"{prefixes[1]}, whose files are missing (no {prefixes[1]}.index)")
+  assert len(result.stderr.strip().splitlines()) == 1  # No TF noise first.
+
+
+def test_prefix_without_slash_suggests_the_directory(run):
+  result = subprocess.run(
+      [sys.executable, "-m", "t2t_avg", "--prefix=train",
+       "--num_last_checkpoints=2", "--output_path=out/avg"],
+      capture_output=True, text=True, timeout=300, cwd=run["root"],
+      env=dict(os.environ, PYTHONPATH=REPO), check=False)
+  assert error_line(result) == (
+      "t2t_avg: error: no checkpoint state file ./checkpoint (the directory "
+      "of --prefix); did you mean --prefix=train/?")
+
+
+def test_unknown_metric_is_named_before_its_direction(run, tmp_path):
+  args = (f"--checkpoints={','.join(run['prefixes'])}", "--weighting=softmax",
+          f"--metrics_from_events={run['eval']}",
+          f"--output_path={tmp_path}/avg")
+  assert error_line(run_cli(*args, "--metric=los")) == (
+      f"t2t_avg: error: Metric tag 'los' not found in {run['eval']}; scalar "
+      "tags there: learning_rate, loss")
+  assert error_line(run_cli(*args, "--metric=learning_rate")) == (
+      "t2t_avg: error: cannot tell whether a lower or a higher "
+      "'learning_rate' is better; pass --metric_mode=min|max")
+
+
+def test_directory_without_events_is_only_that(run, tmp_path):
+  result = run_cli(f"--checkpoints={','.join(run['prefixes'])}",
+                   "--weighting=softmax", f"--metrics_from_events={run['train']}",
+                   f"--output_path={tmp_path}/avg")
+  assert error_line(result) == (
+      "t2t_avg: error: No TensorBoard event files (*tfevents*) in directory "
+      f"{run['train']}")
+  assert not [w for w in _warnings(result) if "holds checkpoints" in w]
+
+
+def test_dry_run_prints_the_table_once_on_stdout(run, tmp_path):
+  result = run_cli(f"--checkpoints={','.join(run['prefixes'])}", "--dry_run",
+                   f"--output_path={tmp_path}/avg")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.count(run["prefixes"][0]) == 1
+  assert run["prefixes"][0] not in result.stderr
+  assert not os.path.exists(tmp_path / "avg-0.index")
+
+
+def test_help_says_prepended_and_groups_flags_by_mode():
+  result = run_cli("--help")
+  text = " ".join(result.stdout.split())
+  assert "string-prepended" in text and "appended" not in text
+  for flag, mode in (("checkpoints", "[one-shot]"),
+                     ("model_dir", "[continuous: --model_dir, t2t-avg-all]"),
+                     ("weighting", "[both modes]")):
+    assert re.search(rf"--{flag}: (<[^>]*>: )?{re.escape(mode)}", text), flag
+  assert "TF_CPP_MIN_LOG_LEVEL" in result.stdout
+
+
+def test_top_k_without_k_says_it_is_required(run, tmp_path):
+  line = error_line(run_cli(f"--checkpoints={','.join(run['prefixes'])}",
+                            "--weighting=top_k",
+                            f"--metrics_from_events={run['eval']}",
+                            f"--output_path={tmp_path}/avg"))
+  assert line == ("t2t_avg: error: --weighting=top_k needs --top_k=k, the "
+                  "number of best checkpoints to average (k >= 1), not 0")
+
+
+def test_checkpoints_with_num_last_is_a_warning_and_a_run(run, tmp_path):
+  result = run_cli(f"--checkpoints={','.join(run['prefixes'][:2])}",
+                   "--num_last_checkpoints=3",
+                   f"--output_path={tmp_path}/avg")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert ("--num_last_checkpoints is ignored because --checkpoints is set"
+          in _warnings(result))
+
+
+def test_state_file_keeps_earlier_outputs_newest_last(run, tmp_path):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  for step in ("100", "200"):
+    result = run_cli(f"--checkpoints={','.join(run['prefixes'])}",
+                     f"--output_step={step}", f"--output_path={tmp_path}/avg")
+    assert result.returncode == 0, result.stderr[-2000:]
+  state = tf.train.get_checkpoint_state(str(tmp_path))
+  assert list(state.all_model_checkpoint_paths) == [
+      f"{tmp_path}/avg-100", f"{tmp_path}/avg-200"]
+  assert tf.train.latest_checkpoint(str(tmp_path)) == f"{tmp_path}/avg-200"
+
+
+def test_record_holds_absolute_paths(run, tmp_path):
+  train = os.path.relpath(run["train"], tmp_path)
+  result = subprocess.run(
+      [sys.executable, "-m", "t2t_avg", f"--prefix={train}/",
+       "--num_last_checkpoints=2", "--output_path=out/avg"],
+      capture_output=True, text=True, timeout=300, cwd=tmp_path,
+      env=dict(os.environ, PYTHONPATH=REPO), check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  with open(tmp_path / "out/avg-0.t2t_avg.json", encoding="utf-8") as f:
+    record = json.load(f)
+  assert record["output"] == f"{tmp_path}/out/avg-0"
+  assert [i["path"] for i in record["inputs"]] == [
+      os.path.normpath(p) for p in run["prefixes"][1:]]
+
+
+def test_no_tensorflow_start_up_noise(run, tmp_path):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+  result = subprocess.run(
+      [sys.executable, "-m", "t2t_avg",
+       f"--checkpoints={','.join(run['prefixes'])}",
+       f"--output_path={tmp_path}/avg"],
+      capture_output=True, text=True, timeout=300, cwd=REPO, env=env,
+      check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  for noise in ("absl::InitializeLog", "oneDNN", "cuda", "rebuild TensorFlow"):
+    assert noise not in result.stderr, result.stderr[:2000]
+  # A user's own setting wins.
+  loud = subprocess.run(
+      [sys.executable, "-m", "t2t_avg",
+       f"--checkpoints={','.join(run['prefixes'])}",
+       f"--output_path={tmp_path}/loud/avg"],
+      capture_output=True, text=True, timeout=300, cwd=REPO,
+      env=dict(env, TF_CPP_MIN_LOG_LEVEL="0", TF_ENABLE_ONEDNN_OPTS="1"),
+      check=False)
+  assert "oneDNN" in loud.stderr
+
+
+def test_output_data_is_one_file(run, tmp_path):
+  result = run_cli(f"--checkpoints={','.join(run['prefixes'])}",
+                   f"--output_path={tmp_path}/avg")
+  assert result.returncode == 0
+  assert sorted(os.listdir(tmp_path)) == [
+      "avg-0.data-00000-of-00001", "avg-0.index", "avg-0.t2t_avg.json",
+      "checkpoint"]
