@@ -262,6 +262,10 @@ class _Averager:
     self._warned_times = False
     self._recorded = numbers_settings(settings, weighting_options,
                                       averaging_options)
+    # One reader for the whole run: each poll reads only appended events.
+    self._metric = (events.MetricReader(weighting_options.metrics_from_events,
+                                        weighting_options.metric)
+                    if weighting_options.metrics_from_events else None)
 
   def run(self, found: Iterator[StepFile]) -> Iterator[WindowOutcome]:
     """The generator behind `average_all`."""
@@ -391,9 +395,9 @@ class _Averager:
     settings = self._weighting
     if step is None:
       return None, "its step is unknown (see --step_from)"
+    assert self._metric is not None
     try:
-      points = events.read_metric(settings.metrics_from_events,
-                                  settings.metric)
+      points = self._metric.read()
     except AveragingError as e:
       return None, str(e)
     aligned = weighting.align_metrics_to_checkpoints(
