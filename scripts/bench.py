@@ -78,9 +78,11 @@ LIMITED_EXCESS_TARGET_MB = 150  # t2t_avg - import peak RSS under a limit
 MAX_SHARD_TARGET = 1.5  # sliced / unsliced peak RSS above an import
 
 # The little-RAM case: below one default checkpoint (433 MB). A bare
-# `import tensorflow` (cold cache, no swap; `--case=import_limit`) survives
-# 190 MiB in ~11 s of thrashing, 300 MiB in ~5 s and 400 MiB at full speed,
-# and is OOM-killed at 170 MiB; 400 leaves t2t_avg ~100 MiB beside it.
+# `import tensorflow` (cold cache, no swap; `--case=import_limit`) peaks at
+# ~350 MiB of cgroup charge unlimited, survives down to 190 MiB and is
+# OOM-killed at 180 (alone on the machine it thrashed on its libraries below
+# ~300 MiB: 11 s at 190 instead of 4); 400 leaves room for t2t_avg's own
+# ~100 MiB without squeezing the import.
 LITTLE_RAM_MB = 400
 IMPORT_LIMITS_MB = ("500", "400", "300", "250", "200", "190", "180", "170")
 
@@ -119,7 +121,7 @@ print(total)
 # writes; with fsync, the file and then its directory (the rename of a
 # durable output needs both). Prints: bytes, seconds writing, seconds in
 # fsync (timed inside, so the fsync share is clear of process start-up and
-# of the cost of the page cache's first touch of fresh memory).
+# of the varying cost of filling fresh page cache).
 WRITE_OUTPUT_MAIN = f"""
 import os, sys, time
 path, total, durable = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "fsync"
@@ -195,8 +197,8 @@ _MAX_SHARD_MB = flags.DEFINE_float(
     "max_shard_size (MiB) of the MaxShardSizePolicy for --case=max_shard; "
     "below the default embedding's 125 MiB, so it is sliced.",
     lower_bound=0.01)
-_MAX_SHARD_SIZE = flags.DEFINE_string(
-    "max_shard_size", "default", "Model preset for --case=max_shard.")
+_MAX_SHARD_PRESET = flags.DEFINE_string(
+    "max_shard_preset", "default", "Model preset for --case=max_shard.")
 _IMPORT_LIMITS_MB = flags.DEFINE_list(
     "import_limits_mb", list(IMPORT_LIMITS_MB),
     "Memory limits (MiB) tried by --case=import_limit, largest first.")
@@ -394,6 +396,9 @@ def measure_floors(session: Session, runs: Runs, index: int, *,
   directory, so the same file system) once without fsync and once with
   fsync of the file and its directory; dirty pages of earlier children are
   written back first (`sync`, not timed), so each floor writes its own.
+  The fsync floor also times its fsync calls inside: in a VM the cost of
+  filling fresh page cache varies by a second or more per 433 MB from run
+  to run (with where the pages come from), while the fsync calls do not.
   """
   runs.add("import_tf", session.measure([_PYTHON.value, "-c", IMPORT_TF_MAIN],
                                         what="import tensorflow"), index)
@@ -1212,7 +1217,7 @@ def _check_flags(tools: Sequence[str]) -> None:
     raise app.UsageError(f"no tensor2tensor in --legacy_path="
                          f"{_LEGACY_PATH.value}")
   unknown = [s for s in ([_SIZE.value] if _SIZE.value else _SIZES.value) +
-             [_MAX_SHARD_SIZE.value] if s not in PRESETS]
+             [_MAX_SHARD_PRESET.value] if s not in PRESETS]
   if unknown:
     raise app.UsageError(f"unknown size(s) {unknown}; presets: "
                          f"{sorted(PRESETS)}")
@@ -1248,7 +1253,7 @@ def run_case(session: Session, tools: Sequence[str]) -> bool:
                                  _SEED.value)
     series = f"small_tensors-{_SMALL_TENSORS.value}-{_CHECKPOINTS.value}x"
   else:
-    preset = PRESETS[_MAX_SHARD_SIZE.value]
+    preset = PRESETS[_MAX_SHARD_PRESET.value]
     max_shard_bytes = int(_MAX_SHARD_MB.value * (1 << 20))
     result = bench_max_shard(session, tools, _RUNS.value, preset,
                              _CHECKPOINTS.value, _SEED.value, max_shard_bytes)
