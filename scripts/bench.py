@@ -247,13 +247,13 @@ def run_child(argv: Sequence[str], *, legacy: bool = False,
                             what=what)
 
 
-def _run_worker(function: str, what: str, **kwargs) -> ChildRun:
+def _run_worker(function: str, what: str, **kwargs: object) -> ChildRun:
   return run_child(
       [_PYTHON.value, "-c", WORKER_MAIN, SCRIPTS, function, json.dumps(kwargs)],
       what=what)
 
 
-def _worker_json(function: str, what: str, **kwargs) -> dict:
+def _worker_json(function: str, what: str, **kwargs: object) -> dict:
   run = _run_worker(function, what, **kwargs)
   return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -289,8 +289,9 @@ class Session:
       lines.append("page cache dropped before every measured child (sync; "
                    "echo 3 > /proc/sys/vm/drop_caches; not timed): cold "
                    "reads of the inputs and of TensorFlow's libraries")
-    if self.limited:
-      lines.append(f"memory limit: {self.isolation.memory.describe()}")
+    memory = self.isolation.memory
+    if memory is not None:  # self.limited
+      lines.append(f"memory limit: {memory.describe()}")
     return lines
 
 
@@ -363,7 +364,7 @@ def _failure_line(run: ChildRun) -> str:
           f"{run.peak_rss_mib:.0f} MiB)")
   if run.outcome.startswith("OOM"):
     return text
-  lines = [l.strip() for l in run.stderr.splitlines() if l.strip()]
+  lines = [line.strip() for line in run.stderr.splitlines() if line.strip()]
   last = lines[-1] if lines else ""
   if len(last) > 200:
     last = last[:200] + " ..."
@@ -596,7 +597,7 @@ def bench_size(session: Session, preset: Preset, tools: Sequence[str],
 
   out_dir = os.path.join(_CACHE_DIR.value, f"out-{preset.name}")
   _clear(out_dir)
-  stopped = set()
+  stopped: set[str] = set()
   try:
     for index in range(runs):
       for tool in tools:
@@ -631,10 +632,12 @@ def ratios(result: SizeResult) -> tuple[Optional[float], Optional[float]]:
   legacy_rss = result.median("legacy", "peak_rss_mib")
   ours_rss = result.median("t2t_avg", "peak_rss_mib")
   tf_rss = result.median("import_tf", "peak_rss_mib")
-  wall = excess = None
-  if None not in (legacy_wall, ours_wall):
+  wall: Optional[float] = None
+  excess: Optional[float] = None
+  if legacy_wall is not None and ours_wall is not None:
     wall = ours_wall / legacy_wall
-  if None not in (legacy_rss, ours_rss, tf_rss) and legacy_rss > tf_rss:
+  if (legacy_rss is not None and ours_rss is not None and tf_rss is not None
+      and legacy_rss > tf_rss):
     excess = (ours_rss - tf_rss) / (legacy_rss - tf_rss)
   return wall, excess
 
@@ -648,10 +651,11 @@ def _print_condition_lines(session: Session, warm_s: Optional[float]) -> None:
 
 
 def _print_load(load_before: str, load_after: str) -> None:
-  busy = max(float(load_before.split("/")[0]),
-             float(load_after.split("/")[0])) >= os.cpu_count()
+  cpus = os.cpu_count()
+  busy = cpus is not None and max(float(load_before.split("/")[0]),
+                                  float(load_after.split("/")[0])) >= cpus
   print(f"- load average (1/5/15 min) before / after: {load_before} / "
-        f"{load_after} on {os.cpu_count()} CPUs"
+        f"{load_after} on {cpus} CPUs"
         + ("; BUSY MACHINE: wall times are inflated and noisy, compare the "
            "CPU column too" if busy else ""))
 
@@ -689,7 +693,7 @@ def print_size_report(session: Session, result: SizeResult) -> None:
         f"{_verdict(excess, EXCESS_RSS_TARGET)} |")
   legacy_cpu = result.median("legacy", "cpu_s")
   ours_cpu = result.median("t2t_avg", "cpu_s")
-  if None not in (legacy_cpu, ours_cpu):
+  if legacy_cpu is not None and ours_cpu is not None:
     print(f"| CPU (user + sys): t2t_avg / legacy, for information | "
           f"{ours_cpu / legacy_cpu:.2f} | | |")
   if session.cold:
@@ -703,7 +707,7 @@ def print_size_report(session: Session, result: SizeResult) -> None:
 def _excess_mib(result: SizeResult, tool: str) -> str:
   rss = result.median(tool, "peak_rss_mib")
   tf_rss = result.median("import_tf", "peak_rss_mib")
-  return "n/a" if None in (rss, tf_rss) else f"{rss - tf_rss:.0f}"
+  return "n/a" if rss is None or tf_rss is None else f"{rss - tf_rss:.0f}"
 
 
 def print_summary(results: Sequence[SizeResult]) -> None:
@@ -749,7 +753,7 @@ class CaseResult:
 
 def _run_tools(session: Session, result: CaseResult, index: int,
                contenders: Sequence[tuple[str, str, list[str]]],
-               out_dir: str, stopped: set) -> None:
+               out_dir: str, stopped: set[str]) -> None:
   """One round of the tools: (row, tool, input prefixes) each, in order.
 
   Legacy may fail in these cases (it is reported, not fatal); a row that ran
@@ -796,7 +800,7 @@ def bench_small_tensors(session: Session, tools: Sequence[str], runs: int,
     result.warm_s = warm_page_cache(series.files, result.input_bytes)
   out_dir = os.path.join(_CACHE_DIR.value, f"out-{name}")
   _clear(out_dir)
-  stopped = set()
+  stopped: set[str] = set()
   contenders = [(tool, tool, series.prefixes) for tool in tools]
   try:
     for index in range(runs):
@@ -836,8 +840,9 @@ def print_small_tensors_report(session: Session, result: CaseResult,
   print_runs_table(runs, rows, session)
   ours = runs.median("t2t_avg", "wall_s")
   bare = runs.median("import_tf", "wall_s")
-  overhead = per_tensor = None
-  if None not in (ours, bare):
+  overhead: Optional[float] = None
+  per_tensor: Optional[float] = None
+  if ours is not None and bare is not None:
     overhead = (ours - bare) / bare
     per_tensor = (ours - bare) / (count * checkpoints) * 1e6
   print()
@@ -849,7 +854,7 @@ def print_small_tensors_report(session: Session, result: CaseResult,
   print("| t2t_avg time beyond the import per tensor per checkpoint (us) | "
         f"{_fmt(per_tensor, '.1f')} | | |")
   legacy = runs.median("legacy", "wall_s")
-  if None not in (legacy, ours):
+  if legacy is not None and ours is not None:
     print(f"| wall: t2t_avg / legacy | {ours / legacy:.3f} | | |")
   if session.cold:
     print_cold_ratios(runs)
@@ -914,7 +919,7 @@ def bench_max_shard(session: Session, tools: Sequence[str], runs: int,
                                                for s in layouts.values()))
   out_dir = os.path.join(_CACHE_DIR.value, f"out-{name}")
   _clear(out_dir)
-  stopped = set()
+  stopped: set[str] = set()
   contenders = [(f"{tool}_{layout}", tool, layouts[layout].prefixes)
                 for layout in series_lib.LAYOUTS for tool in tools]
   try:
@@ -988,13 +993,14 @@ def print_max_shard_report(session: Session, result: CaseResult,
   rows = [r for r in rows if r in runs.by_row]
   print_runs_table(runs, rows, session)
   bare = runs.median("import_tf", "peak_rss_mib")
-  excess = {}
+  excess: dict[str, Optional[float]] = {}
   for layout in series_lib.LAYOUTS:
     rss = runs.median(f"t2t_avg_{layout}", "peak_rss_mib")
-    excess[layout] = None if None in (rss, bare) else rss - bare
-  ratio = (excess["sliced"] / excess["unsliced"]
-           if None not in excess.values() and excess["unsliced"] > 0
-           else None)
+    excess[layout] = None if rss is None or bare is None else rss - bare
+  sliced_excess, unsliced_excess = excess["sliced"], excess["unsliced"]
+  ratio = (sliced_excess / unsliced_excess
+           if sliced_excess is not None and unsliced_excess is not None
+           and unsliced_excess > 0 else None)
   print()
   print("| ratio | value | target | verdict |")
   print("|---|---:|---:|---|")
@@ -1004,11 +1010,11 @@ def print_max_shard_report(session: Session, result: CaseResult,
   print("| excess peak RSS: t2t_avg sliced / unsliced | "
         f"{_fmt(ratio, '.2f')} | <= {MAX_SHARD_TARGET} | "
         f"{_verdict(ratio, MAX_SHARD_TARGET)} |")
-  walls = [runs.median(f"t2t_avg_{layout}", "wall_s")
-           for layout in ("sliced", "unsliced")]
-  if None not in walls:
+  sliced_wall = runs.median("t2t_avg_sliced", "wall_s")
+  unsliced_wall = runs.median("t2t_avg_unsliced", "wall_s")
+  if sliced_wall is not None and unsliced_wall is not None:
     print(f"| wall: t2t_avg sliced / unsliced, for information | "
-          f"{walls[0] / walls[1]:.2f} | | |")
+          f"{sliced_wall / unsliced_wall:.2f} | | |")
   if session.cold:
     print_cold_ratios(runs, tool_rows=("t2t_avg_unsliced", "t2t_avg_sliced"))
   print_durability_rows(runs)
@@ -1102,10 +1108,13 @@ def print_raw_runs(runs: Runs, rows: Sequence[str], title: str) -> None:
 def print_cold_ratios(runs: Runs,
                       tool_rows: Sequence[str] = ("t2t_avg", "legacy")) -> None:
   """Cold wall against the cold floors: import + cat of every input byte."""
-  floor = [runs.median(r, "wall_s") for r in ("import_tf", "cat_inputs")]
+  import_wall = runs.median("import_tf", "wall_s")
+  cat_wall = runs.median("cat_inputs", "wall_s")
   for row in tool_rows:
     wall = runs.median(row, "wall_s")
-    value = None if None in floor + [wall] else wall / sum(floor)
+    value = (wall / (import_wall + cat_wall)
+             if wall is not None and import_wall is not None
+             and cat_wall is not None else None)
     target = (f"<= {COLD_WALL_TARGET}" if row.startswith("t2t_avg")
               else "for information")
     print(f"| cold wall: {row} / (cold import tf + cold cat inputs) | "
@@ -1116,10 +1125,14 @@ def print_cold_ratios(runs: Runs,
 
 def print_limited_ratios(runs: Runs, session: Session) -> None:
   """Under a memory limit: t2t_avg's memory above a bare import, legacy."""
-  limit = session.isolation.memory.limit_mb
+  memory = session.isolation.memory
+  if memory is None:
+    return  # No limit (callers check session.limited).
+  limit = memory.limit_mb
   ours = runs.median("t2t_avg", "peak_rss_mib")
   bare = runs.median("import_tf", "peak_rss_mib")
-  excess_mb = None if None in (ours, bare) else (ours - bare) * 1.048576
+  excess_mb = (None if ours is None or bare is None
+               else (ours - bare) * 1.048576)
   print(f"| peak RSS above a bare import under {limit} MiB: t2t_avg - import "
         f"tf (MB) | {_fmt(excess_mb, '.0f')} | <= {LIMITED_EXCESS_TARGET_MB} "
         f"| {_verdict(excess_mb, LIMITED_EXCESS_TARGET_MB)} |")

@@ -19,6 +19,7 @@ Like `bench.py`, this module imports neither numpy nor TensorFlow: a child's
 """
 import dataclasses
 import os
+import resource
 import select
 import signal
 import subprocess
@@ -259,12 +260,12 @@ def memory_limit(limit_mb: int) -> tuple[Optional[MemoryLimit], str]:
   memory controller (root creates a test cgroup in it).
   """
   if os.path.exists(CGROUP_V2_MARKER):
-    limit = SystemdScopeLimit(limit_mb)
+    scope = SystemdScopeLimit(limit_mb)
     try:
-      probe = subprocess.run(limit.prefix() + ["true"], capture_output=True,
+      probe = subprocess.run(scope.prefix() + ["true"], capture_output=True,
                              timeout=60, check=False)
       if probe.returncode == 0:
-        return limit, ""
+        return scope, ""
       problem = probe.stderr.decode("utf-8", "replace").strip()[:200]
     except (OSError, subprocess.TimeoutExpired) as e:
       problem = str(e)
@@ -272,10 +273,10 @@ def memory_limit(limit_mb: int) -> tuple[Optional[MemoryLimit], str]:
                   f"({problem}); run as root on a host where `systemd-run "
                   "--scope -p MemoryMax=1G true` works")
   if os.path.isdir(CGROUP_V1_MEMORY):
-    limit = CgroupV1Limit(limit_mb)
+    v1 = CgroupV1Limit(limit_mb)
     try:
-      remove_cgroup(limit.make_cgroup())
-      return limit, ""
+      remove_cgroup(v1.make_cgroup())
+      return v1, ""
     except OSError as e:
       return None, (f"cannot create a cgroup in {CGROUP_V1_MEMORY} "
                     f"({e.strerror or e}); run as root")
@@ -296,7 +297,8 @@ class Isolation:
   timeout_s: Optional[float] = None
 
 
-def _wait(pid: int, timeout_s: Optional[float]):
+def _wait(pid: int, timeout_s: Optional[float]
+          ) -> tuple[int, resource.struct_rusage, bool]:
   """Reaps `pid`; kills it first if it outlives `timeout_s`.
 
   Returns:
@@ -358,9 +360,11 @@ def run_child(argv: Sequence[str], *, env: dict[str, str], cwd: str,
   with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
     try:
       start = time.perf_counter()
-      proc = subprocess.Popen(confinement.argv, stdout=out, stderr=err,
-                              env=env, cwd=cwd,
-                              preexec_fn=confinement.preexec_fn)
+      # preexec_fn (cgroup v1 entry) is unsafe only in a process with
+      # threads; bench.py's parent starts none.
+      proc = subprocess.Popen(
+          confinement.argv, stdout=out, stderr=err, env=env, cwd=cwd,
+          preexec_fn=confinement.preexec_fn)  # noqa: PLW1509
       status, usage, timed_out = _wait(proc.pid, isolation.timeout_s)
       wall = time.perf_counter() - start
     finally:

@@ -16,16 +16,26 @@ Series kinds, each cached in its own directory under `.bench/`:
 Every generator makes one checkpoint at a time and values in slices of whole
 rows, so its memory is one model plus a slice whatever the series length.
 """
+from __future__ import annotations
+
 import dataclasses
 import glob
 import json
 import math
 import os
 import shutil
-from typing import Any, Optional
+import types
+from typing import TYPE_CHECKING, Any, Optional, TypedDict
 from collections.abc import Callable, Iterator, Sequence
 
 from bench_children import ChildRun
+
+if TYPE_CHECKING:  # Only the children import numpy.
+  from numpy.typing import NDArray
+
+# TensorFlow ships no type information: its objects are Any to mypy.
+TFModule = Any  # tf.Module
+TFVariable = Any  # tf.Variable
 
 # Bump when a generated series changes, so stale caches are regenerated.
 SERIES_FORMAT = 2
@@ -286,8 +296,13 @@ def generate_small_tensors(*, directory: str, count: int, checkpoints: int,
     del tensors, values, noise
 
 
-def _module_tree(tf, variables: Sequence[VariableInfo]) -> tuple[object, list]:
+def _module_tree(tf: types.ModuleType, variables: Sequence[VariableInfo]
+                 ) -> tuple[TFModule, list[TFVariable]]:
   """A `tf.Module` tree whose attribute paths are the variables' T2T names.
+
+  Args:
+    tf: the `tensorflow` module (imported by the caller, in a child).
+    variables: the variables to make.
 
   Returns:
     (root module, [tf.Variable per entry of `variables`]), zero-filled.
@@ -358,17 +373,51 @@ def generate_max_shard(*, directory: str, preset: str, checkpoints: int,
 # Output checks: run in child processes, print one JSON line.
 
 
-def _same_bits(a, b) -> bool:
+class _DifferenceBase(TypedDict):
+  """The keys of a `Difference` that are always there."""
+  name: str
+  expected: str  # dtype and shape, e.g. "float32[1000, 64]"
+  got: str
+
+
+class Difference(_DifferenceBase, total=False):
+  """One tensor that differs, as printed in JSON; counts if shapes match."""
+  elements_differing: int
+  max_abs_difference: float
+
+
+class CompareReport(TypedDict):
+  """What `compare_outputs` prints (JSON)."""
+  compared: int
+  identical: int
+  differences: list[Difference]
+  skipped: list[str]
+  only_in_reference: list[str]
+  only_in_candidate: list[str]
+
+
+class MeanReport(TypedDict):
+  """What `check_mean` prints (JSON)."""
+  keys: int
+  checked: int
+  identical: int
+  differences: list[Difference]
+  missing: list[str]
+  extra: list[str]
+
+
+def _same_bits(a: NDArray[Any], b: NDArray[Any]) -> bool:
   import numpy as np  # pylint: disable=import-outside-toplevel
   return (a.dtype == b.dtype and a.shape == b.shape and
           np.array_equal(a.reshape(-1).view(np.uint8),
                          b.reshape(-1).view(np.uint8)))
 
 
-def _difference(name: str, a, b) -> dict:
+def _difference(name: str, a: NDArray[Any], b: NDArray[Any]) -> Difference:
   import numpy as np  # pylint: disable=import-outside-toplevel
-  difference = {"name": name, "expected": f"{a.dtype}{list(a.shape)}",
-                "got": f"{b.dtype}{list(b.shape)}"}
+  difference: Difference = {"name": name,
+                            "expected": f"{a.dtype}{list(a.shape)}",
+                            "got": f"{b.dtype}{list(b.shape)}"}
   if a.shape == b.shape:
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     difference["elements_differing"] = int(np.count_nonzero(a64 != b64))
@@ -393,7 +442,7 @@ def compare_outputs(*, reference: str, candidate: str) -> None:
   reference_keys = set(reference_reader.get_variable_to_shape_map())
   candidate_keys = set(candidate_reader.get_variable_to_shape_map())
   ignored = {"global_step"}
-  report = {
+  report: CompareReport = {
       "compared": 0, "identical": 0, "differences": [], "skipped": [],
       "only_in_reference": sorted(reference_keys - candidate_keys - ignored),
       "only_in_candidate": sorted(candidate_keys - reference_keys - ignored),
@@ -442,10 +491,11 @@ def check_mean(*, inputs: list[str], output: str, sample: int) -> None:
   dtypes = readers[0].get_variable_to_dtype_map()
   output_keys = set(output_reader.get_variable_to_shape_map())
   floats = sorted(n for n, d in dtypes.items() if d.is_floating)
-  report = {"keys": len(output_keys), "checked": 0, "identical": 0,
-            "differences": [],
-            "missing": sorted(set(dtypes) - output_keys)[:10],
-            "extra": sorted(output_keys - set(dtypes))[:10]}
+  report: MeanReport = {
+      "keys": len(output_keys), "checked": 0, "identical": 0,
+      "differences": [],
+      "missing": sorted(set(dtypes) - output_keys)[:10],
+      "extra": sorted(output_keys - set(dtypes))[:10]}
   for name in _sample(floats, sample):
     values = np.stack([r.get_tensor(name) for r in readers])
     expected = values.astype(np.float64).mean(axis=0).astype(values.dtype)
@@ -473,7 +523,7 @@ class Series:
   def total_bytes(self) -> int:
     return sum(os.path.getsize(f) for f in self.files)
 
-  def subset(self, subdirectory: str) -> "Series":
+  def subset(self, subdirectory: str) -> Series:
     """The checkpoints under one subdirectory (a max_shard layout)."""
     inside = os.path.join(self.directory, subdirectory) + os.sep
     return Series(inside.rstrip(os.sep),
