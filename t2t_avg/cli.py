@@ -6,6 +6,7 @@ is imported) and calls the one-shot or the continuous mode.
 """
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import NoReturn, Optional
@@ -240,6 +241,7 @@ def _run_once(argv: list[str]) -> None:
       selection_options(), evaluation_options())
   # TensorFlow prints start-up notices: imported only once flags are valid.
   from t2t_avg import oneshot  # pylint: disable=import-outside-toplevel
+  _quiet_collector(run_ends_soon=True)
   result = oneshot.run(settings)
   if output.dry_run:
     print(format_table(result))
@@ -259,7 +261,22 @@ def _run_continuous(argv: list[str]) -> None:
   weighing, averaging = weighting_options(), averaging_options()
   settings.check_weighting(weighing)
   from t2t_avg import watch  # pylint: disable=import-outside-toplevel
+  _quiet_collector(run_ends_soon=False)
   watch.run(settings, weighting_options=weighing, averaging_options=averaging)
+
+
+def _quiet_collector(*, run_ends_soon: bool) -> None:
+  """Keeps Python's cycle collector off TensorFlow's objects (and ours).
+
+  Indexes of many small tensors make hundreds of thousands of small objects;
+  each collection then walks TensorFlow's millions too. Measured on 8
+  checkpoints of 20,000 tensors: opening them took 2.2 s, and 0.7 s with
+  TF's objects frozen and collection off. A one-shot run ends soon and frees
+  by reference counting; the continuous mode keeps collecting, without TF's.
+  """
+  gc.freeze()
+  if run_ends_soon:
+    gc.disable()
 
 
 def format_table(result: AveragingResult) -> str:
