@@ -18,6 +18,7 @@ from absl import logging
 
 from t2t_avg import evaluation
 from t2t_avg import options
+from t2t_avg import prefetch
 from t2t_avg import selection
 from t2t_avg.errors import ArgumentError, AveragingError
 from t2t_avg.record import AveragingResult
@@ -239,6 +240,8 @@ def _run_once(argv: list[str]) -> None:
   settings = options.OneShotSettings(
       inputs, output, averaging_options(), weighting_options(),
       selection_options(), evaluation_options())
+  if not output.dry_run:
+    prefetch.start(prefetch.input_prefixes(inputs))
   # TensorFlow prints start-up notices: imported only once flags are valid.
   from t2t_avg import oneshot  # pylint: disable=import-outside-toplevel
   _quiet_collector(run_ends_soon=True)

@@ -257,6 +257,8 @@ class _PositionedFile:
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
       except OSError as e:
         raise AveragingError(f"cannot open {path}: {e.strerror}") from e
+      if hasattr(os, "posix_fadvise"):  # Each tensor is read front to back.
+        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
       self._pread = getattr(os, "preadv", None)
     else:
       import tensorflow as tf  # pylint: disable=import-outside-toplevel
