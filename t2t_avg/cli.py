@@ -195,6 +195,7 @@ def weighting_options() -> options.WeightingOptions:
 
 
 def selection_options() -> selection.SelectionOptions:
+  """The selection flags, validated."""
   return selection.SelectionOptions(
       min_step=_MIN_STEP.value, max_step=_MAX_STEP.value,
       stride=_STRIDE.value, select=_SELECT.value)
@@ -215,6 +216,7 @@ def evaluation_options() -> Optional[evaluation.EvalOptions]:
 
 
 def averaging_options() -> options.AveragingOptions:
+  """The flags of how tensors are averaged, validated."""
   return options.AveragingOptions(
       exclude_variables=_EXCLUDE_VARIABLES.value,
       allow_nonfinite=_ALLOW_NONFINITE.value, step_from=_STEP_FROM.value,

@@ -72,6 +72,7 @@ def dtype_of(enum: int) -> base.DType:
 
 
 def dtype_enum(dtype: base.DType) -> int:
+  """The TF dtype enum a bundle entry stores for `dtype`."""
   return tf.as_dtype(dtype.name).as_datatype_enum
 
 
@@ -280,6 +281,7 @@ def _parse_index(table: bytes) -> Optional[tuple[
 
 
 def data_file(prefix: str, shard: int, shards: int) -> str:
+  """The name of one data shard of a V2 checkpoint."""
   return f"{prefix}.data-{shard:05d}-of-{shards:05d}"
 
 
@@ -431,6 +433,7 @@ def error_text(error: Exception) -> str:
 
 
 def is_v2(prefix: str) -> bool:
+  """Whether a V2 checkpoint is at `prefix` (its `.index` exists)."""
   return tf.io.gfile.exists(prefix + INDEX_SUFFIX)
 
 
