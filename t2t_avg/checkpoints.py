@@ -56,6 +56,7 @@ def exists(prefix: str) -> bool:
 
 
 def is_output_of_this_tool(prefix: str) -> bool:
+  """Whether t2t_avg wrote the checkpoint at `prefix` (its record is there)."""
   return tf.io.gfile.exists(prefix + RECORD_SUFFIX)
 
 

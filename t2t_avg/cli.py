@@ -6,6 +6,7 @@ is imported) and calls the one-shot or the continuous mode.
 """
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import NoReturn, Optional
@@ -17,6 +18,7 @@ from absl import logging
 
 from t2t_avg import evaluation
 from t2t_avg import options
+from t2t_avg import prefetch
 from t2t_avg import selection
 from t2t_avg.errors import ArgumentError, AveragingError
 from t2t_avg.record import AveragingResult
@@ -203,6 +205,7 @@ def weighting_options() -> options.WeightingOptions:
 
 
 def selection_options() -> selection.SelectionOptions:
+  """The selection flags, validated."""
   return selection.SelectionOptions(
       min_step=_MIN_STEP.value, max_step=_MAX_STEP.value,
       stride=_STRIDE.value, select=_SELECT.value)
@@ -223,6 +226,7 @@ def evaluation_options() -> Optional[evaluation.EvalOptions]:
 
 
 def averaging_options() -> options.AveragingOptions:
+  """The flags of how tensors are averaged, validated."""
   return options.AveragingOptions(
       exclude_variables=_EXCLUDE_VARIABLES.value,
       allow_nonfinite=_ALLOW_NONFINITE.value, step_from=_STEP_FROM.value,
@@ -248,8 +252,11 @@ def _run_once(argv: list[str]) -> None:
   settings = options.OneShotSettings(
       inputs, output, averaging_options(), weighting_options(),
       selection_options(), evaluation_options())
+  if not output.dry_run:
+    prefetch.start(prefetch.input_prefixes(inputs))
   # TensorFlow prints start-up notices: imported only once flags are valid.
   from t2t_avg import oneshot  # pylint: disable=import-outside-toplevel
+  _quiet_collector(run_ends_soon=True)
   result = oneshot.run(settings)
   if output.dry_run:
     print(format_table(result))
@@ -269,7 +276,22 @@ def _run_continuous(argv: list[str]) -> None:
   weighing, averaging = weighting_options(), averaging_options()
   settings.check_weighting(weighing)
   from t2t_avg import watch  # pylint: disable=import-outside-toplevel
+  _quiet_collector(run_ends_soon=False)
   watch.run(settings, weighting_options=weighing, averaging_options=averaging)
+
+
+def _quiet_collector(*, run_ends_soon: bool) -> None:
+  """Keeps Python's cycle collector off TensorFlow's objects (and ours).
+
+  Indexes of many small tensors make hundreds of thousands of small objects;
+  each collection then walks TensorFlow's millions too. Measured on 8
+  checkpoints of 20,000 tensors: opening them took 2.2 s, and 0.7 s with
+  TF's objects frozen and collection off. A one-shot run ends soon and frees
+  by reference counting; the continuous mode keeps collecting, without TF's.
+  """
+  gc.freeze()
+  if run_ends_soon:
+    gc.disable()
 
 
 def format_table(result: AveragingResult) -> str:

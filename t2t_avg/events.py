@@ -2,6 +2,7 @@
 
 TensorFlow is imported on first read, not on import.
 """
+import dataclasses
 import functools
 import math
 import os
@@ -15,7 +16,7 @@ from google.protobuf import message
 from t2t_avg import crc
 from t2t_avg import paths
 from t2t_avg import safe_files
-from t2t_avg.errors import AveragingError
+from t2t_avg.errors import ArgumentError, AveragingError
 from t2t_avg.metrics import MetricPoint
 
 _HEADER = struct.Struct("<QI")  # record length, masked crc32c of the length
@@ -50,35 +51,70 @@ def read_metric(sources: Sequence[str], tag: str) -> list[MetricPoint]:
     AveragingError: a source does not exist or holds no event files, or the
       tag was not logged as a scalar (the message lists the scalar tags that
       were).
-    ValueError: no sources.
+    ArgumentError: no sources.
   """
-  if not sources:
-    raise ValueError("read_metric needs at least one event file or directory")
-  paths = [path for source in sources for path in _event_files(source)]
-  points: dict[int, MetricPoint] = {}
-  tags: set[str] = set()
-  conflicts = 0
-  for path in paths:
-    for point in _read_file(path, tag, tags):
-      old = points.get(point.step)
-      if old is not None and not _same_value(old.value, point.value):
-        conflicts += 1
-        if conflicts <= _MAX_CONFLICT_WARNINGS:
-          logging.warning(
-              "Tag %r logged twice at step %d with different values: %r "
-              "(wall time %.3f) and %r (wall time %.3f); the later one counts",
-              tag, point.step, old.value, old.wall_time, point.value,
-              point.wall_time)
-      if old is None or point.wall_time >= old.wall_time:
-        points[point.step] = point
-  if conflicts > _MAX_CONFLICT_WARNINGS:
-    logging.warning("Tag %r: %d steps in all were logged twice with different "
-                    "values", tag, conflicts)
-  if not points:
-    raise _unknown_tag(tag, sources, tags)
-  logging.info("Read %d points of %r from %d event files", len(points), tag,
-               len(paths))
-  return [points[step] for step in sorted(points)]
+  return MetricReader(sources, tag).read()
+
+
+@dataclasses.dataclass
+class _FileState:
+  """How far one event file has been read."""
+  offset: int = 0  # Where the next unread record starts.
+  ended: bool = False  # A corrupted record: the rest is never read.
+
+
+class MetricReader:
+  """A scalar tag's points, read incrementally as event files grow.
+
+  Each `read` lists the sources again and reads only the records appended
+  to each file since the last call, as TensorBoard's loader does: a
+  truncated last record is read again, whole, next time; a corrupted one
+  ends its file for good, with a warning. For continuous mode, which polls
+  the same files for months of training.
+  """
+
+  def __init__(self, sources: Sequence[str], tag: str):
+    if not sources:
+      raise ArgumentError("{metrics_from_events} needs at least one event "
+                          "file or directory")
+    self._sources = list(sources)
+    self._tag = tag
+    self._files: dict[str, _FileState] = {}
+    self._points: dict[int, MetricPoint] = {}
+    self._tags: set[str] = set()
+    self._conflicts = 0
+
+  def read(self) -> list[MetricPoint]:
+    """Every point of the tag so far, sorted by step (see `read_metric`)."""
+    files = [path for source in self._sources for path in _event_files(source)]
+    before = len(self._points)
+    for path in files:
+      state = self._files.setdefault(path, _FileState())
+      if not state.ended:
+        for point in _read_file(path, self._tag, self._tags, state):
+          self._add(point)
+    if not self._points:
+      raise _unknown_tag(self._tag, self._sources, self._tags)
+    if len(self._points) != before:
+      logging.info("Read %d points of %r from %d event files",
+                   len(self._points), self._tag, len(files))
+    return [self._points[step] for step in sorted(self._points)]
+
+  def _add(self, point: MetricPoint) -> None:
+    old = self._points.get(point.step)
+    if old is not None and not _same_value(old.value, point.value):
+      self._conflicts += 1
+      if self._conflicts <= _MAX_CONFLICT_WARNINGS:
+        logging.warning(
+            "Tag %r logged twice at step %d with different values: %r "
+            "(wall time %.3f) and %r (wall time %.3f); the later one counts",
+            self._tag, point.step, old.value, old.wall_time, point.value,
+            point.wall_time)
+      elif self._conflicts == _MAX_CONFLICT_WARNINGS + 1:
+        logging.warning("Tag %r: more steps were logged twice with different "
+                        "values; not listing them", self._tag)
+    if old is None or point.wall_time >= old.wall_time:
+      self._points[point.step] = point
 
 
 def _same_value(a: float, b: float) -> bool:
@@ -119,17 +155,19 @@ def _event_files(source: str) -> list[str]:
   return [source]
 
 
-def _read_file(path: str, tag: str, tags: set[str]) -> Iterator[MetricPoint]:
-  """Yields the points of `tag` in one file; adds every scalar tag to `tags`."""
+def _read_file(path: str, tag: str, tags: set[str],
+               state: _FileState) -> Iterator[MetricPoint]:
+  """Yields the new points of `tag` in one file; adds scalar tags to `tags`."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   # pylint: disable-next=import-outside-toplevel
   from tensorflow.core.util import event_pb2
-  for offset, record in _records(path):
+  for offset, record in _records(path, state):
     try:
       event = event_pb2.Event.FromString(record)
     except message.DecodeError:
       logging.warning("%s: record at byte %d is not an Event; ignoring the "
                       "rest of this file", path, offset)
+      state.ended = True
       return
     if not event.HasField("summary"):
       continue
@@ -164,16 +202,19 @@ def _masked_crc(data: bytes) -> int:
   return crc.masked(crc.crc32c(data))
 
 
-def _records(path: str) -> Iterator[tuple[int, bytes]]:
-  """Yields (byte offset, data) of each TFRecord whose two CRCs match.
+def _records(path: str, state: _FileState) -> Iterator[tuple[int, bytes]]:
+  """Yields (byte offset, data) of each new TFRecord whose two CRCs match.
 
-  Stops quietly at a truncated tail, and with a warning at the first record
-  that fails a CRC: after that, record boundaries cannot be trusted.
+  Starts at `state.offset` and moves it past each record yielded. Stops
+  quietly at a truncated tail (read again next time), and with a warning at
+  the first record that fails a CRC (`state.ended`): after that, record
+  boundaries cannot be trusted.
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  offset = 0
   with tf.io.gfile.GFile(path, "rb") as f:
+    f.seek(state.offset)
     while True:
+      offset = state.offset
       header = f.read(_HEADER.size)
       if len(header) < _HEADER.size:
         if header:
@@ -184,6 +225,7 @@ def _records(path: str) -> Iterator[tuple[int, bytes]]:
       if _masked_crc(header[:8]) != length_crc:
         logging.warning("%s: corrupted record (length CRC mismatch) at byte "
                         "%d; ignoring the rest of this file", path, offset)
+        state.ended = True
         return
       body = f.read(length + _FOOTER.size)
       if len(body) < length + _FOOTER.size:
@@ -194,9 +236,10 @@ def _records(path: str) -> Iterator[tuple[int, bytes]]:
       if _masked_crc(data) != _FOOTER.unpack(body[length:])[0]:
         logging.warning("%s: corrupted record (data CRC mismatch) at byte %d; "
                         "ignoring the rest of this file", path, offset)
+        state.ended = True
         return
+      state.offset = offset + _HEADER.size + length + _FOOTER.size
       yield offset, data
-      offset += _HEADER.size + length + _FOOTER.size
 
 
 SUMMARIES_DIR = "t2t_avg"

@@ -19,7 +19,7 @@ import math
 import os
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 from absl import logging
 
@@ -67,21 +67,60 @@ def read_metric(sources: Sequence[str], tag: str) -> list[MetricPoint]:
     ArgumentError: CSV files and event files given together.
     AveragingError: as `events.read_metric` and `read_csv`.
   """
-  tables = [s for s in sources if is_csv(s)]
-  if tables and len(tables) != len(sources):
-    others = [s for s in sources if s not in tables]
-    raise ArgumentError(
-        "{metrics_from_events} mixes CSV logs ({table}) and TensorBoard "
-        "events ({other}); give one kind", table=tables[0], other=others[0])
-  if tables:
-    return read_csv(tables, tag)
-  kind = tag_kind(tag)
-  points = events.read_metric(sources, tag)
-  if kind != STEP:
-    logging.info("Metric %s is logged by %s (Keras' naming)", tag,
-                 "0-based epoch" if kind == EPOCH else "optimizer iterations")
-    points = [dataclasses.replace(p, kind=kind) for p in points]
-  return points
+  return MetricReader(sources, tag).read()
+
+
+class MetricReader:
+  """A metric's points, read again as its logs grow (continuous mode).
+
+  Event files are read incrementally (`events.MetricReader`); CSVLogger
+  files, one short row per epoch, are read whole each time. Which kind the
+  sources are is decided once they all exist (a CSV log may appear only
+  when training starts).
+  """
+
+  def __init__(self, sources: Sequence[str], tag: str):
+    self._sources = list(sources)
+    self._tag = tag
+    self._tables: Optional[list[str]] = None  # Undecided until they exist.
+    self._events: Optional[events.MetricReader] = None
+
+  def read(self) -> list[MetricPoint]:
+    """Every point so far, sorted by step, of the metric's step kind.
+
+    Raises:
+      ArgumentError: CSV files and event files given together.
+      AveragingError: as `events.read_metric` and `read_csv`.
+    """
+    if self._tables is None and self._events is None:
+      self._decide()
+    if self._tables:
+      return read_csv(self._tables, self._tag)
+    if self._events is None:
+      self._events = events.MetricReader(self._sources, self._tag)
+      kind = tag_kind(self._tag)
+      if kind != STEP:
+        logging.info("Metric %s is logged by %s (Keras' naming)", self._tag,
+                     "0-based epoch" if kind == EPOCH else
+                     "optimizer iterations")
+    points = self._events.read()
+    kind = tag_kind(self._tag)
+    return points if kind == STEP else [dataclasses.replace(p, kind=kind)
+                                        for p in points]
+
+  def _decide(self) -> None:
+    tables = [s for s in self._sources if is_csv(s)]
+    if tables and len(tables) != len(self._sources):
+      others = [s for s in self._sources if s not in tables]
+      raise ArgumentError(
+          "{metrics_from_events} mixes CSV logs ({table}) and TensorBoard "
+          "events ({other}); give one kind", table=tables[0], other=others[0])
+    missing = [s for s in self._sources if paths.is_local(s) and
+               not os.path.exists(s)]
+    if missing and not tables:
+      raise AveragingError(f"Event file or directory {missing[0]} does not "
+                           "exist")
+    self._tables = tables
 
 
 def read_csv(paths_: Sequence[str], column: str) -> list[MetricPoint]:

@@ -115,8 +115,12 @@ def _same_names(inputs: Sequence[Checkpoint], tensors: Sequence[dict]) -> None:
 def _same_everywhere(name: str, inputs: Sequence[Checkpoint],
                      tensors: Sequence[dict]) -> None:
   first = tensors[0][name]
+  plain = len(first.parts) == 1 and first.parts[0].extents is None
   for c, other in zip(inputs[1:], tensors[1:]):
     tensor = other[name]
+    if (plain and tensor.shape == first.shape and tensor.dtype is first.dtype
+        and len(tensor.parts) == 1 and tensor.parts[0].extents is None):
+      continue  # The common case, checked without building anything.
     if tensor.shape != first.shape:
       raise AveragingError(
           f"variable {name} has shape {list(first.shape)} in checkpoint "

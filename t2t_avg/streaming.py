@@ -13,7 +13,7 @@ import concurrent.futures
 import dataclasses
 import threading
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 from collections.abc import Sequence
 
 from absl import logging
@@ -26,24 +26,52 @@ from t2t_avg.formats import base
 from t2t_avg.plan import Action, Plan
 
 CHUNK_BYTES = 8 << 20  # Read from each input per step.
+_SMALL_BYTES = 256 << 10  # Parts up to this size are read in runs.
 WORKERS = 2
 _PROGRESS_SECONDS = 10.0
 
 
-@dataclasses.dataclass(frozen=True)
-class _Input:
+class _Input(NamedTuple):
   """An input being read: where it is, and its part of the unit at hand."""
   source: base.Source
   part: base.Part
 
 
-@dataclasses.dataclass(frozen=True)
-class _Unit:
+class _Unit(NamedTuple):
   """One output part and the input parts it is made of."""
   action: Action
   tensor: base.Tensor  # as written (the newest input's)
   key: bytes  # the output part
   inputs: tuple  # of _Input: every active input (AVERAGE) or the newest
+
+
+@dataclasses.dataclass
+class _Run:
+  """Small averaged parts stored back to back in every input and the output.
+
+  Read with one read per input, summed in one pass, written in one write:
+  a model of many small tensors (optimizer slots, Keras layers) costs per
+  run, not per tensor. Every part's crc32c is still checked on its own.
+  """
+  units: list[_Unit]
+  end: list[int]  # Where the next part must start, per input file.
+  output_end: int  # And in the output.
+  size: int = 0
+
+  def takes(self, unit: _Unit, place: Optional[int]) -> bool:
+    first = self.units[0]
+    return (unit.tensor.dtype is first.tensor.dtype and place == self.output_end
+            and self.size + unit.inputs[0].part.size <= CHUNK_BYTES and all(
+                inp.part.file == start.part.file and inp.part.offset == end
+                for inp, start, end in zip(unit.inputs, first.inputs,
+                                           self.end)))
+
+  def add(self, unit: _Unit) -> None:
+    self.units.append(unit)
+    size = unit.inputs[0].part.size
+    self.end = [inp.part.offset + size for inp in unit.inputs]
+    self.output_end += size
+    self.size += size
 
 
 class _Stopped(Exception):
@@ -68,6 +96,8 @@ def write_all(plan: Plan, inputs: Sequence[checkpoints.Checkpoint],
     AveragingError: an input is corrupted, truncated or holds NaN/inf.
   """
   units = []
+  sources = [c.opened for c in inputs]
+  tensors = [s.tensors() for s in sources]
   for item in plan.items:
     if item.action is Action.STEP:
       value = checkpoints.scalar_bytes(plan.step, item.tensor.dtype.element)
@@ -75,15 +105,39 @@ def write_all(plan: Plan, inputs: Sequence[checkpoints.Checkpoint],
       writer.write(value)
       writer.close()
       continue
-    sources = inputs if item.action is Action.AVERAGE else [inputs[newest]]
+    name = item.tensor.name
+    chosen = (range(len(sources)) if item.action is Action.AVERAGE
+              else [newest])
     for j, part in enumerate(item.tensor.parts):
       units.append(_Unit(item.action, item.tensor, part.key, tuple(
-          _Input(c.opened, c.opened.tensors()[item.tensor.name].parts[j])
-          for c in sources)))
+          _Input(sources[i], tensors[i][name].parts[j]) for i in chosen)))
+  work = _batched(units, sink)
   # Largest first, so the workers end close together.
-  units.sort(key=lambda u: -u.inputs[0].part.size)
-  arithmetic = _Arithmetic(weights, allow_nonfinite)
-  _Pool(units, sink, arithmetic).run()
+  work.sort(key=lambda w: -w.size if isinstance(w, _Run)
+            else -w.inputs[0].part.size)
+  _Pool(work, sink, _Arithmetic(weights, allow_nonfinite)).run()
+
+
+def _batched(units: list[_Unit], sink: base.Sink) -> list:
+  """Units, with runs of small adjacent averaged parts joined into `_Run`s."""
+  work: list = []
+  run: Optional[_Run] = None
+  for unit in units:
+    place = sink.place(unit.key)
+    small = (unit.action is Action.AVERAGE and place is not None and
+             unit.inputs[0].part.size <= _SMALL_BYTES and
+             all(inp.part.file is not None for inp in unit.inputs))
+    if not small or place is None:
+      work.append(unit)
+      continue
+    if run is not None and run.takes(unit, place):
+      run.add(unit)
+      continue
+    run = _Run([], [], place)
+    run.add(unit)
+    work.append(run)
+  return [w.units[0] if isinstance(w, _Run) and len(w.units) == 1 else w
+          for w in work]
 
 
 class _Arithmetic:
@@ -122,14 +176,15 @@ class _Arithmetic:
 class _Pool:
   """`WORKERS` threads taking units largest first; the first error stops all."""
 
-  def __init__(self, units: list[_Unit], sink: base.Sink,
-               arithmetic: _Arithmetic):
-    self._todo = iter(units)
+  def __init__(self, work: list, sink: base.Sink, arithmetic: _Arithmetic):
+    self._todo = iter(work)
     self._sink = sink
     self._arithmetic = arithmetic
     self._lock = threading.Lock()
     self._stop = threading.Event()
-    self._progress = _Progress(sum(u.inputs[0].part.size for u in units))
+    self._progress = _Progress(sum(
+        w.size if isinstance(w, _Run) else w.inputs[0].part.size
+        for w in work))
 
   def run(self) -> None:
     with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
@@ -150,8 +205,14 @@ class _Pool:
           unit = next(self._todo, None)
         if unit is None:
           return
-        _run_unit(unit, self._sink.open_part(unit.key), self._arithmetic,
-                  self._stop, self._progress)
+        if self._stop.is_set():
+          raise _Stopped()
+        if isinstance(unit, _Run):
+          _run_batch(unit, self._sink, self._arithmetic)
+          self._progress.add(unit.size)
+        else:
+          _run_unit(unit, self._sink.open_part(unit.key), self._arithmetic,
+                    self._stop, self._progress)
     except _Stopped:
       return  # The other worker's error (or Ctrl-C) is the one to report.
     except BaseException:
@@ -195,6 +256,34 @@ class _ChunkState:
       self.total = np.empty(self.elements, wide)
       self.scratch = np.empty_like(self.total)
       self.result = np.empty(self.elements, dtype.numpy)
+
+
+def _run_batch(run: _Run, sink: base.Sink, arithmetic: _Arithmetic) -> None:
+  """Reads, sums and writes a run of small parts in one pass each."""
+  first = run.units[0]
+  numpy = first.tensor.dtype.element
+  buffer = np.empty(run.size, np.uint8)
+  wide = np.complex128 if first.tensor.dtype.kind is base.Kind.COMPLEX else (
+      np.float64)
+  total = np.zeros(run.size // numpy.itemsize, wide)
+  scratch = np.empty_like(total) if arithmetic.weights is not None else total
+  bounds = np.cumsum([0] + [u.inputs[0].part.size for u in run.units])
+  for i, inp in enumerate(first.inputs):
+    _read(inp, first, buffer, 0)
+    for unit, a, b in zip(run.units, bounds[:-1], bounds[1:]):
+      part = unit.inputs[i].part
+      if part.crc is not None and crc.masked(crc.crc32c(buffer[a:b])) != (
+          part.crc):
+        raise _corrupted(unit.inputs[i], unit)
+    arithmetic.accumulate(total, buffer.view(numpy), i, scratch)
+  result = np.empty(len(total), numpy)
+  if not arithmetic.finish(total, len(first.inputs), result):
+    for unit, a, b in zip(run.units, bounds[:-1], bounds[1:]):
+      chunk = buffer[a:b]
+      if not np.isfinite(total[a // numpy.itemsize:b // numpy.itemsize]).all():
+        _raise_nonfinite(unit, chunk, 0)
+  sink.write_parts([u.key for u in run.units], result.view(np.uint8),
+                   bounds.tolist())
 
 
 def _read(inp: _Input, unit: _Unit, chunk: np.ndarray, start: int) -> None:
@@ -253,7 +342,7 @@ def _check_whole_crc(inp: _Input, unit: _Unit) -> None:
     chunk = buffer[:min(len(buffer), size - start)]
     _read(inp, unit, chunk, start)
     value = crc.crc32c(chunk, value)
-  _check_crcs(dataclasses.replace(unit, inputs=(inp,)), [value])
+  _check_crcs(unit._replace(inputs=(inp,)), [value])
 
 
 def _check_crcs(unit: _Unit, crcs: Sequence[int]) -> None:
@@ -261,9 +350,13 @@ def _check_crcs(unit: _Unit, crcs: Sequence[int]) -> None:
     return  # Strings and variants keep their own checksum, copied as is.
   for inp, value in zip(unit.inputs, crcs):
     if inp.part.crc is not None and crc.masked(value) != inp.part.crc:
-      raise AveragingError(f"checkpoint {inp.source.path} is corrupted: "
-                           f"variable {unit.tensor.name} fails its checksum "
-                           f"in {inp.part.file}")
+      raise _corrupted(inp, unit)
+
+
+def _corrupted(inp: _Input, unit: _Unit) -> AveragingError:
+  return AveragingError(f"checkpoint {inp.source.path} is corrupted: "
+                        f"variable {unit.tensor.name} fails its checksum in "
+                        f"{inp.part.file}")
 
 
 class _Progress:

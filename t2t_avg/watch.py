@@ -299,6 +299,10 @@ class _Averager:
     self._warned_times = False
     self._recorded = numbers_settings(settings, weighting_options,
                                       averaging_options)
+    # One reader for the whole run: each poll reads only appended events.
+    self._metric = (keras_logs.MetricReader(
+        weighting_options.metrics_from_events, weighting_options.metric)
+                    if weighting_options.metrics_from_events else None)
 
   def run(self, found: Iterator[StepFile]) -> Iterator[WindowOutcome]:
     """The generator behind `average_all`."""
@@ -431,9 +435,9 @@ class _Averager:
     settings = self._weighting
     if newest.step is None:
       return None, "its step is unknown (see --step_from)"
+    assert self._metric is not None
     try:
-      points = keras_logs.read_metric(settings.metrics_from_events,
-                                      settings.metric)
+      points = self._metric.read()
       kind = points[0].kind
       at = keras_logs.checkpoint_positions([newest], kind)[0]
     except AveragingError as e:

@@ -1,6 +1,7 @@
 """One-shot averaging: the numbers, against the real legacy T2T script."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -393,3 +394,76 @@ def test_a_second_run_writing_the_same_output_is_refused(tmp_path):
   np.testing.assert_array_equal(read_checkpoint(result.output_path)["w"],
                                 [1.5, 1.5])
   assert not [n for n in os.listdir(out) if n.startswith(".t2t_avg")]
+
+
+@pytest.fixture(scope="module")
+def many_small(tmp_path_factory):
+  """Three checkpoints of 300 small float32 tensors (SaveV2, as TF1 saves)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  directory = tmp_path_factory.mktemp("many_small")
+  rng = np.random.default_rng(3)
+  names = [f"layer_{i:03d}/kernel" for i in range(300)]
+  prefixes, values = [], []
+  for step in (1, 2, 3):
+    tensors = {n: rng.standard_normal((i % 7 + 1, 5)).astype(np.float32)
+               for i, n in enumerate(names)}
+    prefix = str(directory / f"model.ckpt-{step}")
+    tf.raw_ops.SaveV2(prefix=prefix, tensor_names=names,
+                      shape_and_slices=[""] * len(names),
+                      tensors=[tensors[n] for n in names])
+    prefixes.append(prefix)
+    values.append(tensors)
+  return prefixes, values
+
+
+@pytest.mark.parametrize("weights", [None, [0.2, 0.3, 0.5]])
+def test_runs_of_small_tensors_average_each_exactly(many_small, tmp_path,
+                                                    weights, monkeypatch):
+  from t2t_avg import average_checkpoints, streaming  # pylint: disable=import-outside-toplevel
+  prefixes, values = many_small
+  runs = []
+  real = streaming._run_batch  # pylint: disable=protected-access
+  monkeypatch.setattr(streaming, "_run_batch",
+                      lambda run, *a: runs.append(len(run.units)) or real(run, *a))
+  result = average_checkpoints(prefixes, str(tmp_path / "avg"),
+                               weights=weights)
+  assert sum(runs) == 300 and len(runs) == 1  # One read per input for all.
+  out = read_checkpoint(result.output_path)
+  w = weights or [1 / 3] * 3
+  for name in values[0]:
+    if weights is None:
+      expected = sum(v[name].astype(np.float64) for v in values) / 3
+    else:
+      expected = sum(wi * v[name].astype(np.float64)
+                     for wi, v in zip(w, values))
+    assert out[name].tobytes() == expected.astype(np.float32).tobytes(), name
+
+
+@pytest.mark.parametrize("damage", ["bit_flip", "nan"])
+def test_a_bad_tensor_inside_a_run_is_named(many_small, tmp_path, damage):
+  from t2t_avg import AveragingError, average_checkpoints, formats  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  prefixes, _ = many_small
+  copy = tmp_path / "copy"
+  shutil.copytree(os.path.dirname(prefixes[0]), copy)
+  damaged = [str(copy / os.path.basename(p)) for p in prefixes]
+  part = formats.open_source(damaged[1]).tensors()["layer_150/kernel"].parts[0]
+  with open(part.file, "r+b") as f:
+    f.seek(part.offset + 4)
+    f.write(np.float32(np.nan).tobytes() if damage == "nan" else b"\x01\x02")
+  if damage == "nan":  # Rewrite the checksum: a NaN the trainer wrote.
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    reader = tf.train.load_checkpoint(prefixes[1])
+    names = sorted(reader.get_variable_to_shape_map())
+    tensors = [reader.get_tensor(n) for n in names]
+    tensors[names.index("layer_150/kernel")].reshape(-1)[1] = np.nan
+    tf.raw_ops.SaveV2(prefix=damaged[1], tensor_names=names,
+                      shape_and_slices=[""] * len(names), tensors=tensors)
+    match = (f"variable layer_150/kernel in checkpoint {damaged[1]} holds NaN "
+             "or inf")
+  else:
+    match = (f"checkpoint {damaged[1]} is corrupted: variable "
+             "layer_150/kernel fails its checksum")
+  with pytest.raises(AveragingError, match=re.escape(match)):
+    average_checkpoints(damaged, str(tmp_path / "out/avg"))
+  assert os.listdir(tmp_path / "out") == []

@@ -413,3 +413,37 @@ def test_random_truncations_and_bit_flips_never_crash_or_invent_points(
       if time.monotonic() > deadline:
         break
   assert tried > 20
+
+
+def test_reader_reads_only_what_was_appended(tmp_path, monkeypatch):
+  """Continuous mode polls one MetricReader: each read parses new records only,
+  a truncated tail is read whole once complete, corruption ends the file."""
+  written = _write_tf1(tmp_path / "scratch" / "events", [
+      _scalars_event(step, 1e9 + step, {"loss": step / 10})
+      for step in range(1, 6)])
+  with open(written, "rb") as f:
+    data = f.read()
+  # The first record is TF's file_version event.
+  records = [data[o:o + n] for o, n in _record_spans(data)]
+  assert len(records) == 6
+  path = tmp_path / "run" / "events.out.tfevents.1"
+  path.parent.mkdir()
+  path.write_bytes(b"".join(records[:3]) + records[3][:7])  # 4th truncated
+  parsed = []
+  real = event_pb2.Event.FromString
+  monkeypatch.setattr(event_pb2.Event, "FromString",
+                      lambda data: parsed.append(1) or real(data))
+  reader = events.MetricReader([str(path.parent)], "loss")
+  assert [p.step for p in reader.read()] == [1, 2]
+  assert len(parsed) == 3
+  assert [p.step for p in reader.read()] == [1, 2]
+  assert len(parsed) == 3  # Nothing new: nothing parsed again.
+  path.write_bytes(b"".join(records[:5]))  # The tail completed, one more.
+  assert [p.step for p in reader.read()] == [1, 2, 3, 4]
+  assert len(parsed) == 5
+  corrupted = bytearray(records[5])
+  corrupted[-1] ^= 0xff
+  path.write_bytes(b"".join(records[:5]) + bytes(corrupted) + records[1])
+  assert [p.step for p in reader.read()] == [1, 2, 3, 4]
+  path.write_bytes(b"".join(records[:6]))  # Ended for good.
+  assert [p.step for p in reader.read()] == [1, 2, 3, 4]

@@ -455,3 +455,17 @@ def test_compare_reads_both_keras_formats(keras_runs, tmp_path):
   assert not different.passed()
   largest = different.largest_difference
   assert largest.name.startswith(("layers/", "optimizer/"))
+
+
+def test_prefetch_finds_keras_files_without_tensorflow(keras_runs):
+  from t2t_avg import options, prefetch  # pylint: disable=import-outside-toplevel
+  weights = keras_runs["float32"].weights
+  directory = os.path.dirname(weights[0])
+  last_two = options.InputOptions(prefix=os.path.join(directory, "w-"),
+                                  num_last_checkpoints=2)
+  assert prefetch.input_prefixes(last_two) == list(weights[-2:])
+  listed = options.InputOptions(checkpoints=(weights[0],))
+  assert prefetch.input_prefixes(listed) == [weights[0]]
+  thread = prefetch.start(list(weights))
+  assert thread is not None
+  thread.join()

@@ -333,3 +333,36 @@ def test_keras_demo_softmax_by_epoch_loss_beats_uniform_after_a_spike(
   uniform_loss, _ = demo.evaluate(cfg, uniform.output_path, data["test"])
   softmax_loss, _ = demo.evaluate(cfg, softmax.output_path, data["test"])
   assert softmax_loss < uniform_loss - 0.02, (softmax_loss, uniform_loss)
+
+
+def test_greedy_soup_over_keras_files_scores_keras_candidates(keras_runs,
+                                                              tmp_path):
+  from t2t_avg import evaluation  # pylint: disable=import-outside-toplevel
+  run = keras_runs["float32"]
+  # A stand-in for a real evaluation: reads the candidate as Keras would
+  # find it (a .weights.h5 file) and scores it; lower is better (val_loss).
+  score = tmp_path / "score.py"
+  score.write_text(
+      "import sys, h5py\n"
+      "assert sys.argv[1].endswith('.weights.h5'), sys.argv[1]\n"
+      "with h5py.File(sys.argv[1], 'r') as f:\n"
+      "  print(float(abs(f['layers/dense/vars/1'][()]).sum()))\n")
+  output = str(tmp_path / "soup.weights.h5")
+  result = oneshot.run(options.OneShotSettings(
+      options.InputOptions(checkpoints=tuple(run.weights)),
+      options.OutputOptions(output_path=output),
+      weighting=options.WeightingOptions(
+          weighting="greedy", metrics_from_events=(run.csv_log,),
+          metric="val_loss"),
+      evaluation=evaluation.EvalOptions(
+          eval_command=f"{sys.executable} {score} {{checkpoint}}")))
+  steps = result.record["weighting"]["soup"]
+  logged = csv_column(run.csv_log, "val_loss")
+  # Own scores are the CSV rows of each file's epoch (e-1, 0-based).
+  own = {os.path.basename(s["candidate"]): s["own_score"] for s in steps}
+  assert own == {f"w-0{e}.weights.h5": logged[e - 1] for e in range(1, 5)}
+  kept = [s["candidate"] for s in steps if s["kept"]]
+  assert sorted(kept) == sorted(r.path for r in result.rows)
+  assert_same_values(datasets(output), expected_average(
+      [r.path for r in result.rows]))
+  assert not [name for name in os.listdir(tmp_path) if "candidate" in name]

@@ -12,7 +12,7 @@ import dataclasses
 import enum
 import os
 import threading
-from typing import Optional
+from typing import NamedTuple, Optional
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -57,9 +57,11 @@ class DType:
     return self.numpy
 
 
-@dataclasses.dataclass(frozen=True)
-class Part:
+class Part(NamedTuple):
   """Where one run of a tensor's bytes is stored.
+
+  (A NamedTuple, not a dataclass: a checkpoint of many small tensors has
+  hundreds of thousands, built in a tight loop.)
 
   Attributes:
     key: the format's key for it (a TF slice key, or the tensor's own name).
@@ -81,8 +83,7 @@ class Part:
   crc: Optional[int] = None
 
 
-@dataclasses.dataclass(frozen=True)
-class Tensor:
+class Tensor(NamedTuple):
   """One named tensor of a checkpoint and the parts holding it."""
   name: str
   dtype: DType
@@ -173,6 +174,21 @@ class Sink(abc.ABC):
   def open_part(self, key: bytes) -> PartWriter:
     """A writer for the output part `key` (thread-safe)."""
 
+  def place(self, key: bytes) -> Optional[int]:
+    """Where part `key` starts in the output's one data file, when it has
+    one: parts placed back to back may be written in one call
+    (`write_parts`). None: write part by part."""
+    del key
+    return None
+
+  def write_parts(self, keys: Sequence[bytes], data: np.ndarray,
+                  bounds: Sequence[int]) -> None:
+    """Writes parts `keys`, whose bytes are data[bounds[k]:bounds[k + 1]]."""
+    for key, start, end in zip(keys, bounds[:-1], bounds[1:]):
+      writer = self.open_part(key)
+      writer.write(data[start:end])
+      writer.close()
+
   @abc.abstractmethod
   def close(self) -> None:
     """Finishes the output and flushes it to disk."""
@@ -251,6 +267,8 @@ class _PositionedFile:
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
       except OSError as e:
         raise AveragingError(f"cannot open {path}: {e.strerror}") from e
+      if hasattr(os, "posix_fadvise"):  # Each tensor is read front to back.
+        os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
       self._pread = getattr(os, "preadv", None)
     else:
       import tensorflow as tf  # pylint: disable=import-outside-toplevel
