@@ -92,22 +92,33 @@ def run(settings: options.OneShotSettings) -> AveragingResult:
   output, averaging_options = settings.output, settings.averaging
   summaries = (events.summaries_directory(os.path.dirname(output.output_path))
                if averaging_options.weight_summaries else None)
-  chosen = [ckpts.load(p, averaging_options.step_from)
-            for p in choose(settings.inputs, settings.selection)]
-  if not settings.selection.is_default:
-    chosen = select_among(chosen, settings)
-  settings.weighting.check_count(len(chosen))
-  if not output.dry_run:  # A dry run shows them in its table.
-    for c in chosen:
-      logging.info("%s: step %s (from %s)", c.path, c.step, c.step_source)
-  if settings.weighting.weighting == "greedy":
-    result = _greedy(chosen, settings)
-  else:
-    result = _weighted(chosen, settings)
+  pool: list[ckpts.Checkpoint] = []
+  try:
+    for path in choose(settings.inputs, settings.selection):
+      pool.append(ckpts.load(path, averaging_options.step_from))
+    result = _run_on(pool, settings)
+  finally:
+    for c in pool:
+      c.opened.close()
   if result.written and summaries:
     events.write_weight_summaries(summaries, result.rows,
                                   settings.weighting.metric)
   return result
+
+
+def _run_on(pool: list[ckpts.Checkpoint],
+            settings: options.OneShotSettings) -> AveragingResult:
+  """Selects among the opened checkpoints, then weighs or soups them."""
+  chosen = pool
+  if not settings.selection.is_default:
+    chosen = select_among(pool, settings)
+  settings.weighting.check_count(len(chosen))
+  if not settings.output.dry_run:  # A dry run shows them in its table.
+    for c in chosen:
+      logging.info("%s: step %s (from %s)", c.path, c.step, c.step_source)
+  if settings.weighting.weighting == "greedy":
+    return _greedy(chosen, settings)
+  return _weighted(chosen, settings)
 
 
 def _average(inputs: Sequence[ckpts.Checkpoint],

@@ -338,6 +338,16 @@ class _Averager:
     members, problem = self._open(window)
     if members is None:
       return skipped(problem or "")
+    try:
+      return self._average_window(window, members, prefix, skipped)
+    finally:  # Months of windows: every file handle goes back at once.
+      _close(members)
+
+  def _average_window(self, window: tuple[StepFile, ...],
+                      members: list[checkpoints.Checkpoint], prefix: str,
+                      skipped: Callable[[str], WindowOutcome]) -> WindowOutcome:
+    """Weighs and averages an opened window (see `_process`)."""
+    newest = window[-1]
     weighing = None
     if self._weighting.weighting != "uniform":
       weighing, problem = self._weigh(members, newest)
@@ -378,25 +388,36 @@ class _Averager:
   def _open(self, window: tuple[StepFile, ...]) -> tuple[
       Optional[list[checkpoints.Checkpoint]], Optional[str]]:
     """The window's Checkpoints, or None and why one cannot be used."""
-    members = []
-    for step_file in window:
-      path = step_file.path
-      if not checkpoints.exists(path):
-        return None, (f"checkpoint {path} vanished (deleted by the trainer's "
-                      "max_to_keep?)")
-      try:
-        source = formats.open_source(path)
-      except AveragingError as e:
-        return None, f"{e} (still being written?)"
-      try:
-        # An AveragingError here (--step_from naming no tensor) is the
-        # user's to fix, not a checkpoint's fault: it propagates.
-        members.append(checkpoints.read_step(source,
-                                             self._averaging.step_from))
-      except _READ_ERRORS as e:
-        return None, (f"cannot read checkpoint {path}: "
-                      f"{tf_bundle.error_text(e)}")
+    members: list[checkpoints.Checkpoint] = []
+    try:
+      for step_file in window:
+        problem = self._open_one(step_file, members)
+        if problem:
+          _close(members)
+          return None, problem
+    except BaseException:
+      _close(members)
+      raise
     return members, None
+
+  def _open_one(self, step_file: StepFile,
+                members: list[checkpoints.Checkpoint]) -> Optional[str]:
+    """Opens one checkpoint into `members`, or says why it cannot be used."""
+    path = step_file.path
+    if not checkpoints.exists(path):
+      return f"checkpoint {path} vanished (deleted by the trainer's max_to_keep?)"
+    try:
+      source = formats.open_source(path)
+    except AveragingError as e:
+      return f"{e} (still being written?)"
+    try:
+      # An AveragingError here (--step_from naming no tensor) is the
+      # user's to fix, not a checkpoint's fault: it propagates.
+      members.append(checkpoints.read_step(source, self._averaging.step_from))
+    except _READ_ERRORS as e:
+      source.close()
+      return f"cannot read checkpoint {path}: {tf_bundle.error_text(e)}"
+    return None
 
   def _weigh(self, members: list[checkpoints.Checkpoint],
              newest: StepFile) -> tuple[Optional[weighting.Weighing],
@@ -573,6 +594,11 @@ def _copy_with_times(source: str, target: str,
   tf.io.gfile.copy(source, tmp, overwrite=True)
   tf.io.gfile.rename(tmp, target, overwrite=True)
   set_mtime(target, tf.io.gfile.stat(source).mtime_nsec)
+
+
+def _close(members: Sequence[checkpoints.Checkpoint]) -> None:
+  for member in members:
+    member.opened.close()
 
 
 def _unreadable_input(window: tuple[StepFile, ...],
