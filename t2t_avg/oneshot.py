@@ -171,7 +171,8 @@ def _greedy(chosen: Sequence[ckpts.Checkpoint],
   points = read_points(settings.weighting)
   logged: Optional[list[Optional[float]]] = None
   if points is not None:  # Own scores from the logged metric.
-    uniform = dataclasses.replace(settings.weighting, weighting="uniform")
+    uniform = dataclasses.replace(settings.weighting, weighting="uniform",
+                                  greedy_tolerance=0.0)
     logged = list(weighting.weigh_checkpoints(chosen, points, uniform).metrics
                   or [])
   if settings.output.dry_run:

@@ -253,8 +253,8 @@ def _best_first(scores, steps):
   return sorted(range(len(scores)), key=lambda i: (scores[i], -steps[i]))
 
 
-def _replay(prefixes, own, soup_score, start_score):
-  """The greedy rule (lower is better, tolerance 0), from our own scores.
+def _replay(prefixes, own, soup_score, start_score, tolerance=0.0):
+  """The greedy rule (lower is better), from our own scores.
 
   Returns:
     [(candidate index, soup score with it, kept)] in trial order.
@@ -264,7 +264,7 @@ def _replay(prefixes, own, soup_score, start_score):
   rows = [(order[0], score, True)]
   for i in order[1:]:
     with_it = soup_score([prefixes[j] for j in sorted(soup + [i])])
-    kept = with_it <= score
+    kept = with_it <= score + tolerance
     if kept:
       soup.append(i)
       score = with_it
@@ -398,6 +398,37 @@ def test_own_scores_from_events_order_the_soup_and_score_the_best_once(
                                           str(tmp_path / "ref" / "ref.ckpt"))
   _assert_same_tensors(result.output_path, reference.output_path)
   assert _leftovers(tmp_path) == []
+
+
+def test_greedy_tolerance_keeps_a_slightly_worse_soup_with_events(
+    run, scorer, tmp_path):
+  # The soup of the best two scores a little worse than the best alone: a
+  # tolerance just above that gap keeps the second, and the soup goes on
+  # from the worse score.
+  steps = [100, 400, 500, 600]
+  candidates = [run.prefix(s) for s in steps]
+  logged = [run.logged[s] for s in steps]
+  first, second = _best_first(logged, steps)[:2]
+  start = run.soup_score([candidates[first]])
+  gap = run.soup_score([candidates[i] for i in sorted([first, second])]) - (
+      start)
+  assert gap > 0
+  tolerance = 1.01 * gap
+  log = tmp_path / "calls.log"
+  result = oneshot.run(_settings(
+      tmp_path / "out" / "soup.ckpt", checkpoints=candidates,
+      weighting="greedy", metrics_from_events=(run.events,), metric="loss",
+      greedy_tolerance=tolerance, eval_command=scorer.command(log)))
+
+  weighting = result.record["weighting"]
+  assert weighting["tolerance"] == tolerance
+  expected = _replay(candidates, logged, run.soup_score, start, tolerance)
+  assert [r["soup_score"] for r in weighting["soup"]] == pytest.approx(
+      [score for _, score, _ in expected], rel=1e-6)
+  assert [r["kept"] for r in weighting["soup"]] == [
+      kept for _, _, kept in expected]
+  assert weighting["soup"][1]["kept"]
+  assert len(_calls(log)) == 4
 
 
 # --- Dry run ------------------------------------------------------------------
