@@ -36,16 +36,17 @@ def choose(inputs: options.InputOptions,
                       if chooser.is_default else None)
 
 
-def read_points(settings: options.WeightingOptions) -> Optional[
-    list[MetricPoint]]:
+def read_points(settings: options.WeightingOptions, *,
+                selects: bool = False) -> Optional[list[MetricPoint]]:
   """The metric's points, when event files are given; None otherwise.
 
-  A metric that is read but not used to weigh is said so.
+  A metric that is read but used neither to weigh nor to select (`selects`:
+  it chooses the best window) is said so.
   """
   if not settings.metrics_from_events:
     return None
   points = events.read_metric(settings.metrics_from_events, settings.metric)
-  if not settings.uses_metric and settings.weighting != "greedy":
+  if not (settings.uses_metric or settings.weighting == "greedy" or selects):
     logging.warning(
         "--metrics_from_events is read and shown, but --weighting=%s does not "
         "use it; pass --weighting=softmax, rank, top_k or proportional to "
@@ -54,9 +55,10 @@ def read_points(settings: options.WeightingOptions) -> Optional[
 
 
 def weigh(inputs: Sequence[ckpts.Checkpoint],
-          settings: options.WeightingOptions) -> weighting.Weighing:
+          settings: options.WeightingOptions, *,
+          selects: bool = False) -> weighting.Weighing:
   """Reads the metric (if asked for) and weighs the checkpoints by it."""
-  points = read_points(settings)
+  points = read_points(settings, selects=selects)
   mode = None
   if settings.uses_metric:
     mode = metrics.direction(settings.metric, settings.metric_mode)
@@ -72,7 +74,7 @@ def select_among(pool: Sequence[ckpts.Checkpoint],
                              settings.weighting.metric_mode)
     aligned = weighting.align_metrics_to_checkpoints(
         [c.step if c.step is not None else -1 for c in pool],
-        read_points(settings.weighting) or [],
+        read_points(settings.weighting, selects=True) or [],
         max_step_gap=settings.weighting.max_step_gap)
     values = [None if p is None else p.value for p in aligned]
   n = settings.inputs.num_last_checkpoints or None
@@ -125,7 +127,8 @@ def _average(inputs: Sequence[ckpts.Checkpoint],
 def _weighted(chosen: Sequence[ckpts.Checkpoint],
               settings: options.OneShotSettings) -> AveragingResult:
   """A weighted (or uniform) average, scored by the eval command if given."""
-  weighing = weigh(chosen, settings.weighting)
+  weighing = weigh(chosen, settings.weighting,
+                   selects=settings.selection.select == "best_window")
   result = _average(weighing.checkpoints, settings, weights=weighing.weights,
                     values=weighing.metrics, record=weighing.record)
   if result.written and settings.evaluation is not None:

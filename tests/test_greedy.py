@@ -711,6 +711,18 @@ def test_selection_flags_choose_these_checkpoints(run, tmp_path, flags,
   assert [r["step"] for r in record["inputs"]] == expected
 
 
+def test_best_window_does_not_warn_that_the_metric_goes_unused(run, tmp_path,
+                                                              caplog):
+  # The metric chose the window: "read and shown, but --weighting=uniform
+  # does not use it" would be false.
+  with caplog.at_level(logging.INFO):
+    oneshot.run(_settings(tmp_path / "avg.ckpt", prefix=f"{run.directory}/ckpt",
+                          num_last=3, select="best_window",
+                          metrics_from_events=(run.events,)))
+  assert [r.getMessage() for r in caplog.records
+          if r.levelno >= logging.WARNING] == []
+
+
 def test_selection_flags_on_the_command_line(run, tmp_path):
   out = tmp_path / "out"
   result = _cli(f"--prefix={run.directory}/ckpt", "--num_last_checkpoints=2",
