@@ -445,9 +445,17 @@ def test_dry_run_prints_the_order_only_runs_no_command_writes_nothing(
   assert result.returncode == 0, result.stderr[-3000:]
   candidates, steps = run.prefixes[-4:], run.steps[-4:]
   order = _best_first([run.logged[s] for s in steps], steps)
-  assert result.stdout.strip().splitlines()[-1] == (
+  lines = result.stdout.strip().splitlines()
+  assert lines[0].split() == ["checkpoint", "step", "metric", "weight"]
+  # No weights: which candidates the soup keeps is not known yet.
+  assert [line.split() for line in lines[1:5]] == [
+      [p, str(s), f"{run.logged[s]:.6g}", "-"]
+      for p, s in zip(candidates, steps)]
+  assert lines[5:] == [
+      "greedy soup: the weights are known only after evaluating; output: "
+      f"{out}/soup.ckpt-0",
       "greedy soup order (best first): " +
-      ", ".join(candidates[i] for i in order))
+      ", ".join(candidates[i] for i in order)]
   assert _calls(log) == []
   assert not out.exists()
   assert not any(m.startswith("Eval score") for m in _messages(result.stderr))
