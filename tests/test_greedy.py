@@ -44,7 +44,7 @@ from t2t_avg import options
 from t2t_avg import selection
 from t2t_avg.errors import AveragingError
 
-from conftest import REPO, error_line, read_checkpoint
+from conftest import REPO, error_line, read_checkpoint, tree_fingerprint
 
 # 6 checkpoints at steps 100..600 (files ckpt-1..ckpt-6: TF2 numbers files by
 # save count); the learning rate x10 after step 400.
@@ -768,6 +768,46 @@ def test_continuous_max_step_and_stride_average_windows_k_apart(run,
     assert record["output_step"] == newest
   assert f"{run.directory}/ckpt-6 is above --max_step=5; done" in _messages(
       result.stderr)
+
+
+# --- The README's selection commands, on testdata/ ---------------------------
+
+TESTDATA_TRAIN = os.path.join(REPO, "testdata", "train")
+BLEU = "metrics-translate_ende_wmt32k/targets/approx_bleu_score"
+
+
+@pytest.mark.parametrize("args, output, steps", [
+    (["--prefix=testdata/train/", "--num_last_checkpoints=2",
+      "--min_step=2000", "--max_step=4000", "--stride=2",
+      "--output_path={out}/strided.ckpt"], "strided.ckpt-0", [2000, 4000]),
+    (["--prefix=testdata/train/", "--num_last_checkpoints=3",
+      "--select=best_window", "--metrics_from_events=testdata/train/eval",
+      f"--metric={BLEU}", "--output_path={out}/best_window.ckpt"],
+     "best_window.ckpt-0", [2000, 3000, 4000]),
+], ids=["bounds-stride", "best-window"])
+def test_readme_selection_commands_average_what_the_readme_says(
+    tmp_path, args, output, steps):
+  before = tree_fingerprint(TESTDATA_TRAIN)
+  result = _cli(*[a.format(out=tmp_path) for a in args], cwd=REPO)
+
+  assert result.returncode == 0, result.stderr[-3000:]
+  record = _record(str(tmp_path / output))
+  assert [r["path"] for r in record["inputs"]] == [
+      os.path.join(TESTDATA_TRAIN, f"model.ckpt-{s}") for s in steps]
+  assert tree_fingerprint(TESTDATA_TRAIN) == before
+
+
+def test_readme_continuous_stride_command_averages_what_the_readme_says(
+    tmp_path):
+  out = tmp_path / "strided"
+  result = _cli("--model_dir=testdata/train", f"--output_dir={out}", "--n=2",
+                "--stride=2", "--max_step=4000", cwd=REPO)
+
+  assert result.returncode == 0, result.stderr[-3000:]
+  for newest, older in ((3000, 1000), (4000, 2000)):
+    record = _record(f"{out}/model.ckpt-{newest}")
+    assert [r["step"] for r in record["inputs"]] == [older, newest]
+  assert not (out / "model.ckpt-5000.index").exists()
 
 
 # --- Selection flags on Keras weights files -----------------------------------
