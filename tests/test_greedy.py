@@ -42,7 +42,8 @@ from t2t_avg import evaluation
 from t2t_avg import oneshot
 from t2t_avg import options
 from t2t_avg import selection
-from t2t_avg.errors import AveragingError
+from t2t_avg import weighting
+from t2t_avg.errors import ArgumentError, AveragingError
 
 from conftest import REPO, error_line, read_checkpoint, tree_fingerprint
 
@@ -437,6 +438,14 @@ def test_greedy_tolerance_keeps_a_slightly_worse_soup_with_events(
       kept for _, _, kept in expected]
   assert weighting["soup"][1]["kept"]
   assert len(_calls(log)) == 4
+
+
+def test_greedy_has_no_weight_formula_and_the_weighting_module_says_so():
+  # Its weights come from evaluations; compute_weights refuses the scheme
+  # with an argument error rather than failing on a missing formula.
+  assert "greedy" not in weighting.SCHEMES
+  with pytest.raises(ArgumentError, match="not 'greedy'"):
+    weighting.compute_weights([1.0, 2.0], scheme="greedy", mode="min")
 
 
 # --- Dry run ------------------------------------------------------------------
