@@ -296,16 +296,24 @@ def _quiet_collector(*, run_ends_soon: bool) -> None:
 
 def format_table(result: AveragingResult) -> str:
   """The checkpoints, steps, metric values and weights, as a text table."""
+  # A greedy soup's weights depend on evaluations a dry run does not make.
+  greedy = result.record.get("weighting", {}).get("scheme") == "greedy"
   width = max(len(r.path) for r in result.rows)
   lines = [f"{'checkpoint':<{width}}  {'step':>10}  {'metric':>12}  "
            f"{'weight':>8}"]
   for r in result.rows:
     metric = "-" if r.metric is None else f"{r.metric:.6g}"
     step = "?" if r.step is None else str(r.step)
+    weight = "-" if greedy else f"{r.weight:.4f}"
     lines.append(f"{r.path:<{width}}  {step:>10}  {metric:>12}  "
-                 f"{r.weight:>8.4f}")
-  lines.append(f"effective number of checkpoints: {result.effective_count:.2f}"
-               f" of {len(result.rows)}; output: {result.output_path}")
+                 f"{weight:>8}")
+  if greedy:
+    lines.append("greedy soup: the weights are known only after evaluating; "
+                 f"output: {result.output_path}")
+  else:
+    lines.append("effective number of checkpoints: "
+                 f"{result.effective_count:.2f} of {len(result.rows)}; "
+                 f"output: {result.output_path}")
   order = result.record.get("weighting", {}).get("order")
   if isinstance(order, list):
     lines.append("greedy soup order (best first): " + ", ".join(order))

@@ -36,12 +36,17 @@ class Candidates:
     self._eval = evaluation_options
     self._averaging = averaging_options
     self._tmp_dir: Optional[str] = None
+    self._made_dirs: list[str] = []  # Deepest first.
     self._count = 0
 
   def __enter__(self) -> Candidates:
     if not paths.is_local(self._output_dir):
       raise ArgumentError("{eval_command} writes candidate averages beside "
                           "{output_path}, which must be a local directory")
+    missing = self._output_dir
+    while missing and not os.path.isdir(missing):
+      self._made_dirs.append(missing)
+      missing = os.path.dirname(missing)
     os.makedirs(self._output_dir, exist_ok=True)
     self._tmp_dir = safe_files.make_temporary_dir(self._output_dir,
                                                   "candidates")
@@ -51,6 +56,14 @@ class Candidates:
     if self._tmp_dir is not None:
       shutil.rmtree(self._tmp_dir, ignore_errors=True)
       self._tmp_dir = None
+    # A run that fails leaves no directory either (the output, when there is
+    # one, makes its own).
+    for directory in self._made_dirs:
+      try:
+        os.rmdir(directory)
+      except OSError:  # Not empty: someone else's files are in it.
+        break
+    self._made_dirs = []
 
   def name(self, indices: Sequence[int]) -> str:
     """How the log and messages name a candidate."""

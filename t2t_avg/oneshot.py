@@ -37,18 +37,19 @@ def choose(inputs: options.InputOptions,
                       if chooser.is_default else None)
 
 
-def read_points(settings: options.WeightingOptions) -> Optional[
-    list[MetricPoint]]:
+def read_points(settings: options.WeightingOptions, *,
+                selects: bool = False) -> Optional[list[MetricPoint]]:
   """The metric's points, when event files (or Keras CSV logs) are given;
   None otherwise.
 
-  A metric that is read but not used to weigh is said so.
+  A metric that is read but used neither to weigh nor to select (`selects`:
+  it chooses the best window) is said so.
   """
   if not settings.metrics_from_events:
     return None
   points = keras_logs.read_metric(settings.metrics_from_events,
                                   settings.metric)
-  if not settings.uses_metric and settings.weighting != "greedy":
+  if not (settings.uses_metric or settings.weighting == "greedy" or selects):
     logging.warning(
         "--metrics_from_events is read and shown, but --weighting=%s does not "
         "use it; pass --weighting=softmax, rank, top_k or proportional to "
@@ -57,9 +58,10 @@ def read_points(settings: options.WeightingOptions) -> Optional[
 
 
 def weigh(inputs: Sequence[ckpts.Checkpoint],
-          settings: options.WeightingOptions) -> weighting.Weighing:
+          settings: options.WeightingOptions, *,
+          selects: bool = False) -> weighting.Weighing:
   """Reads the metric (if asked for) and weighs the checkpoints by it."""
-  points = read_points(settings)
+  points = read_points(settings, selects=selects)
   mode = None
   if settings.uses_metric:
     mode = metrics.direction(settings.metric, settings.metric_mode)
@@ -75,7 +77,7 @@ def select_among(pool: Sequence[ckpts.Checkpoint],
                              settings.weighting.metric_mode)
     aligned = weighting.align_metrics_to_checkpoints(
         [c.step if c.step is not None else -1 for c in pool],
-        read_points(settings.weighting) or [],
+        read_points(settings.weighting, selects=True) or [],
         max_step_gap=settings.weighting.max_step_gap)
     values = [None if p is None else p.value for p in aligned]
   n = settings.inputs.num_last_checkpoints or None
@@ -139,7 +141,8 @@ def _average(inputs: Sequence[ckpts.Checkpoint],
 def _weighted(chosen: Sequence[ckpts.Checkpoint],
               settings: options.OneShotSettings) -> AveragingResult:
   """A weighted (or uniform) average, scored by the eval command if given."""
-  weighing = weigh(chosen, settings.weighting)
+  weighing = weigh(chosen, settings.weighting,
+                   selects=settings.selection.select == "best_window")
   result = _average(weighing.checkpoints, settings, weights=weighing.weights,
                     values=weighing.metrics, record=weighing.record)
   if result.written and settings.evaluation is not None:
@@ -185,7 +188,8 @@ def _greedy(chosen: Sequence[ckpts.Checkpoint],
   points = read_points(settings.weighting)
   logged: Optional[list[Optional[float]]] = None
   if points is not None:  # Own scores from the logged metric.
-    uniform = dataclasses.replace(settings.weighting, weighting="uniform")
+    uniform = dataclasses.replace(settings.weighting, weighting="uniform",
+                                  greedy_tolerance=0.0)
     logged = list(weighting.weigh_checkpoints(chosen, points, uniform).metrics
                   or [])
   if settings.output.dry_run:

@@ -20,7 +20,8 @@ from t2t_avg import options
 from t2t_avg.errors import ArgumentError, AveragingError
 from t2t_avg.metrics import MetricPoint
 
-# The schemes weights are computed by; the greedy soup chooses instead.
+# The schemes with a formula; a greedy soup's weights come from evaluating
+# averages (see `greedy`).
 SCHEMES = tuple(s for s in options.SCHEMES if s != "greedy")
 METRIC_SCHEMES = options.METRIC_SCHEMES
 MODES = metrics.MODES
