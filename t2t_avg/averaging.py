@@ -9,7 +9,6 @@ from collections.abc import Sequence
 
 from absl import logging
 import numpy as np
-import tensorflow as tf
 
 import t2t_avg
 from t2t_avg import checkpoints
@@ -220,7 +219,7 @@ def _write(plan: planning.Plan, inputs: Sequence[Checkpoint],
       # Replacing an earlier output: what makes it visible goes first, so a
       # crash never leaves new data under an old index.
       out.publish(files + [visible], fmt.files(output))
-  except (OSError, tf.errors.OpError) as e:
+  except OSError as e:  # TF's errors too, as filesystem.GFileError
     # Reading errors are AveragingErrors naming the input: this is the output.
     reason = getattr(e, "strerror", None) or tf_bundle.error_text(e)
     raise AveragingError(f"cannot write {output}: {reason}") from e

@@ -3,22 +3,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Optional
 from collections.abc import Sequence
 
 from absl import logging
 import numpy as np
-import tensorflow as tf
 
+from t2t_avg import filesystem
 from t2t_avg import formats
 from t2t_avg import keras_checkpoints
 from t2t_avg import paths
+from t2t_avg import state_file
 from t2t_avg.errors import AveragingError
 from t2t_avg.formats import base
 from t2t_avg.formats import detect
 from t2t_avg.formats import tf_bundle
 
-STATE_FILE = "checkpoint"
+STATE_FILE = state_file.STATE_FILE
 # Written beside every output of this tool; marks it so it is never taken as
 # an input by the discovery of unlisted checkpoints.
 RECORD_SUFFIX = ".t2t_avg.json"
@@ -57,7 +58,7 @@ def exists(prefix: str) -> bool:
 
 def is_output_of_this_tool(prefix: str) -> bool:
   """Whether t2t_avg wrote the checkpoint at `prefix` (its record is there)."""
-  return tf.io.gfile.exists(prefix + RECORD_SUFFIX)
+  return filesystem.exists(prefix + RECORD_SUFFIX)
 
 
 def resolve(path: str) -> str:
@@ -69,7 +70,7 @@ def resolve(path: str) -> str:
   Raises:
     AveragingError: nothing is there, or a directory that is a model.
   """
-  if tf.io.gfile.isdir(path):
+  if filesystem.isdir(path):
     path = _latest_in(path)
   path = paths.strip_file_suffix(path)
   if not exists(path):
@@ -99,12 +100,11 @@ def _latest(directory: str) -> str:
   return _relocate(state.model_checkpoint_path, directory, state_file)
 
 
-def _state(directory: str) -> Optional[Any]:
-  state_file = os.path.join(directory, STATE_FILE)
+def _state(directory: str) -> Optional[state_file.CheckpointState]:
   try:
-    return tf.train.get_checkpoint_state(directory)
-  except (tf.errors.OpError, ValueError) as e:  # A garbled state file.
-    raise AveragingError(f"cannot read {state_file}: "
+    return state_file.read(directory)
+  except (OSError, ValueError) as e:  # A garbled state file.
+    raise AveragingError(f"cannot read {os.path.join(directory, STATE_FILE)}: "
                          f"{tf_bundle.error_text(e)}") from e
 
 
@@ -169,7 +169,7 @@ def _listed(prefix: str, state_dir: str, state_file: str) -> list[str]:
   state = _state(state_dir)
   if state is None or not state.model_checkpoint_path:
     hint = ""
-    if not prefix.endswith("/") and tf.io.gfile.exists(
+    if not prefix.endswith("/") and filesystem.exists(
         os.path.join(prefix, STATE_FILE)):
       hint = f"; did you mean --prefix={prefix}/?"
     raise AveragingError(f"no checkpoint state file {state_file} (the "
@@ -213,9 +213,9 @@ def _glob(pattern: str) -> list[str]:
   # GCS globbing can fail on a temporary file deleted meanwhile (T2T's
   # `_try_twice_tf_glob`).
   try:
-    return tf.io.gfile.glob(pattern)
-  except tf.errors.NotFoundError:
-    return tf.io.gfile.glob(pattern)
+    return filesystem.glob(pattern)
+  except FileNotFoundError:
+    return filesystem.glob(pattern)
 
 
 def read_step(source: base.Source, step_from: str = "auto") -> Checkpoint:

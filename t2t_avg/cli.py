@@ -17,6 +17,7 @@ from absl import flags
 from absl import logging
 
 from t2t_avg import evaluation
+from t2t_avg import filesystem
 from t2t_avg import options
 from t2t_avg import prefetch
 from t2t_avg import selection
@@ -254,8 +255,17 @@ def _run_once(argv: list[str]) -> None:
       selection_options(), evaluation_options())
   if not output.dry_run:
     prefetch.start(prefetch.input_prefixes(inputs))
-  # TensorFlow prints start-up notices: imported only once flags are valid.
-  from t2t_avg import oneshot  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel,unused-import
+  # Every module the run will use is imported here, before TensorFlow starts
+  # importing on its own thread: the two threads never import one module at
+  # once. Local V2 checkpoints and Keras files are read and averaged without
+  # TF; it is waited for only where needed (checking the output with TF's
+  # reader, gs:// paths, V1 checkpoints, event files).
+  from t2t_avg import oneshot
+  from t2t_avg import tf_loader
+  from t2t_avg.formats import keras_h5, tf_bundle  # noqa: F401
+  # pylint: enable=import-outside-toplevel,unused-import
+  tf_loader.start()
   _quiet_collector(run_ends_soon=True)
   result = oneshot.run(settings)
   if output.dry_run:
@@ -344,6 +354,8 @@ def _guarded(run: Callable[[list[str]], None],
       tf = sys.modules.get("tensorflow")
       if tf is not None and isinstance(e, tf.errors.OpError):
         _fail(e.message.strip().splitlines()[0])
+      if isinstance(e, filesystem.GFileError) and str(e).strip():
+        _fail(str(e).strip().splitlines()[0])  # The same, through filesystem.
       raise
   return main
 

@@ -16,6 +16,7 @@ from google.protobuf import message
 from t2t_avg import crc
 from t2t_avg import paths
 from t2t_avg import safe_files
+from t2t_avg import tf_loader
 from t2t_avg.errors import ArgumentError, AveragingError
 from t2t_avg.metrics import MetricPoint
 
@@ -137,7 +138,7 @@ def _unknown_tag(tag: str, sources: Sequence[str],
 
 def _event_files(source: str) -> list[str]:
   """The event files of one source: itself, or a directory's (one run)."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tf = tf_loader.get()
   if tf.io.gfile.isdir(source):
     names = sorted(name.rstrip("/") for name in tf.io.gfile.listdir(source))
     found = [os.path.join(source, name) for name in names if "tfevents" in name]
@@ -158,7 +159,7 @@ def _event_files(source: str) -> list[str]:
 def _read_file(path: str, tag: str, tags: set[str],
                state: _FileState) -> Iterator[MetricPoint]:
   """Yields the new points of `tag` in one file; adds scalar tags to `tags`."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tf = tf_loader.get()
   # pylint: disable-next=import-outside-toplevel
   from tensorflow.core.util import event_pb2
   for offset, record in _records(path, state):
@@ -190,7 +191,7 @@ def _read_file(path: str, tag: str, tags: set[str],
 
 @functools.cache
 def _is_numeric(dtype_enum: int) -> bool:
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tf = tf_loader.get()
   try:
     dtype = tf.dtypes.as_dtype(dtype_enum)
   except TypeError:
@@ -210,7 +211,7 @@ def _records(path: str, state: _FileState) -> Iterator[tuple[int, bytes]]:
   the first record that fails a CRC (`state.ended`): after that, record
   boundaries cannot be trusted.
   """
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tf = tf_loader.get()
   with tf.io.gfile.GFile(path, "rb") as f:
     f.seek(state.offset)
     while True:
@@ -269,7 +270,7 @@ def write_weight_summaries(directory: str, rows: Sequence, tag: str) -> None:
     rows: `averaging.CheckpointRow`s (step, weight, metric).
     tag: the metric's tag.
   """
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tf = tf_loader.get()
   tf1 = tf.compat.v1
   if paths.is_local(directory):
     safe_files.make_own_dir(directory)  # Never a planted link.

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 from collections.abc import Sequence
 
-import tensorflow as tf
-
+from t2t_avg import filesystem
 from t2t_avg.formats import base
 
 _NOT_IN_OP_NAMES = re.compile(r"[^A-Za-z0-9_.\-/]")
@@ -27,7 +27,16 @@ def op_name(key: str, taken: set[str]) -> str:
 
 
 def write(path: str, tensors: Sequence[base.Tensor]) -> None:
-  """Writes the `.meta` graph: one variable per tensor, saved under its key."""
+  """Writes the `.meta` graph: one variable per tensor, saved under its key.
+
+  Raises:
+    OSError: TF cannot write it (`filesystem.GFileError`).
+  """
+  with filesystem.tensorflow() as tf:
+    _write(tf, path, tensors)
+
+
+def _write(tf: Any, path: str, tensors: Sequence[base.Tensor]) -> None:
   graph = tf.Graph()
   taken: set[str] = set()
   with graph.as_default():

@@ -1,18 +1,18 @@
-"""Reading the inputs ahead while TensorFlow imports, so its seconds are not lost.
+"""Reading the inputs ahead while TensorFlow imports and the run opens them.
 
-Right after the flags are checked, and before TensorFlow is imported, the
-command line finds the checkpoints it will read (without TensorFlow: the
-`checkpoint` state file is plain text) and asks the kernel to read their
-files into the page cache (`posix_fadvise(WILLNEED)`, from a thread: the
-kernel reads while TensorFlow's libraries load). It is a hint, never an
-error: anything it cannot find is left to the real run, and it does nothing
-when the files would not fit in the memory this process may use (a cgroup
-limit, or little free memory), where reading ahead would only evict itself.
+Right after the flags are checked, and before TensorFlow starts importing,
+the command line finds the checkpoints it will read (without TensorFlow:
+`state_file` reads the `checkpoint` state file) and asks the kernel to read
+their files into the page cache (`posix_fadvise(WILLNEED)`, from a thread:
+the kernel reads while TensorFlow's libraries load and the run starts). It
+is a hint, never an error: anything it cannot find is left to the real run,
+and it does nothing when the files would not fit in the memory this process
+may use (a cgroup limit, or little free memory), where reading ahead would
+only evict itself.
 """
 from __future__ import annotations
 
 import os
-import re
 import threading
 from typing import Optional
 
@@ -21,11 +21,8 @@ from absl import logging
 from t2t_avg import keras_checkpoints
 from t2t_avg import options
 from t2t_avg import paths
+from t2t_avg import state_file
 
-_STATE_FILE = "checkpoint"
-_STATE_ENTRY = re.compile(
-    r'^(model_checkpoint_path|all_model_checkpoint_paths): "((?:[^"\\]|\\.)*)"',
-    re.MULTILINE)
 # Read ahead only when the files take at most this share of the memory left.
 _ROOM_SHARE = 0.5
 
@@ -56,22 +53,17 @@ def _prefix_of(path: str) -> Optional[str]:
 
 
 def _listed(directory: str) -> list[str]:
-  """The checkpoints a state file lists, its newest last."""
-  try:
-    with open(os.path.join(directory, _STATE_FILE), encoding="utf-8") as f:
-      text = f.read()
-  except (OSError, UnicodeDecodeError):
+  """The checkpoints a local state file lists, its newest last."""
+  if not paths.is_local(directory):
     return []
-  newest, listed = None, []
-  for field, value in _STATE_ENTRY.findall(text):
-    if "\\" in value:
-      continue  # An escaped name: left to the real run.
-    path = value if os.path.isabs(value) else os.path.join(directory, value)
-    if field == "model_checkpoint_path":
-      newest = path
-    else:
-      listed.append(path)
-  if newest and (not listed or listed[-1] != newest):
+  try:
+    state = state_file.read_without_tf(directory)
+  except state_file.NotUnderstood:
+    return []  # Left to the real run.
+  if state is None:
+    return []
+  newest, listed = state.model_checkpoint_path, state.all_model_checkpoint_paths
+  if not listed or listed[-1] != newest:
     listed.append(newest)
   return listed
 

@@ -16,6 +16,7 @@ import tensorflow as tf
 from t2t_avg import averaging
 from t2t_avg import checkpoints
 from t2t_avg import events
+from t2t_avg import filesystem
 from t2t_avg import formats
 from t2t_avg import keras_checkpoints
 from t2t_avg import keras_logs
@@ -36,7 +37,7 @@ OUTPUT_BASENAME = "model.ckpt"
 RUN_FILES = ("flags.txt", "hparams.json", "flags_t2t.txt")
 WRITTEN, EXISTED, SKIPPED = "written", "existed", "skipped"
 # What reading a damaged checkpoint raises (IndexError: a truncated data file).
-_READ_ERRORS = (tf.errors.OpError, ValueError, IndexError)
+_READ_ERRORS = (tf.errors.OpError, filesystem.GFileError, ValueError, IndexError)
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], None]

@@ -16,14 +16,14 @@ from typing import Optional
 from collections.abc import Sequence
 
 from absl import logging
-from google.protobuf import text_format
-import tensorflow as tf
 
+from t2t_avg import filesystem
 from t2t_avg import paths
 from t2t_avg import safe_files
+from t2t_avg import state_file
 from t2t_avg.errors import AveragingError
 
-STATE_FILE = "checkpoint"
+STATE_FILE = state_file.STATE_FILE
 
 
 class Output:
@@ -88,11 +88,12 @@ class Output:
 
   def _publish_remote(self, files: Sequence[tuple[str, str]],
                       replaced: Sequence[str]) -> None:
-    for old in replaced:
-      if tf.io.gfile.exists(old):
-        tf.io.gfile.remove(old)
-    for tmp, final in files:
-      tf.io.gfile.copy(tmp, final, overwrite=True)
+    with filesystem.gfile() as gfile:
+      for old in replaced:
+        if gfile.exists(old):
+          gfile.remove(old)
+      for tmp, final in files:
+        gfile.copy(tmp, final, overwrite=True)
 
   def abort(self) -> None:
     """Removes the temporary directory and the claim (idempotent)."""
@@ -125,18 +126,23 @@ def _fsync_dir(path: str) -> None:
 def make_dirs(directory: str) -> None:
   """Creates an output directory, or an AveragingError naming it."""
   try:
-    tf.io.gfile.makedirs(directory)
-  except (tf.errors.OpError, OSError) as e:
+    filesystem.makedirs(directory)
+  except OSError as e:
     raise AveragingError(f"cannot create output directory {directory}: "
-                         f"{getattr(e, 'message', e)}") from e
-  if not tf.io.gfile.isdir(directory):
+                         f"{e}") from e
+  if not filesystem.isdir(directory):
     raise AveragingError(f"output directory {directory} is not a directory")
 
 
 def write_json(path: str, record: dict) -> None:
   """Writes a JSON record to a new file (in an output's temporary directory)."""
-  with tf.io.gfile.GFile(path, "w") as f:
-    f.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
+  text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+  if paths.is_local(path):
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(text)
+    return
+  with filesystem.gfile() as gfile, gfile.GFile(path, "w") as f:
+    f.write(text)
 
 
 def check_replaceable(names: Sequence[str], flag: str = "--output_path") -> None:
@@ -175,26 +181,24 @@ def write_state_file(directory: str, newest: str,
     logging.warning("Not touching %s: it is %s (t2t_avg replaces only its "
                     "own files)", path, problem)
     return False
-  # An absolute save_dir: the names are written as given (relative).
-  state = tf.compat.v1.train.generate_checkpoint_state_proto(
-      "/", os.path.basename(newest),
-      all_model_checkpoint_paths=[os.path.basename(p) for p in all_paths])
-  text = text_format.MessageToString(state)
+  text = state_file.text(os.path.basename(newest),
+                         [os.path.basename(p) for p in all_paths])
   if paths.is_local(path):
     safe_files.write_atomically(path, text.encode("utf-8"))
   else:
     tmp = f"{path}{safe_files.TMP_MARK}.{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-      f.write(text)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    with filesystem.gfile() as gfile:
+      with gfile.GFile(tmp, "w") as f:
+        f.write(text)
+      gfile.rename(tmp, path, overwrite=True)
   return True
 
 
 def listed_outputs(directory: str) -> list[str]:
   """The checkpoints the directory's state file lists, or none."""
   try:
-    state = tf.train.get_checkpoint_state(directory)
-  except (tf.errors.OpError, ValueError):
+    state = state_file.read(directory)
+  except (OSError, ValueError):
     return []
   if state is None:
     return []

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from t2t_avg import crc
+from t2t_avg import filesystem
 from t2t_avg import paths
 from t2t_avg.errors import AveragingError
 
@@ -271,8 +272,8 @@ class _PositionedFile:
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
       self._pread = getattr(os, "preadv", None)
     else:
-      import tensorflow as tf  # pylint: disable=import-outside-toplevel
-      self._gfile = tf.io.gfile.GFile(path, "rb")
+      with filesystem.gfile() as gfile:
+        self._gfile = gfile.GFile(path, "rb")
     self._lock = threading.Lock()
 
   def read_into(self, out: memoryview, offset: int) -> None:
@@ -292,8 +293,9 @@ class _PositionedFile:
         os.lseek(self._fd, offset, os.SEEK_SET)
         data = os.read(self._fd, len(out))
       else:
-        self._gfile.seek(offset)
-        data = self._gfile.read(len(out))
+        with filesystem.gfile():  # TF's errors as OSError
+          self._gfile.seek(offset)
+          data = self._gfile.read(len(out))
     out[:len(data)] = data
     return len(data)
 

@@ -17,7 +17,6 @@ only ever copied, bytes and stored crc together, which keeps them valid.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import struct
 import threading
@@ -25,14 +24,14 @@ from typing import Any, NamedTuple, Optional
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
-import tensorflow as tf
-from tensorflow.core.framework import tensor_slice_pb2
-from tensorflow.core.protobuf import tensor_bundle_pb2
 
 from t2t_avg import crc
+from t2t_avg import filesystem
 from t2t_avg import paths
 from t2t_avg.errors import AveragingError
 from t2t_avg.formats import base
+from t2t_avg.formats import tf_protos
+from t2t_avg.formats.tf_dtypes import dtype_enum, dtype_of
 
 INDEX_SUFFIX = ".index"
 GLOBAL_STEP = "global_step"
@@ -48,32 +47,6 @@ _FOOTER_BYTES = 48
 _NO_COMPRESSION = 0
 # The table writer puts at most this many entries in a block (TF: 256 KiB).
 _BLOCK_ENTRIES = 4096
-
-
-# --- dtypes ------------------------------------------------------------------
-
-@functools.cache
-def dtype_of(enum: int) -> base.DType:
-  """The engine's view of a TF dtype enum."""
-  dtype = tf.as_dtype(enum)
-  if dtype.is_floating:
-    kind = base.Kind.FLOAT
-  elif dtype.is_complex:
-    kind = base.Kind.COMPLEX
-  else:
-    kind = base.Kind.OTHER
-  numpy = None
-  if dtype.is_quantized:
-    numpy = np.dtype(f"{'u' if dtype.name.startswith('qu') else 'i'}"
-                     f"{dtype.size}")
-  elif dtype not in (tf.string, tf.variant, tf.resource):
-    numpy = np.dtype(dtype.as_numpy_dtype)
-  return base.DType(dtype.name, kind, numpy)
-
-
-def dtype_enum(dtype: base.DType) -> int:
-  """The TF dtype enum a bundle entry stores for `dtype`."""
-  return tf.as_dtype(dtype.name).as_datatype_enum
 
 
 # --- slice keys (TF's OrderedCode, saved_tensor_slice_util.cc) ----------------
@@ -112,12 +85,6 @@ def slice_key(name: bytes, extents: Sequence[base.Extent]) -> bytes:
   for start, length in extents:
     key += _signed_num_increasing(start) + _signed_num_increasing(length)
   return key
-
-
-def _extents(proto: tensor_slice_pb2.TensorSliceProto) -> tuple[base.Extent,
-                                                                 ...]:
-  return tuple((e.start, e.length if e.HasField("length") else -1)
-               for e in proto.extent)
 
 
 # --- reading the index table -------------------------------------------------
@@ -187,14 +154,14 @@ class _Entry(NamedTuple):
   offset: int
   size: int
   crc: int
-  slices: tuple  # of TensorSliceProto; () for a plain tensor
+  slices: tuple[tf_protos.Extents, ...]  # () for a plain tensor
 
 
 def _decode_entry(value: bytes) -> _Entry:
   """A `BundleEntryProto`, decoded by hand for speed in the common case.
 
   Plain entries (dtype, shape, shard, offset, size, crc) are decoded here;
-  anything else (slices, unknown fields) by the protobuf library. A
+  anything else (slices, unknown fields) by `tf_protos`. A
   checkpoint of many small tensors has hundreds of thousands of entries.
   """
   fields = [0, 0, 0, 0, 0, 0]  # By field number - 1 (shape stays unused).
@@ -252,14 +219,13 @@ def _decode_shape(value: bytes, i: int, end: int) -> tuple[int, ...]:
 
 
 def _from_proto(value: bytes) -> _Entry:
-  entry = tensor_bundle_pb2.BundleEntryProto.FromString(value)
-  return _Entry(entry.dtype, tuple(d.size for d in entry.shape.dim),
-                entry.shard_id, entry.offset, entry.size, entry.crc32c,
-                tuple(entry.slices))
+  entry = tf_protos.decode_entry(value)
+  return _Entry(entry.dtype, entry.shape, entry.shard_id, entry.offset,
+                entry.size, entry.crc32c, entry.slices)
 
 
 def _parse_index(table: bytes) -> Optional[tuple[
-    tensor_bundle_pb2.BundleHeaderProto, dict[bytes, _Entry]]]:
+    tf_protos.Header, dict[bytes, _Entry]]]:
   """The header and entries of an index, or None for a layout we do not read.
 
   None means compressed blocks, a big-endian bundle or anything unexpected:
@@ -271,11 +237,10 @@ def _parse_index(table: bytes) -> Optional[tuple[
       if key:
         entries[key] = _decode_entry(value)
       else:
-        header = tensor_bundle_pb2.BundleHeaderProto.FromString(value)
+        header = tf_protos.decode_header(value)
   except (IndexError, ValueError, struct.error):
     return None
-  if header is None or (
-      header.endianness != tensor_bundle_pb2.BundleHeaderProto.LITTLE):
+  if header is None or header.endianness != tf_protos.LITTLE:
     return None
   return header, entries
 
@@ -288,7 +253,7 @@ def data_file(prefix: str, shard: int, shards: int) -> str:
 Entries = dict[bytes, _Entry]
 
 
-def _tensors_of(prefix: str, header: tensor_bundle_pb2.BundleHeaderProto,
+def _tensors_of(prefix: str, header: tf_protos.Header,
                 entries: Entries) -> dict[str, base.Tensor]:
   """{name: Tensor} from parsed index entries: slices joined to their tensor."""
   files = [data_file(prefix, shard, header.num_shards)
@@ -311,8 +276,7 @@ def _slices(prefix: str, files: list[str], key: bytes, entry: _Entry,
             entries: Entries) -> tuple[base.Part, ...]:
   """The parts of a sliced tensor, found by encoding each slice's key."""
   parts = []
-  for proto in entry.slices:
-    extents = _extents(proto)
+  for extents in entry.slices:
     part_key = slice_key(key, extents)
     stored = entries.get(part_key)
     if stored is None:
@@ -405,9 +369,10 @@ class ReaderSource(_TFSource):
 
 def _read_whole(reader: Any, path: str, name: str) -> np.ndarray:
   try:
-    return np.asarray(reader.get_tensor(name))
+    with filesystem.tensorflow():  # TF's errors as OSError
+      return np.asarray(reader.get_tensor(name))
   # A truncated data file (still being copied) raises IndexError.
-  except (tf.errors.OpError, ValueError, IndexError) as e:
+  except (OSError, ValueError, IndexError) as e:
     raise AveragingError(f"cannot read variable {name} from checkpoint {path}: "
                          f"{error_text(e)}") from e
 
@@ -434,7 +399,7 @@ def error_text(error: Exception) -> str:
 
 def is_v2(prefix: str) -> bool:
   """Whether a V2 checkpoint is at `prefix` (its `.index` exists)."""
-  return tf.io.gfile.exists(prefix + INDEX_SUFFIX)
+  return filesystem.exists(prefix + INDEX_SUFFIX)
 
 
 def is_v1(prefix: str) -> bool:
@@ -443,7 +408,7 @@ def is_v1(prefix: str) -> bool:
     return False
   if os.path.isfile(prefix):
     return True
-  return bool(tf.io.gfile.glob(prefix + "-?????-of-?????"))
+  return bool(filesystem.glob(prefix + "-?????-of-?????"))
 
 
 def open_source(prefix: str) -> base.Source:
@@ -460,9 +425,8 @@ def open_source(prefix: str) -> base.Source:
                          "missing")
   index = prefix + INDEX_SUFFIX
   try:
-    with tf.io.gfile.GFile(index, "rb") as f:
-      parsed = _parse_index(f.read())
-  except tf.errors.OpError as e:
+    parsed = _parse_index(filesystem.read_bytes(index))
+  except OSError as e:
     raise AveragingError(f"cannot read checkpoint {prefix}: "
                          f"{error_text(e)}") from e
   except _Corrupted as e:
@@ -475,8 +439,9 @@ def open_source(prefix: str) -> base.Source:
 
 def _load_reader(prefix: str) -> Any:
   try:
-    return tf.train.load_checkpoint(prefix)
-  except (tf.errors.OpError, ValueError) as e:
+    with filesystem.tensorflow() as tf:
+      return tf.train.load_checkpoint(prefix)
+  except (OSError, ValueError) as e:
     raise AveragingError(f"cannot read checkpoint {prefix}: "
                          f"{error_text(e)}") from e
 
@@ -484,7 +449,7 @@ def _load_reader(prefix: str) -> Any:
 def missing_data_file(prefix: str) -> Optional[str]:
   """The first missing `.data-*` shard of a V2 checkpoint, or None."""
   shards = {}
-  for name in tf.io.gfile.glob(prefix + ".data-*"):
+  for name in filesystem.glob(prefix + ".data-*"):
     tail = name[len(prefix) + len(".data-"):]
     if len(tail) == 14 and tail[5:9] == "-of-" and tail[:5].isdigit() and (
         tail[9:].isdigit()):
@@ -602,38 +567,22 @@ class BundleSink(base.Sink):
             (self.index_path, output + INDEX_SUFFIX)]
 
   def _index_entries(self) -> list[tuple[bytes, bytes]]:
-    header = tensor_bundle_pb2.BundleHeaderProto(
-        num_shards=1, endianness=tensor_bundle_pb2.BundleHeaderProto.LITTLE)
-    header.version.producer = 1
+    header = tf_protos.Header(num_shards=1, endianness=tf_protos.LITTLE,
+                              producer=1)
     entries = {}
     for tensor in self._tensors:
       enum = dtype_enum(tensor.dtype)
-      sliced = tensor.parts[0].extents is not None
       for part in tensor.parts:
         placed = self._places[part.key]
-        entries[part.key] = _entry(enum, part.shape, offset=placed.offset,
-                                   size=part.size, crc=self._crcs[part.key])
-      if sliced:
-        full = _entry(enum, tensor.shape)
-        for part in tensor.parts:
-          proto = full.slices.add()
-          for start, length in part.extents or ():
-            extent = proto.extent.add(start=start)
-            if length >= 0:
-              extent.length = length
-        entries[tensor.name.encode("utf-8", "surrogateescape")] = full
-    return [(b"", header.SerializeToString())] + [
-        (key, entries[key].SerializeToString()) for key in sorted(entries)]
-
-
-def _entry(enum: int, shape: Sequence[int], *, offset: int = 0, size: int = 0,
-           crc: int = 0) -> tensor_bundle_pb2.BundleEntryProto:
-  entry = tensor_bundle_pb2.BundleEntryProto(dtype=enum, shard_id=0,
-                                             offset=offset, size=size,
-                                             crc32c=crc)
-  for dim in shape:
-    entry.shape.dim.add(size=dim)
-  return entry
+        entries[part.key] = tf_protos.Entry(
+            enum, tuple(part.shape), offset=placed.offset, size=part.size,
+            crc32c=self._crcs[part.key])
+      if tensor.parts[0].extents is not None:
+        entries[tensor.name.encode("utf-8", "surrogateescape")] = (
+            tf_protos.Entry(enum, tuple(tensor.shape), slices=tuple(
+                tuple(part.extents or ()) for part in tensor.parts)))
+    return [(b"", tf_protos.encode_header(header))] + [
+        (key, tf_protos.encode_entry(entries[key])) for key in sorted(entries)]
 
 
 class PartWriter(base.PartWriter):
@@ -661,13 +610,7 @@ class PartWriter(base.PartWriter):
         self._key, crc.masked(self._crc) if stored_crc is None else stored_crc)
 
 
-def _put_varint(value: int) -> bytes:
-  out = bytearray()
-  while value >= 0x80:
-    out.append((value & 0x7f) | 0x80)
-    value >>= 7
-  out.append(value)
-  return bytes(out)
+_put_varint = tf_protos.put_varint
 
 
 def _block(entries: Sequence[tuple[bytes, bytes]]) -> bytes:
@@ -713,8 +656,9 @@ def verify_readable(prefix: str, tensors: Sequence[base.Tensor]) -> None:
     AveragingError: it does not (nothing is published then).
   """
   try:
-    shapes = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
-  except (tf.errors.OpError, ValueError) as e:
+    with filesystem.tensorflow() as tf:  # Waits for the import, if still running.
+      shapes = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+  except (OSError, ValueError) as e:
     raise AveragingError(f"internal error: TF cannot read the output written "
                          f"at {prefix}: {error_text(e)}") from e
   expected = {t.name: list(t.shape) for t in tensors}
@@ -748,8 +692,7 @@ class TFFormat(base.Format):
     return f"{output_path}-{step}"
 
   def files(self, output: str) -> list[str]:
-    return [output + INDEX_SUFFIX] + sorted(tf.io.gfile.glob(output +
-                                                             ".data-*"))
+    return [output + INDEX_SUFFIX] + sorted(filesystem.glob(output + ".data-*"))
 
   def exists(self, output: str) -> bool:
     return is_v2(output) or is_v1(output)
