@@ -261,6 +261,7 @@ def _run_once(argv: list[str]) -> None:
   # once. Local V2 checkpoints and Keras files are read and averaged without
   # TF; it is waited for only where needed (checking the output with TF's
   # reader, gs:// paths, V1 checkpoints, event files).
+  import concurrent.futures.thread  # noqa: F401  (the pool's; lazy otherwise)
   from t2t_avg import oneshot
   from t2t_avg import tf_loader
   from t2t_avg.formats import keras_h5, tf_bundle  # noqa: F401
