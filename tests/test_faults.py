@@ -730,7 +730,7 @@ def _own_temporary(out, pid):
       owner = (out / name / "t2t_avg-owner").read_text()
     except OSError:
       continue
-    if owner.split()[0] == str(pid):
+    if owner.split()[:1] == [str(pid)]:  # Empty: created, not yet written.
       return name
   return None
 
