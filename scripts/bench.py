@@ -683,14 +683,10 @@ def print_size_report(session: Session, result: SizeResult) -> None:
   rows = [r for r in TOOLS + FLOORS if r in result.runs.by_row]
   print_runs_table(result.runs, rows, session)
   wall, excess = ratios(result)
-  print()
-  print("| ratio | value | target | verdict |")
-  print("|---|---:|---:|---|")
-  print(f"| wall: t2t_avg / legacy | {_fmt(wall, '.2f')} | <= {WALL_TARGET} | "
-        f"{_verdict(wall, WALL_TARGET)} |")
-  print("| excess peak RSS: (t2t_avg - import tf) / (legacy - import tf) | "
-        f"{_fmt(excess, '.2f')} | <= {EXCESS_RSS_TARGET} | "
-        f"{_verdict(excess, EXCESS_RSS_TARGET)} |")
+  _print_ratio_header()
+  _print_target_row("wall: t2t_avg / legacy", wall, WALL_TARGET)
+  _print_target_row("excess peak RSS: (t2t_avg - import tf) / (legacy - "
+                    "import tf)", excess, EXCESS_RSS_TARGET)
   legacy_cpu = result.median("legacy", "cpu_s")
   ours_cpu = result.median("t2t_avg", "cpu_s")
   if legacy_cpu is not None and ours_cpu is not None:
@@ -845,12 +841,9 @@ def print_small_tensors_report(session: Session, result: CaseResult,
   if ours is not None and bare is not None:
     overhead = (ours - bare) / bare
     per_tensor = (ours - bare) / (count * checkpoints) * 1e6
-  print()
-  print("| ratio | value | target | verdict |")
-  print("|---|---:|---:|---|")
-  print("| wall beyond a bare import: (t2t_avg - import tf) / import tf | "
-        f"{_fmt(overhead, '.2f')} | <= {SMALL_TENSORS_TARGET} | "
-        f"{_verdict(overhead, SMALL_TENSORS_TARGET)} |")
+  _print_ratio_header()
+  _print_target_row("wall beyond a bare import: (t2t_avg - import tf) / "
+                    "import tf", overhead, SMALL_TENSORS_TARGET)
   print("| t2t_avg time beyond the import per tensor per checkpoint (us) | "
         f"{_fmt(per_tensor, '.1f')} | | |")
   legacy = runs.median("legacy", "wall_s")
@@ -1001,15 +994,12 @@ def print_max_shard_report(session: Session, result: CaseResult,
   ratio = (sliced_excess / unsliced_excess
            if sliced_excess is not None and unsliced_excess is not None
            and unsliced_excess > 0 else None)
-  print()
-  print("| ratio | value | target | verdict |")
-  print("|---|---:|---:|---|")
+  _print_ratio_header()
   for layout in series_lib.LAYOUTS:
     print(f"| t2t_avg peak RSS above import tf, {layout} (MiB) | "
           f"{_fmt(excess[layout], '.0f')} | | |")
-  print("| excess peak RSS: t2t_avg sliced / unsliced | "
-        f"{_fmt(ratio, '.2f')} | <= {MAX_SHARD_TARGET} | "
-        f"{_verdict(ratio, MAX_SHARD_TARGET)} |")
+  _print_target_row("excess peak RSS: t2t_avg sliced / unsliced", ratio,
+                    MAX_SHARD_TARGET)
   sliced_wall = runs.median("t2t_avg_sliced", "wall_s")
   unsliced_wall = runs.median("t2t_avg_unsliced", "wall_s")
   if sliced_wall is not None and unsliced_wall is not None:
@@ -1133,9 +1123,9 @@ def print_limited_ratios(runs: Runs, session: Session) -> None:
   bare = runs.median("import_tf", "peak_rss_mib")
   excess_mb = (None if ours is None or bare is None
                else (ours - bare) * 1.048576)
-  print(f"| peak RSS above a bare import under {limit} MiB: t2t_avg - import "
-        f"tf (MB) | {_fmt(excess_mb, '.0f')} | <= {LIMITED_EXCESS_TARGET_MB} "
-        f"| {_verdict(excess_mb, LIMITED_EXCESS_TARGET_MB)} |")
+  _print_target_row(f"peak RSS above a bare import under {limit} MiB: "
+                    "t2t_avg - import tf (MB)", excess_mb,
+                    LIMITED_EXCESS_TARGET_MB, ".0f")
   wall = runs.median("t2t_avg", "wall_s")
   print(f"| t2t_avg wall under {limit} MiB (s) | {_fmt(wall, '.2f')} | | "
         f"{runs.outcome('t2t_avg') if 't2t_avg' in runs.by_row else 'n/a'} |")
@@ -1172,6 +1162,19 @@ def _load() -> str:
 
 def _fmt(value: Optional[float], spec: str) -> str:
   return "n/a" if value is None else format(value, spec)
+
+
+def _print_ratio_header() -> None:
+  print()
+  print("| ratio | value | target | verdict |")
+  print("|---|---:|---:|---|")
+
+
+def _print_target_row(label: str, value: Optional[float], target: float,
+                      spec: str = ".2f") -> None:
+  """A row of the ratio table whose value must be at most `target`."""
+  print(f"| {label} | {_fmt(value, spec)} | <= {target} | "
+        f"{_verdict(value, target)} |")
 
 
 def _verdict(value: Optional[float], target: float) -> str:

@@ -22,7 +22,6 @@ import dataclasses
 import os
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -176,15 +175,8 @@ def main() -> None:
                       help="where the runs go (default: a temporary "
                       "directory, removed afterwards)")
   args = parser.parse_args()
-  demo._configure_tensorflow()  # pylint: disable=protected-access
-  from absl import logging  # pylint: disable=import-outside-toplevel
-  logging.set_verbosity(logging.WARNING)
-  start = time.monotonic()
-  with tempfile.TemporaryDirectory() as scratch:
-    tables = run_demo(args.work_dir or scratch, n=args.n)
-  for title, rows in tables:
-    print(demo.markdown_table(title, rows))
-    print()
+  start = demo.print_tables(lambda work_dir: run_demo(work_dir, n=args.n),
+                            args.work_dir)
   example = shlex.join(["python", "-m", "t2t_avg"] + cli_args(
       "spike", args.n, "avg/averaged.weights.h5", "softmax"))
   print("Reproduce with `python scripts/demo_keras_weighting.py`. Each "

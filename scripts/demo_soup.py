@@ -24,7 +24,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 
@@ -38,7 +37,7 @@ import sys
 sys.path.insert(0, {scripts!r})
 import demo_weighting as demo
 
-demo._configure_tensorflow()  # one CPU thread, deterministic ops
+demo.configure_tensorflow()  # one CPU thread, deterministic ops
 cfg = demo.Config(**{config!r})
 loss, accuracy = demo.evaluate(cfg, sys.argv[1], demo.make_data(cfg)["eval"])
 print(f"val_accuracy: {{accuracy!r}}")
@@ -114,15 +113,7 @@ def main() -> None:
                       help="where the runs go (default: a temporary "
                       "directory, removed afterwards)")
   args = parser.parse_args()
-  demo._configure_tensorflow()  # pylint: disable=protected-access
-  from absl import logging  # pylint: disable=import-outside-toplevel
-  logging.set_verbosity(logging.WARNING)
-  start = time.monotonic()
-  with tempfile.TemporaryDirectory() as scratch:
-    tables = run_demo(args.work_dir or scratch)
-  for title, rows in tables:
-    print(demo.markdown_table(title, rows))
-    print()
+  start = demo.print_tables(run_demo, args.work_dir)
   example = shlex.join(["python", "-m", "t2t_avg"] + greedy_args(
       ["spike/ckpt-9", "...", "spike/ckpt-16"], "avg/greedy.ckpt",
       "python eval_val.py {checkpoint}"))

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from typing import Any, Optional
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -270,12 +270,30 @@ def run_demo(work_dir: str, *, n: int = 8, use_cli: bool = False,
   return tables
 
 
-def _configure_tensorflow() -> None:
+def configure_tensorflow() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   tf.config.threading.set_inter_op_parallelism_threads(1)
   tf.config.threading.set_intra_op_parallelism_threads(1)
   tf.config.experimental.enable_op_determinism()
+
+
+def print_tables(run: Callable[[str], list], work_dir: str) -> float:
+  """Runs a demo in `work_dir` (or a scratch directory) and prints its tables.
+
+  Returns:
+    When it started (`time.monotonic()`), for the closing timing line.
+  """
+  configure_tensorflow()
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  logging.set_verbosity(logging.WARNING)
+  start = time.monotonic()
+  with tempfile.TemporaryDirectory() as scratch:
+    tables = run(work_dir or scratch)
+  for title, rows in tables:
+    print(markdown_table(title, rows))
+    print()
+  return start
 
 
 def main() -> None:
@@ -289,15 +307,9 @@ def main() -> None:
                       help="where the runs go (default: a temporary "
                       "directory, removed afterwards)")
   args = parser.parse_args()
-  _configure_tensorflow()
-  from absl import logging  # pylint: disable=import-outside-toplevel
-  logging.set_verbosity(logging.WARNING)
-  start = time.monotonic()
-  with tempfile.TemporaryDirectory() as scratch:
-    tables = run_demo(args.work_dir or scratch, n=args.n, use_cli=args.cli)
-  for title, rows in tables:
-    print(markdown_table(title, rows))
-    print()
+  start = print_tables(lambda work_dir: run_demo(work_dir, n=args.n,
+                                                 use_cli=args.cli),
+                       args.work_dir)
   command = "python scripts/demo_weighting.py" + (
       "" if args.n == 8 else f" --n={args.n}")
   example = shlex.join(["python", "-m", "t2t_avg"] + cli_args(

@@ -8,7 +8,8 @@ unpredictable name (`tempfile.mkdtemp`, mode 0700), or opened with
 replaces a link rather than writing through it; and a temporary directory
 left by a killed run is removed only when it is certainly ours: a real
 directory (checked on an open descriptor, never through a link), owned by
-this user, holding the owner file this module wrote, whose process is gone,
+this user, holding the owner file this module wrote, whose process is gone
+(an owner file not yet written counts as a run starting, for a minute),
 and containing only regular files and directories. Anything else is left
 alone with a warning naming it.
 
@@ -20,6 +21,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import time
 from typing import Optional
 
 from absl import logging
@@ -30,6 +32,8 @@ TMP_MARK = ".t2t_avg-tmp"
 CLAIM_MARK = ".t2t_avg-writing"
 _OWNER_FILE = "t2t_avg-owner"
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+# An owner file still empty this long after its creation was never written.
+_UNWRITTEN_SECONDS = 60.0
 _OPEN_EXISTING = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(
     os, "O_NONBLOCK", 0)
 
@@ -48,17 +52,19 @@ def _process_alive(pid: int) -> bool:
   return True
 
 
-def _holder_alive(text: str) -> bool:
+def _holder_alive(text: str, mtime: float) -> bool:
   """Whether the process an owner text names may still be running.
 
   A process on another host (a shared network file system) cannot be checked,
-  so it counts as running.
+  so it counts as running. A text naming no process is a run between
+  creating its file and writing it, unless the file is older than
+  `_UNWRITTEN_SECONDS` (a run killed right then).
   """
   fields = text.split()
   try:
     pid = int(fields[0])
   except (IndexError, ValueError):
-    return False
+    return time.time() - mtime < _UNWRITTEN_SECONDS
   if len(fields) > 1 and fields[1] != socket.gethostname():
     return True
   return pid != os.getpid() and _process_alive(pid)
@@ -97,12 +103,12 @@ def remove_stale_temporaries(directory: str) -> None:
     if not name.startswith(TMP_MARK + "."):
       continue
     path = os.path.join(directory, name)
-    problem, holder = _inspect_temporary(path)
+    problem, holder, mtime = _inspect_temporary(path)
     if problem:
       logging.warning("Leaving %s alone: %s, so it may not be a temporary of "
                       "t2t_avg", path, problem)
       continue
-    if _holder_alive(holder):
+    if _holder_alive(holder, mtime):
       continue  # Another run is writing right now.
     logging.info("Removing %s, left by an interrupted run", path)
     if not shutil.rmtree.avoids_symlink_attacks:
@@ -113,29 +119,30 @@ def remove_stale_temporaries(directory: str) -> None:
 
 
 def _inspect_temporary(path: str) -> tuple:
-  """(why it is not certainly ours or None, its owner file's text)."""
+  """(why it is not certainly ours or None, its owner file's text, mtime)."""
   try:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) |
                  getattr(os, "O_NOFOLLOW", 0))
   except OSError:
     kind = _kind(path)
-    return f"it is {kind}, not a directory", ""
+    return f"it is {kind}, not a directory", "", 0.0
   try:
     info = os.fstat(fd)
     if info.st_uid != os.geteuid():
-      return f"it is owned by another user (uid {info.st_uid})", ""
+      return f"it is owned by another user (uid {info.st_uid})", "", 0.0
     try:
       owner_fd = os.open(_OWNER_FILE, _OPEN_EXISTING, dir_fd=fd)
     except OSError:
-      return f"it holds no regular file {_OWNER_FILE}", ""
+      return f"it holds no regular file {_OWNER_FILE}", "", 0.0
     with os.fdopen(owner_fd) as f:
-      if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-        return f"its {_OWNER_FILE} is not a regular file", ""
+      owner = os.fstat(f.fileno())
+      if not stat.S_ISREG(owner.st_mode):
+        return f"its {_OWNER_FILE} is not a regular file", "", 0.0
       holder = f.read(200)
     odd = _odd_entry(path)
     if odd:
-      return f"it holds {odd}, which is neither a file nor a directory", ""
-    return None, holder
+      return f"it holds {odd}, which is neither a file nor a directory", "", 0.0
+    return None, holder, owner.st_mtime
   finally:
     os.close(fd)
 
@@ -215,9 +222,10 @@ def _check_stale_claim(path: str, output: str) -> None:
           f"{path} marks {output} as being written by another user (uid "
           f"{info.st_uid}); choose another output")
     holder = f.read(200)
-  if _holder_alive(holder):
+  if _holder_alive(holder, info.st_mtime):
+    who = f"pid {holder.split()[0]}" if holder.split() else "just started"
     raise AveragingError(
-        f"another t2t_avg run (pid {holder.split()[0]}) is writing {output}; "
+        f"another t2t_avg run ({who}) is writing {output}; "
         "wait for it to finish or choose another output")
 
 

@@ -1,5 +1,6 @@
 """Shared test helpers: real checkpoints from TF's own savers, the legacy T2T oracle, the CLI."""
 import hashlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -123,6 +124,15 @@ def read_checkpoint(prefix):
   reader = tf.train.load_checkpoint(prefix)
   return {name: reader.get_tensor(name)
           for name in reader.get_variable_to_shape_map()}
+
+
+def load_script(name):
+  """A module of scripts/ (not a package), imported from its file."""
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(REPO, "scripts", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def tree_fingerprint(directory):

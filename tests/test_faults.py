@@ -730,9 +730,7 @@ def _own_temporary(out, pid):
       owner = (out / name / "t2t_avg-owner").read_text()
     except OSError:
       continue
-    # Empty: created, not yet written (the run is not held up by TensorFlow's
-    # import any more, so the test may look in between).
-    if owner.split()[:1] == [str(pid)]:
+    if owner.split()[:1] == [str(pid)]:  # Empty: created, not yet written.
       return name
   return None
 

@@ -19,7 +19,6 @@ checkpoints' model variables, cast once to float32, set into the model and
 scored the same way), and, replaying the greedy rule from those scores, which
 candidates are kept.
 """
-import importlib.util
 import json
 import logging
 import os
@@ -45,7 +44,8 @@ from t2t_avg import selection
 from t2t_avg import weighting
 from t2t_avg.errors import ArgumentError, AveragingError
 
-from conftest import REPO, error_line, read_checkpoint, tree_fingerprint
+from conftest import (REPO, error_line, load_script, read_checkpoint,
+                      tree_fingerprint)
 
 # 6 checkpoints at steps 100..600 (files ckpt-1..ckpt-6: TF2 numbers files by
 # save count); the learning rate x10 after step 400.
@@ -78,19 +78,11 @@ SCORE_PY = """\
 
 # --- The training run and its scores -------------------------------------
 
-def _load_demo():
-  path = os.path.join(REPO, "scripts", "demo_weighting.py")
-  spec = importlib.util.spec_from_file_location("demo_weighting", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 class Run:
   """The trained run: its checkpoints, steps, eval events and data."""
 
   def __init__(self, directory):
-    self.demo = _load_demo()
+    self.demo = load_script("demo_weighting")
     self.cfg = self.demo.Config(**RUN)
     self.data = self.demo.make_data(self.cfg)
     self.directory = directory

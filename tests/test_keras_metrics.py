@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, options_from_flags
+from conftest import REPO, load_script, options_from_flags
 from keras_runs import (EPOCHS, assert_same_values, build_model, csv_column,
                         data, datasets, expected_average, policy_scope,
                         softmax_weights, tensorboard_scalars)
@@ -305,12 +305,7 @@ def test_metric_points_carry_their_kind_by_default():
 
 def test_keras_demo_softmax_by_epoch_loss_beats_uniform_after_a_spike(
     tmp_path):
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location(
-      "demo_keras_weighting", os.path.join(REPO, "scripts",
-                                           "demo_keras_weighting.py"))
-  demo = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(demo)
+  demo = load_script("demo_keras_weighting")
   # 12 epochs of 100 steps, the last 3 after a learning-rate spike.
   cfg = demo.demo.Config(train_size=16000, eval_size=500, test_size=2000,
                          hidden=32, steps=1200, save_every=100,

@@ -162,6 +162,35 @@ def test_stale_temporary_of_ours_is_removed_and_a_lookalike_left(
       result.stderr)
 
 
+def test_owner_file_not_yet_written_is_a_run_starting(inputs, tmp_path):
+  """A run between creating its owner file (or claim mark) and writing it:
+  its temporary is kept and its mark refuses; a minute later, never written,
+  both count as left by a killed run."""
+  out = tmp_path / "shared"
+  out.mkdir()
+  starting = _stale_temporary(out, "new111")
+  killed = _stale_temporary(out, "old222")
+  for tmp in (starting, killed):
+    (tmp / "t2t_avg-owner").write_text("")
+  long_ago = time.time() - 120
+  os.utime(killed / "t2t_avg-owner", (long_ago, long_ago))
+  mark = out / f".t2t_avg-writing.{PRODUCT}"
+  mark.write_text("")
+  args = (f"--checkpoints={','.join(inputs)}", f"--output_path={out}/{OUTPUT}")
+
+  line = error_line(run_cli(*args))
+  assert line == (f"t2t_avg: error: another t2t_avg run (just started) is "
+                  f"writing {out}/{PRODUCT}; wait for it to finish or choose "
+                  "another output")
+  os.utime(mark, (long_ago, long_ago))
+  result = run_cli(*args)
+
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert starting.exists()
+  assert not killed.exists()
+  assert not mark.exists()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
 def test_stale_looking_temporary_of_another_user_is_left_alone(
     inputs, tmp_path):

@@ -3,7 +3,6 @@
 Expected weights are computed here from the formulas in SPEC.md ("Numbers",
 "One-shot flags"), not by calling t2t_avg.weighting.
 """
-import importlib.util
 import json
 import logging
 import math
@@ -22,7 +21,8 @@ from t2t_avg import oneshot
 from t2t_avg import options
 from t2t_avg.errors import AveragingError
 
-from conftest import (REPO, error_line, options_from_flags, read_checkpoint, run_cli,
+from conftest import (error_line, load_script, options_from_flags,
+                      read_checkpoint, run_cli,
                       write_tf1_events, write_tf2_events,
                       write_tf1_series)
 
@@ -375,16 +375,8 @@ def test_weight_summaries_are_scalars_at_each_checkpoint_step(series,
 
 # --- A real training run ----------------------------------------------------
 
-def _load_demo():
-  path = os.path.join(REPO, "scripts", "demo_weighting.py")
-  spec = importlib.util.spec_from_file_location("demo_weighting", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_softmax_average_beats_uniform_after_a_late_loss_spike(tmp_path):
-  demo = _load_demo()
+  demo = load_script("demo_weighting")
   # A smaller run than the README's: 12 checkpoints, the last 3 after a
   # learning-rate spike; the last 8 are averaged.
   cfg = demo.Config(train_size=16000, eval_size=500, test_size=2000,
