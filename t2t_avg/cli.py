@@ -255,18 +255,10 @@ def _run_once(argv: list[str]) -> None:
       selection_options(), evaluation_options())
   if not output.dry_run:
     prefetch.start(prefetch.input_prefixes(inputs))
-  # pylint: disable=import-outside-toplevel,unused-import
-  # Every module the run will use is imported here, before TensorFlow starts
-  # importing on its own thread: the two threads never import one module at
-  # once. Local V2 checkpoints and Keras files are read and averaged without
-  # TF; it is waited for only where needed (checking the output with TF's
-  # reader, gs:// paths, V1 checkpoints, event files).
-  import concurrent.futures.thread  # noqa: F401  (the pool's; lazy otherwise)
-  from t2t_avg import oneshot
-  from t2t_avg import tf_loader
-  from t2t_avg.formats import keras_h5, tf_bundle  # noqa: F401
-  # pylint: enable=import-outside-toplevel,unused-import
-  tf_loader.start()
+  # Local V2 checkpoints and Keras files are read, averaged and written
+  # without TensorFlow (its start-up notices and seconds); what needs TF
+  # (gs:// paths, V1 checkpoints, event files, --write_meta) imports it.
+  from t2t_avg import oneshot  # pylint: disable=import-outside-toplevel
   _quiet_collector(run_ends_soon=True)
   result = oneshot.run(settings)
   if output.dry_run:

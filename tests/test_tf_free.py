@@ -1,10 +1,11 @@
 """The engine without TensorFlow: its dtype table, protos and state file equal TF's.
 
-A one-shot run of local V2 checkpoints reads, averages and writes with TF
-still importing on another thread; these tests hold the hand-written parts
-to what TF itself gives, and prove the engine never imports TF before
-checking the output with TF's reader.
+A one-shot run of local V2 checkpoints reads, averages and writes without
+importing TensorFlow, and checks its output with TF's own reader loaded
+alone; these tests hold the hand-written parts to what TF itself gives, and
+prove the run never imports TF and that TF, imported later, is unharmed.
 """
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from tensorflow.core.protobuf import tensor_bundle_pb2
 
 from conftest import REPO, error_line, run_cli, step_valued, write_tf1_series
 from t2t_avg import state_file
+from t2t_avg import tf_loader
 from t2t_avg.errors import AveragingError
 from t2t_avg.formats import base
 from t2t_avg.formats import tf_dtypes
@@ -337,3 +339,85 @@ def test_the_cli_checks_its_output_with_tfs_reader(tmp_path):
   assert result.returncode == 1, result.stderr[-3000:]
   assert "internal error: TF reads the output" in error_line(result)
   assert not os.path.exists(tmp_path / "out" / "avg-0.index")
+
+
+# --- TF's own reader, loaded without the rest of TensorFlow ------------------------
+
+_READER_ALONE = """
+import sys, json
+from t2t_avg import tf_loader
+prefix, broken, preload = sys.argv[1:4]
+if preload == "preload":
+  tf_loader.preload_reader()  # Its libraries load on a thread first.
+  assert tf_loader._preloading is not None
+shapes = tf_loader.checkpoint_reader(prefix).get_variable_to_shape_map()
+alone = "tensorflow" not in sys.modules
+try:
+  tf_loader.checkpoint_reader(broken)
+  error = None
+except tf_loader.ReaderError as e:
+  error = str(e)
+import tensorflow as tf  # Afterwards, whole: must work as ever.
+tf_shapes = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+try:
+  tf.train.load_checkpoint(broken)
+  tf_error = None
+except tf.errors.OpError as e:
+  tf_error = e.message
+print(json.dumps({"alone": alone, "shapes": shapes, "tf_shapes": tf_shapes,
+                  "error": error, "tf_error": tf_error}))
+"""
+
+
+@pytest.mark.parametrize("preload", ["preload", "no_preload"])
+def test_tfs_reader_loads_alone_and_tf_imports_afterwards(tmp_path, preload):
+  prefixes = write_tf1_series(str(tmp_path / "train"), [1],
+                              step_valued({"a": (3,), "b/c": (2, 4)}))
+  broken = tmp_path / "broken"
+  index = open(prefixes[0] + ".index", "rb").read()
+  (tmp_path / "broken.index").write_bytes(index[:-8] + b"\0" * 8)  # Magic.
+  result = subprocess.run(
+      [sys.executable, "-c", textwrap.dedent(_READER_ALONE), prefixes[0],
+       str(broken), preload], capture_output=True, text=True, cwd=REPO, timeout=300,
+      check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  found = json.loads(result.stdout.splitlines()[-1])
+  assert found["alone"]  # The reader came without `import tensorflow`.
+  assert found["shapes"] == found["tf_shapes"] == {
+      "a": [3], "b/c": [2, 4], "global_step": []}
+  # TF's own message, and TF's own error type once TF is imported.
+  assert "bad magic number" in found["error"]
+  assert found["tf_error"] == found["error"]
+
+
+def test_without_the_reader_module_tf_is_imported(tmp_path, monkeypatch):
+  prefixes = write_tf1_series(str(tmp_path / "train"), [1],
+                              step_valued({"a": (3,)}))
+  monkeypatch.setattr(tf_loader, "_reader_module", lambda: None)
+  reader = tf_loader.checkpoint_reader(prefixes[0])
+  assert reader.get_variable_to_shape_map() == {"a": [3], "global_step": []}
+  with pytest.raises(tf_loader.ReaderError, match="Failed to find"):
+    tf_loader.checkpoint_reader(str(tmp_path / "nothing"))
+
+
+_RUN_AND_LIST_MODULES = """
+import sys
+sys.argv = ["t2t_avg"] + sys.argv[1:]
+from t2t_avg import cli
+try:
+  cli.run_main()
+finally:
+  print(sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow"))
+"""
+
+
+def test_a_local_run_never_imports_tensorflow(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-c", textwrap.dedent(_RUN_AND_LIST_MODULES),
+       "--prefix=testdata/train/", "--num_last_checkpoints=4",
+       f"--output_path={tmp_path}/avg"],
+      capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.splitlines()[-1] == str(
+      ["tensorflow.python.util._pywrap_checkpoint_reader"])
+  assert os.path.exists(tmp_path / "avg-0.index")

@@ -28,6 +28,7 @@ import numpy as np
 from t2t_avg import crc
 from t2t_avg import filesystem
 from t2t_avg import paths
+from t2t_avg import tf_loader
 from t2t_avg.errors import AveragingError
 from t2t_avg.formats import base
 from t2t_avg.formats import tf_protos
@@ -656,9 +657,8 @@ def verify_readable(prefix: str, tensors: Sequence[base.Tensor]) -> None:
     AveragingError: it does not (nothing is published then).
   """
   try:
-    with filesystem.tensorflow() as tf:  # Waits for the import, if still running.
-      shapes = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
-  except (OSError, ValueError) as e:
+    shapes = tf_loader.checkpoint_reader(prefix).get_variable_to_shape_map()
+  except tf_loader.ReaderError as e:
     raise AveragingError(f"internal error: TF cannot read the output written "
                          f"at {prefix}: {error_text(e)}") from e
   expected = {t.name: list(t.shape) for t in tensors}
@@ -700,6 +700,8 @@ class TFFormat(base.Format):
   def make_sink(self, temporary: str, tensors: Sequence[base.Tensor],
                 newest: base.Source) -> base.Sink:
     del newest  # TF checkpoints carry no metadata beside their tensors.
+    if paths.is_local(temporary):
+      tf_loader.preload_reader()  # For `verify_readable`, while we average.
     return BundleSink(temporary, tensors)
 
 
