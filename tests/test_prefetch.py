@@ -1,4 +1,4 @@
-"""Reading ahead while TensorFlow imports: which files, and only when they fit."""
+"""Reading ahead while the run starts: which files, and only when they fit."""
 import os
 
 import numpy as np
