@@ -61,6 +61,22 @@ def test_every_enum_is_in_the_table():
   assert sorted(tf_dtypes.TABLE) == sorted(enum for _, enum in _ENUMS)
 
 
+def test_a_dtype_the_installed_ml_dtypes_lacks_is_an_error_naming_it(
+    monkeypatch):
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+  # As with TF 2.16, which pins ml_dtypes 0.3 (no int2, uint2, float4).
+  monkeypatch.delattr(ml_dtypes, "int2")
+  tf_dtypes.dtype_of.cache_clear()
+  try:
+    with pytest.raises(AveragingError, match="dtype int2 needs a newer "
+                       "ml_dtypes"):
+      tf_dtypes.dtype_of(types_pb2.DT_INT2)
+    assert tf_dtypes.dtype_of(tf.bfloat16.as_datatype_enum).numpy == (
+        np.dtype(ml_dtypes.bfloat16))
+  finally:
+    tf_dtypes.dtype_of.cache_clear()
+
+
 def test_an_unknown_dtype_enum_is_an_error_naming_it():
   with pytest.raises(AveragingError, match="dtype enum 999"):
     tf_dtypes.dtype_of(999)
