@@ -3,8 +3,10 @@
 TF writes the file as a text-format `CheckpointState` proto, one field a
 line; for local directories this module reads that (and exactly what
 `tf.train.get_checkpoint_state` would return) and writes the bytes TF's
-`text_format.MessageToString` would. A file it does not understand is left
-to TF's own reader; other file systems always go through TF.
+`text_format.MessageToString` would with the protobuf TF 2.21 installs
+(TF 2.16's protobuf 4 escapes non-ASCII and control characters otherwise;
+TF reads both alike). A file it does not understand is left to TF's own reader;
+other file systems always go through TF.
 """
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ importing TensorFlow, and checks its output with TF's own reader loaded
 alone; these tests hold the hand-written parts to what TF itself gives, and
 prove the run never imports TF and that TF, imported later, is unharmed.
 """
+import inspect
 import json
 import os
 import subprocess
@@ -58,19 +59,21 @@ def test_dtype_table_matches_tf_as_dtype_for_every_enum(name, enum):
 
 
 def test_every_enum_is_in_the_table():
-  assert sorted(tf_dtypes.TABLE) == sorted(enum for _, enum in _ENUMS)
+  # Equal with TF 2.21; older TFs know fewer enums (2.16: no int2, float4).
+  assert {enum for _, enum in _ENUMS} <= set(tf_dtypes.TABLE)
 
 
 def test_a_dtype_the_installed_ml_dtypes_lacks_is_an_error_naming_it(
     monkeypatch):
   import ml_dtypes  # pylint: disable=import-outside-toplevel
   # As with TF 2.16, which pins ml_dtypes 0.3 (no int2, uint2, float4).
-  monkeypatch.delattr(ml_dtypes, "int2")
+  monkeypatch.delattr(ml_dtypes, "int2", raising=False)
   tf_dtypes.dtype_of.cache_clear()
   try:
     with pytest.raises(AveragingError, match="dtype int2 needs a newer "
                        "ml_dtypes"):
-      tf_dtypes.dtype_of(types_pb2.DT_INT2)
+      tf_dtypes.dtype_of(next(enum for enum, row in tf_dtypes.TABLE.items()
+                              if row[0] == "int2"))
     assert tf_dtypes.dtype_of(tf.bfloat16.as_datatype_enum).numpy == (
         np.dtype(ml_dtypes.bfloat16))
   finally:
@@ -215,6 +218,10 @@ def test_state_text_is_what_tf_writes():
   newest = _NAMES[-1]
   proto = tf.compat.v1.train.generate_checkpoint_state_proto(
       "/", newest, all_model_checkpoint_paths=list(_NAMES))
+  if not inspect.signature(text_format.MessageToString).parameters[
+      "as_utf8"].default:  # TF 2.16's protobuf 4: other escapes, read alike.
+    pytest.skip("this protobuf escapes text otherwise; TF reads both alike "
+                "(test_state_read_is_what_tf_reads)")
   assert state_file.text(newest, _NAMES) == text_format.MessageToString(proto)
   # The newest is added last when missing, as TF does.
   proto = tf.compat.v1.train.generate_checkpoint_state_proto(
