@@ -213,3 +213,37 @@ def test_output_data_is_one_file(run, tmp_path):
   assert sorted(os.listdir(tmp_path)) == [
       "avg-0.data-00000-of-00001", "avg-0.index", "avg-0.t2t_avg.json",
       "checkpoint"]
+
+
+_NUMPY_THREADS = """
+import os, sys
+from t2t_avg import cli
+if sys.argv[1] == "cli":
+  cli._import_numpy_without_blas_threads()
+import numpy  # (Already imported by then, or the user's choice.)
+print(len(os.listdir("/proc/self/task")), os.environ.get("OPENBLAS_NUM_THREADS"))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or
+                    (os.cpu_count() or 1) < 2, reason="needs Linux, 2+ cores")
+@pytest.mark.parametrize("user_setting", [None, "2"])
+def test_numpy_loads_without_blas_threads_unless_the_user_chose(user_setting):
+  env = {k: v for k, v in os.environ.items() if k not in (
+      "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "GOTO_NUM_THREADS")}
+  if user_setting:
+    env["OPENBLAS_NUM_THREADS"] = user_setting
+
+  def threads_and_setting(how):
+    result = subprocess.run([sys.executable, "-c", _NUMPY_THREADS, how],
+                            capture_output=True, text=True, env=env, cwd=REPO,
+                            timeout=120, check=True)
+    return result.stdout.split()
+
+  plain_threads, _ = threads_and_setting("plain")
+  threads, setting = threads_and_setting("cli")
+  if user_setting:  # Left to the user: as a plain import, the variable kept.
+    assert (threads, setting) == (plain_threads, user_setting)
+  else:  # One thread (OpenBLAS started none), the variable gone again.
+    assert int(plain_threads) > 1
+    assert (threads, setting) == ("1", "None")
