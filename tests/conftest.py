@@ -161,6 +161,30 @@ def run_cli(*args, module="t2t_avg", timeout=300):
                         env=_env(), cwd=REPO, check=False)
 
 
+_WITHOUT_TF = """
+import sys
+import t2t_avg  # (its check that TensorFlow is installed)
+sys.modules["tensorflow"] = None  # Any import of TensorFlow fails.
+{setup}
+sys.argv = ["t2t_avg"] + sys.argv[1:]
+from t2t_avg import cli
+try:
+  cli.run_main()
+finally:
+  assert sys.modules["tensorflow"] is None
+  print("tensorflow never imported")
+"""
+
+
+def run_cli_without_tensorflow(*args, setup=""):
+  """Runs the CLI where any import of TensorFlow fails (after `setup`, Python
+  run first); it prints "tensorflow never imported" if none was tried."""
+  return subprocess.run(
+      [sys.executable, "-c", _WITHOUT_TF.format(setup=setup), *args],
+      capture_output=True, text=True, timeout=300, env=_env(), cwd=REPO,
+      check=False)
+
+
 _LEGACY_MAIN = """
 import sys
 import tensorflow.compat.v1 as tf

@@ -3,8 +3,6 @@ import glob
 import json
 import os
 import shutil
-import subprocess
-import sys
 import zipfile
 
 import h5py
@@ -12,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import REPO, error_line, run_cli
+from conftest import error_line, run_cli, run_cli_without_tensorflow
 from keras_runs import (assert_same_values, build_model, data, datasets,
                         expected_average, open_weights, policy_scope)
 from keras_runs import keras_runs_fixture  # noqa: F401  (the fixture)
@@ -473,30 +471,14 @@ def test_prefetch_finds_keras_files_without_tensorflow(keras_runs):
   thread.join()
 
 
-_WITHOUT_TF = """
-import sys
-import t2t_avg  # (its check that TensorFlow is installed)
-sys.modules["tensorflow"] = None  # Any import of TensorFlow fails.
-sys.argv = ["t2t_avg"] + sys.argv[1:]
-from t2t_avg import cli
-try:
-  cli.run_main()
-finally:
-  assert sys.modules["tensorflow"] is None
-  print("tensorflow never imported")
-"""
-
-
 @pytest.mark.parametrize("suffix, kind", [(".weights.h5", "weights"),
                                           (".keras", "archives")])
 def test_keras_files_are_averaged_without_tensorflow(keras_runs, tmp_path,
                                                      suffix, kind):
   inputs = getattr(keras_runs["float32"], kind)[-3:]
   output = str(tmp_path / "without" / f"avg{suffix}")
-  result = subprocess.run(
-      [sys.executable, "-c", _WITHOUT_TF, f"--checkpoints={','.join(inputs)}",
-       f"--output_path={output}"],
-      capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+  result = run_cli_without_tensorflow(f"--checkpoints={','.join(inputs)}",
+                                      f"--output_path={output}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "tensorflow never imported" in result.stdout
   expected = str(tmp_path / "normal" / f"avg{suffix}")

@@ -20,7 +20,8 @@ from google.protobuf import text_format
 from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import tensor_bundle_pb2
 
-from conftest import REPO, error_line, run_cli, step_valued, write_tf1_series
+from conftest import (REPO, error_line, run_cli, run_cli_without_tensorflow,
+                      step_valued, write_tf1_series)
 from t2t_avg import state_file
 from t2t_avg import tf_loader
 from t2t_avg.errors import AveragingError
@@ -301,22 +302,6 @@ def test_no_state_file_is_none(tmp_path):
 
 # --- the engine, without TensorFlow ----------------------------------------------
 
-_WITHOUT_TF = """
-import sys
-import t2t_avg  # (its check that TensorFlow is installed)
-sys.modules["tensorflow"] = None  # Any import of TensorFlow fails.
-from t2t_avg.formats import tf_bundle
-tf_bundle.verify_readable = lambda prefix, tensors: None
-sys.argv = ["t2t_avg"] + sys.argv[1:]
-from t2t_avg import cli
-try:
-  cli.run_main()
-finally:
-  assert sys.modules["tensorflow"] is None
-  print("tensorflow never imported")
-"""
-
-
 def _output_files(directory):
   return {name: (directory / name).read_bytes()
           for name in sorted(os.listdir(directory))
@@ -326,10 +311,11 @@ def _output_files(directory):
 def test_the_engine_averages_local_checkpoints_without_tensorflow(tmp_path):
   flags = ["--prefix=testdata/train/", "--num_last_checkpoints=4",
            "--exclude_variables=.*bias.*"]
-  without = subprocess.run(
-      [sys.executable, "-c", textwrap.dedent(_WITHOUT_TF), *flags,
-       f"--output_path={tmp_path}/without/avg"],
-      capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+  # Checking the output loads TF's reader: left to the run beside it.
+  without = run_cli_without_tensorflow(
+      *flags, f"--output_path={tmp_path}/without/avg",
+      setup="from t2t_avg.formats import tf_bundle\n"
+      "tf_bundle.verify_readable = lambda prefix, tensors: None")
   assert without.returncode == 0, without.stderr[-3000:]
   assert "tensorflow never imported" in without.stdout
   normal = run_cli(*flags, f"--output_path={tmp_path}/normal/avg")

@@ -90,15 +90,7 @@ def slice_key(name: bytes, extents: Sequence[base.Extent]) -> bytes:
 
 # --- reading the index table -------------------------------------------------
 
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-  result = shift = 0
-  while True:
-    byte = buf[i]
-    i += 1
-    result |= (byte & 0x7f) << shift
-    shift += 7
-    if byte < 0x80:
-      return result, i
+_varint = tf_protos.varint
 
 
 def _block_entries(block: bytes) -> Iterator[tuple[bytes, bytes]]:

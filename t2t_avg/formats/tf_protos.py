@@ -47,7 +47,8 @@ class Entry:
 
 # --- decoding ----------------------------------------------------------------
 
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
+def varint(buf: bytes, i: int) -> tuple[int, int]:
+  """The unsigned varint at buf[i], and where the next field starts."""
   result = shift = 0
   while True:
     byte = buf[i]
@@ -69,12 +70,12 @@ def _fields(buf: bytes) -> Iterator[tuple[int, int, object]]:
   """(field number, wire type, value: int or bytes) of a message."""
   i, n = 0, len(buf)
   while i < n:
-    tag, i = _varint(buf, i)
+    tag, i = varint(buf, i)
     number, wire = tag >> 3, tag & 7
     if number == 0:
       raise ValueError("field number 0")
     if wire == _VARINT:
-      value, i = _varint(buf, i)
+      value, i = varint(buf, i)
       yield number, wire, value
     elif wire == _FIXED64:
       if i + 8 > n:
@@ -82,7 +83,7 @@ def _fields(buf: bytes) -> Iterator[tuple[int, int, object]]:
       yield number, wire, int.from_bytes(buf[i:i + 8], "little")
       i += 8
     elif wire == _BYTES:
-      length, i = _varint(buf, i)
+      length, i = varint(buf, i)
       if i + length > n:
         raise ValueError("truncated field")
       yield number, wire, buf[i:i + length]
@@ -102,7 +103,7 @@ def _packed_or_one(wire: int, value: object) -> list[int]:
     return [_signed(value, 32)]  # type: ignore[arg-type]
   data, i, values = bytes(value), 0, []  # type: ignore[call-overload]
   while i < len(data):
-    number, i = _varint(data, i)
+    number, i = varint(data, i)
     values.append(_signed(number, 32))
   return values
 
