@@ -369,8 +369,9 @@ def _import_numpy_without_blas_threads() -> None:
   t2t_avg calls no BLAS routine, but OpenBLAS starts a worker per core that
   spins a while: on 2 cores they took CPU from the averaging threads
   (measured, 8 x 433 MB, warm, medians of 3: 1.73 s and 2.63 s of CPU; on
-  one thread 1.34 s and 1.87 s). The variable is gone again once numpy is loaded, so commands
-  t2t_avg runs (`--eval_command`) get the user's environment.
+  one thread 1.34 s and 1.87 s). The variable is gone again once numpy is
+  loaded, so commands t2t_avg runs (`--eval_command`) get the user's
+  environment.
   """
   if "numpy" in sys.modules or "OPENBLAS_NUM_THREADS" in os.environ:
     return

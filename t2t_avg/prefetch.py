@@ -1,15 +1,13 @@
-"""Reading the inputs ahead while the run starts, every file at once.
+"""Reading the inputs ahead from the moment the flags are checked.
 
 Right after the flags are checked, the command line finds the checkpoints it
 will read (`state_file` reads the `checkpoint` state file) and asks the
 kernel to read their files into the page cache (`posix_fadvise(WILLNEED)`,
-from a thread). The kernel then reads every input file at once, which a disk
-serves faster than the averaging's chunk-by-chunk reads, while the run
-opens the indexes (and, where it needs TensorFlow, imports it). It is a hint,
-never an error: anything it cannot find is left to the real run, and it does
-nothing when the files would not fit in the memory this process may use (a
-cgroup limit, or little free memory), where reading ahead would only evict
-itself.
+file after file, from a thread), so that the disk is busy while the run
+imports numpy, opens the indexes and plans. It is a hint, never an error:
+anything it cannot find is left to the real run, and it does nothing when
+the files would not fit in the memory this process may use (a cgroup limit,
+or little free memory), where reading ahead would only evict itself.
 """
 from __future__ import annotations
 
