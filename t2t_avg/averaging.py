@@ -20,9 +20,8 @@ from t2t_avg import streaming
 from t2t_avg import weighting
 from t2t_avg import writer
 from t2t_avg.checkpoints import Checkpoint
-from t2t_avg.errors import ArgumentError, AveragingError
+from t2t_avg.errors import ArgumentError, AveragingError, error_text
 from t2t_avg.formats import base
-from t2t_avg.formats import tf_bundle
 from t2t_avg.paths import is_local
 from t2t_avg.record import AveragingResult, CheckpointRow
 
@@ -221,7 +220,7 @@ def _write(plan: planning.Plan, inputs: Sequence[Checkpoint],
       out.publish(files + [visible], fmt.files(output))
   except OSError as e:  # TF's errors too, as filesystem.GFileError
     # Reading errors are AveragingErrors naming the input: this is the output.
-    reason = getattr(e, "strerror", None) or tf_bundle.error_text(e)
+    reason = getattr(e, "strerror", None) or error_text(e)
     raise AveragingError(f"cannot write {output}: {reason}") from e
 
 

@@ -14,7 +14,7 @@ from t2t_avg import formats
 from t2t_avg import keras_checkpoints
 from t2t_avg import paths
 from t2t_avg import state_file
-from t2t_avg.errors import AveragingError
+from t2t_avg.errors import AveragingError, error_text
 from t2t_avg.formats import base
 from t2t_avg.formats import detect
 from t2t_avg.formats import tf_bundle
@@ -105,7 +105,7 @@ def _state(directory: str) -> Optional[state_file.CheckpointState]:
     return state_file.read(directory)
   except (OSError, ValueError) as e:  # A garbled state file.
     raise AveragingError(f"cannot read {os.path.join(directory, STATE_FILE)}: "
-                         f"{tf_bundle.error_text(e)}") from e
+                         f"{error_text(e)}") from e
 
 
 def from_list(checkpoints: Sequence[str], prefix: str = "") -> list[str]:
@@ -253,8 +253,7 @@ def read_step(source: base.Source, step_from: str = "auto") -> Checkpoint:
 
 def _scalar_int(source: base.Source, key: str) -> int:
   tensor = source.tensors()[key]
-  numpy = tensor.dtype.numpy
-  if tensor.shape != () or numpy is None or numpy.kind not in "iu":
+  if not tensor.is_integer_scalar:
     raise AveragingError(f"tensor {key} in checkpoint {source.path} is not an "
                          "integer scalar, so it cannot give the step")
   return int(base.read_array(source, tensor))

@@ -44,3 +44,9 @@ class ArgumentError(ValueError):
 
   def __str__(self) -> str:
     return self.message()
+
+
+def error_text(error: Exception) -> str:
+  """The first line of an error's message (TF errors carry long stacks)."""
+  text = getattr(error, "message", None) or str(error)
+  return text.strip().splitlines()[0] if text.strip() else type(error).__name__

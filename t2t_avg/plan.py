@@ -79,7 +79,7 @@ def make_plan(inputs: Sequence[Checkpoint], newest: int, *,
   state = inputs[newest].opened.format.state_not_weights(list(reference))
   for name in sorted(reference):
     tensor = reference[name]
-    if name == checkpoints.GLOBAL_STEP and _integer_scalar(tensor):
+    if name == checkpoints.GLOBAL_STEP and tensor.is_integer_scalar:
       items.append(Item(tensor, Action.STEP))
     elif tensor.dtype.averaged and name not in state:
       _same_everywhere(name, inputs, tensors)
@@ -133,11 +133,6 @@ def _same_everywhere(name: str, inputs: Sequence[Checkpoint],
       raise AveragingError(
           f"variable {name} is partitioned into other slices in checkpoint "
           f"{c.path} than in {inputs[0].path}")
-
-
-def _integer_scalar(tensor: base.Tensor) -> bool:
-  numpy = tensor.dtype.numpy
-  return tensor.shape == () and numpy is not None and numpy.kind in "iu"
 
 
 def _global_step() -> base.Tensor:

@@ -50,8 +50,9 @@ class _Run:
   """Small averaged parts stored back to back in every input and the output.
 
   Read with one read per input, summed in one pass, written in one write:
-  a model of many small tensors (optimizer slots, Keras layers) costs per
-  run, not per tensor. Every part's crc32c is still checked on its own.
+  a TF checkpoint of many small tensors (optimizer slots, small layers)
+  costs per run, not per tensor (Keras files are written dataset by
+  dataset: their sink places no parts). Every part's crc32c is still checked on its own.
   """
   units: list[_Unit]
   end: list[int]  # Where the next part must start, per input file.

@@ -25,7 +25,7 @@ from t2t_avg import options
 from t2t_avg import safe_files
 from t2t_avg import weighting
 from t2t_avg import writer
-from t2t_avg.errors import AveragingError
+from t2t_avg.errors import AveragingError, error_text
 from t2t_avg.formats import base
 from t2t_avg.formats import tf_bundle
 from t2t_avg.metrics import MetricPoint
@@ -417,7 +417,7 @@ class _Averager:
       members.append(checkpoints.read_step(source, self._averaging.step_from))
     except _READ_ERRORS as e:
       source.close()
-      return f"cannot read checkpoint {path}: {tf_bundle.error_text(e)}"
+      return f"cannot read checkpoint {path}: {error_text(e)}"
     return None
 
   def _weigh(self, members: list[checkpoints.Checkpoint],
@@ -549,7 +549,7 @@ class _Averager:
         _copy_with_times(source, target, self._set_mtime)
       except (OSError, tf.errors.OpError) as e:
         logging.warning("Cannot copy %s to %s: %s", source, target,
-                        tf_bundle.error_text(e))
+                        error_text(e))
         continue
       self._copied.add(name)
       logging.info("Copied %s to %s with its times", source, target)
@@ -621,7 +621,7 @@ def _unreadable_input(window: tuple[StepFile, ...],
     if missing:
       return (f"checkpoint {step_file.path} became incomplete while being "
               f"averaged: {missing} is missing")
-  text = tf_bundle.error_text(error)
+  text = error_text(error)
   for step_file in window:
     if re.search(re.escape(step_file.path) + r"(?!\d)", text):
       problem = _read_in_full(step_file.path)
@@ -640,7 +640,7 @@ def _read_in_full(path: str) -> Optional[str]:
     for name in reader.get_variable_to_shape_map():
       reader.get_tensor(name)  # One tensor at a time, checksum verified.
   except _READ_ERRORS as e:
-    return tf_bundle.error_text(e)
+    return error_text(e)
   return None
 
 

@@ -14,8 +14,9 @@ def open_source(path: str) -> Source:
       checkpoint (the message says what it is).
   """
   # pylint: disable=import-outside-toplevel
-  if detect.kind_of(path) != detect.TF:
+  kind = detect.kind_of(path)
+  if kind != detect.TF:
     from t2t_avg.formats import keras_h5
-    return keras_h5.open_path(path)
+    return keras_h5.open_path(path, kind=kind)
   from t2t_avg.formats import tf_bundle
   return tf_bundle.open_source(path)

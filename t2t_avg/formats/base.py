@@ -96,6 +96,12 @@ class Tensor(NamedTuple):
     return sum(part.size for part in self.parts)
 
   @property
+  def is_integer_scalar(self) -> bool:
+    """A scalar of integers (what a step counter is)."""
+    numpy = self.dtype.numpy
+    return self.shape == () and numpy is not None and numpy.kind in "iu"
+
+  @property
   def layout(self) -> tuple[Optional[tuple[Extent, ...]], ...]:
     """How the tensor is cut into parts (slices), for comparing inputs."""
     return tuple(part.extents for part in self.parts)

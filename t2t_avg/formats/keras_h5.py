@@ -37,7 +37,7 @@ import ml_dtypes
 import numpy as np
 
 from t2t_avg import keras_checkpoints
-from t2t_avg.errors import ArgumentError, AveragingError
+from t2t_avg.errors import ArgumentError, AveragingError, error_text
 from t2t_avg.formats import base
 from t2t_avg.formats import detect
 from t2t_avg.formats import keras_zip
@@ -147,12 +147,7 @@ def open_hdf5(path: str, offset: int, size: int, label: str) -> h5py.File:
     return h5py.File(_Window(path, offset, size), "r")
   except OSError as e:
     raise AveragingError(f"{label} is a truncated or damaged HDF5 file: "
-                         f"{_h5_error(e)}") from e
-
-
-def _h5_error(error: Exception) -> str:
-  text = str(error).strip().splitlines()
-  return text[0] if text else type(error).__name__
+                         f"{error_text(e)}") from e
 
 
 def dtype_of(dataset: h5py.Dataset, where: str) -> base.DType:
@@ -284,8 +279,10 @@ class KerasSource(base.Source):
     file, offset, size = image
     label = (path if member is None else
              f"{path} (its {keras_zip.WEIGHTS_MEMBER})")
-    if member is not None and member.extracted:
-      weakref.finalize(self, _remove_quietly, member.extracted)
+    # An extracted member is removed on close, or when the source is lost.
+    self._remove_extracted = weakref.finalize(
+        self, _remove_quietly, member.extracted) if (
+            member is not None and member.extracted) else None
     self.hdf5 = open_hdf5(file, offset, size, label)
     self._h5_lock = threading.Lock()
     try:
@@ -297,15 +294,12 @@ class KerasSource(base.Source):
     except (OSError, ValueError, KeyError, RuntimeError) as e:
       self.hdf5.close()
       raise AveragingError(f"{label} is a damaged HDF5 file: "
-                           f"{_h5_error(e)}") from e
+                           f"{error_text(e)}") from e
     except AveragingError:
       self.hdf5.close()
       raise
-    self._itemsizes = {name: int(item.dtype.itemsize)
-                       for name, item in _walk(self.hdf5, label)
-                       if isinstance(item, h5py.Dataset)}
     self.step_keys = tuple(k for k in STEP_KEYS if k in self._tensors and
-                           _integer_scalar(self._tensors[k]))
+                           self._tensors[k].is_integer_scalar)
 
   @property
   def format(self) -> base.Format:
@@ -323,13 +317,13 @@ class KerasSource(base.Source):
       super().read(part, offset, out)
       return
     name = part.key.decode("utf-8", "surrogateescape")
-    itemsize = self._itemsizes[name]
+    itemsize = self._tensors[name].dtype.element.itemsize
     first, last = offset // itemsize, -(-(offset + len(out)) // itemsize)
     try:
       with self._h5_lock:
         values = _read_flat(self.hdf5[name], first, last)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-      raise AveragingError(f"cannot read dataset {name}: {_h5_error(e)}") from e
+      raise AveragingError(f"cannot read dataset {name}: {error_text(e)}") from e
     data = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
     skip = offset - first * itemsize
     np.frombuffer(out, np.uint8)[:] = data[skip:skip + len(out)]
@@ -337,8 +331,8 @@ class KerasSource(base.Source):
   def close(self) -> None:
     super().close()
     self.hdf5.close()
-    if self.member is not None and self.member.extracted:
-      _remove_quietly(self.member.extracted)
+    if self._remove_extracted is not None:
+      self._remove_extracted()
 
 
 def _remove_quietly(path: str) -> None:
@@ -346,11 +340,6 @@ def _remove_quietly(path: str) -> None:
     os.remove(path)
   except OSError:
     pass
-
-
-def _integer_scalar(tensor: base.Tensor) -> bool:
-  numpy = tensor.dtype.numpy
-  return tensor.shape == () and numpy is not None and numpy.kind in "iu"
 
 
 def _refuse_other_hdf5(h5: h5py.File, path: str) -> None:
@@ -369,14 +358,16 @@ def _refuse_other_hdf5(h5: h5py.File, path: str) -> None:
         f"optimizer/ or vars/ group at its root; it holds {top})")
 
 
-def open_path(path: str, *, check_crc: bool = True) -> KerasSource:
-  """A source for a `.weights.h5` or `.keras` file, told apart by content.
+def open_path(path: str, *, check_crc: bool = True,
+              kind: Optional[str] = None) -> KerasSource:
+  """A source for a `.weights.h5` or `.keras` file, told apart by content
+  (`kind`: what `detect.kind_of` found, when the caller has asked it).
 
   Raises:
     AveragingError: it is neither, or cannot be read (the message says what
       it is or what is wrong).
   """
-  kind = detect.kind_of(path)
+  kind = kind or detect.kind_of(path)
   if kind == detect.KERAS_WEIGHTS:
     return KerasSource(path, WEIGHTS_FORMAT, (path, 0, os.path.getsize(path)))
   if kind == detect.KERAS_ARCHIVE:

@@ -25,7 +25,6 @@ from t2t_avg.errors import AveragingError
 from t2t_avg.formats import detect
 
 WEIGHTS_MEMBER = detect.KERAS_WEIGHTS_MEMBER
-CONFIG_MEMBER = detect.KERAS_CONFIG
 _LOCAL_HEADER = struct.Struct("<4s5H3I2H")
 _LOCAL_SIGNATURE = b"PK\x03\x04"
 _FIXED_DATE = (1980, 1, 1, 0, 0, 0)  # zip's earliest: no time in the output
@@ -37,7 +36,6 @@ class WeightsMember:
   """Where a `.keras` file's `model.weights.h5` bytes are.
 
   Attributes:
-    archive: the `.keras` file.
     path: the file holding the bytes: the archive itself (stored member), or
       a temporary file it was extracted to.
     offset: where they start in `path`.
@@ -45,7 +43,6 @@ class WeightsMember:
     members: every member of the archive, in archive order.
     extracted: the temporary file to remove when done, or None.
   """
-  archive: str
   path: str
   offset: int
   size: int
@@ -75,12 +72,11 @@ def open_weights(path: str, *, check_crc: bool = True) -> WeightsMember:
     raise AveragingError(f"{path}: its {WEIGHTS_MEMBER} is encrypted")
   if info.compress_type != zipfile.ZIP_STORED:
     extracted = _extract(path, info)
-    return WeightsMember(path, extracted, 0, info.file_size, members,
-                         extracted)
+    return WeightsMember(extracted, 0, info.file_size, members, extracted)
   offset = _data_offset(path, info)
   if check_crc:
     _check_crc(path, offset, info)
-  return WeightsMember(path, path, offset, info.file_size, members)
+  return WeightsMember(path, offset, info.file_size, members)
 
 
 def _data_offset(path: str, info: zipfile.ZipInfo) -> int:

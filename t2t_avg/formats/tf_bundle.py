@@ -29,7 +29,7 @@ from t2t_avg import crc
 from t2t_avg import filesystem
 from t2t_avg import paths
 from t2t_avg import tf_loader
-from t2t_avg.errors import AveragingError
+from t2t_avg.errors import AveragingError, error_text
 from t2t_avg.formats import base
 from t2t_avg.formats import tf_protos
 from t2t_avg.formats.tf_dtypes import dtype_enum, dtype_of
@@ -382,12 +382,6 @@ def _encode_strings(values: np.ndarray) -> tuple[bytes, int]:
   running = crc.crc32c(checksum, running)
   body = b"".join(items)
   return lengths + checksum + body, crc.masked(crc.crc32c(body, running))
-
-
-def error_text(error: Exception) -> str:
-  """The first line of an error's message (TF errors carry long stacks)."""
-  text = getattr(error, "message", None) or str(error)
-  return text.strip().splitlines()[0] if text.strip() else type(error).__name__
 
 
 def is_v2(prefix: str) -> bool:
