@@ -23,7 +23,7 @@ _SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 _spec = importlib.util.spec_from_file_location("make_keras_run", _SCRIPT)
 make_keras_run = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_keras_run)
-EPOCHS, Run = make_keras_run.EPOCHS, make_keras_run.Run
+EPOCHS = make_keras_run.EPOCHS
 data, policy_scope = make_keras_run.data, make_keras_run.policy_scope
 build_model, train = make_keras_run.build_model, make_keras_run.train
 

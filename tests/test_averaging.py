@@ -442,7 +442,6 @@ def test_runs_of_small_tensors_average_each_exactly(many_small, tmp_path,
 @pytest.mark.parametrize("damage", ["bit_flip", "nan"])
 def test_a_bad_tensor_inside_a_run_is_named(many_small, tmp_path, damage):
   from t2t_avg import AveragingError, average_checkpoints, formats  # pylint: disable=import-outside-toplevel
-  import shutil  # pylint: disable=import-outside-toplevel
   prefixes, _ = many_small
   copy = tmp_path / "copy"
   shutil.copytree(os.path.dirname(prefixes[0]), copy)

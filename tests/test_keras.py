@@ -457,7 +457,7 @@ def test_compare_reads_both_keras_formats(keras_runs, tmp_path):
   assert largest.name.startswith(("layers/", "optimizer/"))
 
 
-def test_prefetch_finds_keras_files_without_tensorflow(keras_runs):
+def test_prefetch_finds_keras_files_without_a_state_file(keras_runs):
   from t2t_avg import options, prefetch  # pylint: disable=import-outside-toplevel
   weights = keras_runs["float32"].weights
   directory = os.path.dirname(weights[0])

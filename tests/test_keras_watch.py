@@ -57,6 +57,7 @@ def test_weighted_windows_by_csvlogger_rows(keras_runs, tmp_path):
                           metrics_from_events=(run.csv_log,),
                           metric="val_loss")
   logged = csv_column(run.csv_log, "val_loss")
+  assert [o.status for o in outcomes] == [watch.WRITTEN] * 2
   for outcome in outcomes:
     inputs = [s.path for s in outcome.inputs]
     epochs = [int(os.path.basename(p)[2:4]) for p in inputs]

@@ -1,7 +1,7 @@
 """Reading ahead while the run starts: which files, and only when they fit."""
 import os
 
-import numpy as np
+import pytest
 
 from conftest import step_valued, write_tf1_series
 from t2t_avg import options
@@ -54,7 +54,8 @@ def test_does_nothing_when_the_files_would_not_fit(tmp_path, monkeypatch):
   thread.join(10)
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"),
+                    reason="reads /proc/meminfo (Linux)")
 def test_available_memory_is_a_positive_number_here():
   room = prefetch.available_memory()
-  assert room is None or (isinstance(room, int) and room > 0)
-  assert np.isfinite(room or 0)
+  assert isinstance(room, int) and room > 0
