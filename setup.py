@@ -32,5 +32,5 @@ setuptools.setup(
         "test": ["pytest", "hypothesis", "six", "tensorboard"],
         "lint": ["ruff", "mypy"],
     },
-    entry_points={"console_scripts": ["t2t-avg-all = t2t_avg.cli:run_avg_all"]},
+    entry_points={"console_scripts": ["t2t-avg-all = t2t_avg.cli.average:run_avg_all"]},
 )

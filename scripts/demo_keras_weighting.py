@@ -104,7 +104,8 @@ def average(run_dir: str, n: int, output_path: str, scheme: str, *,
             top_k: int = 0) -> AveragingResult:
   """Averages the last n files with t2t_avg; returns its AveragingResult."""
   # pylint: disable-next=import-outside-toplevel
-  from t2t_avg import oneshot, options
+  from t2t_avg import options
+  from t2t_avg.jobs import oneshot
   validation = os.path.join(run_dir, LOGS, "validation")
   return oneshot.run(options.OneShotSettings(
       options.InputOptions(prefix=os.path.join(run_dir, "w-"),
@@ -120,7 +121,7 @@ def compare(cfg: demo.Config, run_dir: str, saved: Sequence[tuple],
   """Rows: best and last single files, then each average of the last n."""
   last = saved[-n:]
   # pylint: disable-next=import-outside-toplevel
-  from t2t_avg import keras_logs
+  from t2t_avg.metrics import keras_logs
   logged = {p.step: p.value for p in keras_logs.read_metric(
       [os.path.join(run_dir, LOGS, "validation")], METRIC)}
   best = min(range(n), key=lambda i: (logged[last[i][1] - 1], -last[i][1]))

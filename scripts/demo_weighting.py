@@ -194,7 +194,8 @@ def average(prefixes: Sequence[str], output_path: str, scheme: str,
     with open(output + ".t2t_avg.json", encoding="utf-8") as f:
       return output, json.load(f)
   # pylint: disable-next=import-outside-toplevel
-  from t2t_avg import oneshot, options
+  from t2t_avg import options
+  from t2t_avg.jobs import oneshot
   result = oneshot.run(options.OneShotSettings(
       options.InputOptions(checkpoints=tuple(prefixes)),
       options.OutputOptions(output_path=output_path),
@@ -206,7 +207,7 @@ def average(prefixes: Sequence[str], output_path: str, scheme: str,
 
 def eval_losses(events_dir: str) -> dict:
   """{step: validation loss} as logged."""
-  from t2t_avg import events  # pylint: disable=import-outside-toplevel
+  from t2t_avg.metrics import events  # pylint: disable=import-outside-toplevel
   return {p.step: p.value for p in events.read_metric([events_dir], METRIC)}
 
 
@@ -302,7 +303,7 @@ def main() -> None:
                       help="how many of the last checkpoints to average")
   parser.add_argument("--cli", action="store_true",
                       help="average through `python -m t2t_avg` subprocesses "
-                      "instead of t2t_avg.oneshot.run (slower, same numbers)")
+                      "instead of t2t_avg.jobs.oneshot.run (slower, same numbers)")
   parser.add_argument("--work_dir", default="",
                       help="where the runs go (default: a temporary "
                       "directory, removed afterwards)")

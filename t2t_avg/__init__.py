@@ -14,7 +14,7 @@ if importlib.util.find_spec("tensorflow") is None:
       "`pip install 't2t_avg[tensorflow-cpu]'` (or `t2t_avg[tensorflow]`), or "
       "`pip install tensorflow-cpu` next to t2t_avg.")
 
-_LAZY = {"average_checkpoints": "t2t_avg.averaging",
+_LAZY = {"average_checkpoints": "t2t_avg.engine.averaging",
          "AveragingResult": "t2t_avg.record",
          "CheckpointRow": "t2t_avg.record"}
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import shlex
 from typing import Optional, Union
 from re import Pattern
 from collections.abc import Sequence
 
-from t2t_avg import evaluation
-from t2t_avg import paths
-from t2t_avg import selection
+from t2t_avg.files import paths
 from t2t_avg.errors import ArgumentError
 
 SCHEMES = ("uniform", "softmax", "proportional", "rank", "top_k", "explicit",
@@ -28,6 +27,82 @@ MISSING_METRIC = ("error", "skip")
 OUTPUT_STEPS = ("zero", "last")
 
 OutputStep = Union[str, int]
+
+SELECTS = ("last", "best_window")
+PLACEHOLDER = "{checkpoint}"  # where --eval_command takes the candidate's path
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionOptions:
+  """The selection flags, validated once.
+
+  Attributes:
+    min_step: the lowest step to average (inclusive), or None.
+    max_step: the highest step to average (inclusive), or None.
+    stride: every k-th checkpoint, counting back from the newest.
+    select: 'last' (the last N) or 'best_window' (the N consecutive
+      checkpoints ending at the best by the metric).
+  """
+  min_step: int | None = None
+  max_step: int | None = None
+  stride: int = 1
+  select: str = "last"
+
+  def __post_init__(self) -> None:
+    for name in ("min_step", "max_step"):
+      value = getattr(self, name)
+      if value is not None and value < 0:
+        raise ArgumentError("{" + name + "} must be >= 0, not {value}",
+                            value=value)
+    if (self.min_step is not None and self.max_step is not None and
+        self.min_step > self.max_step):
+      raise ArgumentError("{min_step}={low} is above {max_step}={high}",
+                          low=self.min_step, high=self.max_step)
+    check_stride(self.stride)
+    if self.select not in SELECTS:
+      raise ArgumentError("{select} must be 'last' or 'best_window', not "
+                          "{value!r}", value=self.select)
+
+  @property
+  def is_default(self) -> bool:
+    """True when these options choose nothing beyond the last N."""
+    return self == SelectionOptions()
+
+
+def check_stride(stride: int) -> None:
+  if stride < 1:
+    raise ArgumentError("{stride} must be >= 1, not {k}", k=stride)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+  """How to score a candidate average: the user's command and its time limit.
+
+  Attributes:
+    eval_command: the command line, with `{checkpoint}` where the path of the
+      candidate goes (see the module docstring for how it runs).
+    eval_timeout: seconds one run may take, or None for no limit.
+  """
+  eval_command: str
+  eval_timeout: float | None = None
+
+  def __post_init__(self) -> None:
+    try:
+      args = shlex.split(self.eval_command)
+    except ValueError as e:  # shlex: "No closing quotation", ...
+      raise ArgumentError("{eval_command} cannot be split into arguments "
+                          "({error}): {command}", error=e,
+                          command=self.eval_command) from e
+    if not any(PLACEHOLDER in arg for arg in args):
+      raise ArgumentError(
+          "{eval_command} must contain {placeholder}, replaced by the path "
+          "of each candidate average: {command}", placeholder=PLACEHOLDER,
+          command=self.eval_command)
+    timeout = self.eval_timeout
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+      raise ArgumentError("{eval_timeout} must be a number of seconds > 0 "
+                          "(or none for no limit), not {timeout}",
+                          timeout=timeout)
 
 
 def _one_of(name: str, value: str, choices: Sequence[str]) -> None:
@@ -333,8 +408,8 @@ class OneShotSettings:
   output: OutputOptions
   averaging: AveragingOptions = AveragingOptions()
   weighting: WeightingOptions = WeightingOptions()
-  selection: selection.SelectionOptions = selection.SelectionOptions()
-  evaluation: Optional[evaluation.EvalOptions] = None
+  selection: SelectionOptions = SelectionOptions()
+  evaluation: Optional[EvalOptions] = None
 
   def __post_init__(self) -> None:
     if self.weighting.weighting == "greedy" and self.evaluation is None:

@@ -7,7 +7,7 @@ import os
 from typing import Optional
 from collections.abc import Sequence
 
-from t2t_avg import paths
+from t2t_avg.files import paths
 
 # The one field that differs between two runs of the same average.
 TIMESTAMP_FIELD = "created"

@@ -174,9 +174,9 @@ def _recording(name, *args, **kwargs):
 builtins.__import__ = _recording
 {setup}
 sys.argv = ["t2t_avg"] + sys.argv[1:]
-from t2t_avg import cli
+from t2t_avg.cli import average
 try:
-  cli.run_main()
+  average.run_main()
 finally:
   loaded = [m for m in sys.modules if m.startswith("tensorflow.")]
   if tried or loaded:

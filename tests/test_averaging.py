@@ -89,7 +89,9 @@ def test_directory_means_its_latest_and_prefix_is_prepended(tmp_path):
   np.testing.assert_array_equal(out["w"], np.full((2, 3), 4.5, np.float32))
   assert out["global_step"] == 7
 
-  from t2t_avg import oneshot, options
+  from t2t_avg import options
+
+  from t2t_avg.jobs import oneshot
   chosen = oneshot.choose(options.InputOptions(
       checkpoints=("model.ckpt-1", " model.ckpt-2 ", ""),
       prefix=f"{tmp_path}/a/"))
@@ -293,7 +295,8 @@ def test_zero_weights_are_left_out_and_equal_ones_are_uniform(tmp_path):
 
 @pytest.mark.parametrize("weights", [None, [0.5, 0.25, 0.25]])
 def test_chunk_size_changes_no_bit(tmp_path, monkeypatch, weights):
-  from t2t_avg import average_checkpoints, streaming
+  from t2t_avg import average_checkpoints
+  from t2t_avg.engine import streaming
   prefixes = mixed_series(str(tmp_path / "t"), [1, 2, 3])
   whole = average_checkpoints(prefixes, str(tmp_path / "whole/avg"),
                               weights=weights)
@@ -355,7 +358,8 @@ def test_a_failing_worker_is_reported_not_the_one_it_stopped(tmp_path,
                                                              monkeypatch):
   """Two workers: one streams a large tensor in tiny chunks while the other
   hits a checksum error; the error names the corrupted variable."""
-  from t2t_avg import AveragingError, average_checkpoints, formats, streaming
+  from t2t_avg import AveragingError, average_checkpoints, formats
+  from t2t_avg.engine import streaming
   prefixes = write_tf1_series(
       str(tmp_path / "t"), [1, 2],
       lambda s: {"big": np.full((200000,), s, np.float32),
@@ -419,7 +423,8 @@ def many_small(tmp_path_factory):
 @pytest.mark.parametrize("weights", [None, [0.2, 0.3, 0.5]])
 def test_runs_of_small_tensors_average_each_exactly(many_small, tmp_path,
                                                     weights, monkeypatch):
-  from t2t_avg import average_checkpoints, streaming  # pylint: disable=import-outside-toplevel
+  from t2t_avg import average_checkpoints  # pylint: disable=import-outside-toplevel
+  from t2t_avg.engine import streaming
   prefixes, values = many_small
   runs = []
   real = streaming._run_batch  # pylint: disable=protected-access

@@ -15,11 +15,11 @@ from conftest import REPO
 from conftest import run_cli
 from conftest import run_legacy
 from conftest import write_tf1_series
-from t2t_avg import compare
-from t2t_avg.compare import compare_checkpoints
-from t2t_avg.compare import format_report
-from t2t_avg.compare import max_ulp_difference
-from t2t_avg.compare import Status
+from t2t_avg.jobs import compare
+from t2t_avg.jobs.compare import compare_checkpoints
+from t2t_avg.jobs.compare import format_report
+from t2t_avg.jobs.compare import max_ulp_difference
+from t2t_avg.jobs.compare import Status
 from t2t_avg.errors import AveragingError
 
 FLOAT_DTYPES = [np.float16, ml_dtypes.bfloat16, np.float32, np.float64]

@@ -1,4 +1,4 @@
-"""Tests of t2t_avg.evaluation: real eval scripts run as the user's command."""
+"""Tests of t2t_avg.jobs.evaluation: real eval scripts run as the user's command."""
 import json
 import logging
 import math
@@ -11,7 +11,8 @@ import time
 import pytest
 
 from t2t_avg.errors import ArgumentError, AveragingError
-from t2t_avg.evaluation import EvalOptions, evaluate, parse_score
+from t2t_avg.jobs.evaluation import evaluate, parse_score
+from t2t_avg.options import EvalOptions
 
 CANDIDATE = "model.ckpt-4000 alone"
 

@@ -1,4 +1,4 @@
-"""Tests of t2t_avg.events on event files written by TensorFlow's writers."""
+"""Tests of t2t_avg.metrics.events on event files written by TensorFlow's writers."""
 import logging
 import math
 import os
@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
-from t2t_avg import events
-from t2t_avg.metrics import MetricPoint
+from t2t_avg.metrics import events
+from t2t_avg.metrics.points import MetricPoint
 from t2t_avg.errors import AveragingError
 
 tf1 = tf.compat.v1

@@ -87,7 +87,8 @@ def series(tmp_path_factory):
 _FORK_SERVER = r"""
 import json, os, sys, time, traceback
 import tensorflow as tf  # pylint: disable=unused-import
-from t2t_avg import cli, oneshot  # pylint: disable=unused-import
+from t2t_avg.cli import average  # pylint: disable=unused-import
+from t2t_avg.jobs import oneshot
 
 for line in sys.stdin:
   request = json.loads(line)
@@ -98,7 +99,7 @@ for line in sys.stdin:
     sys.argv = ["t2t_avg"] + request["args"]
     code = 0
     try:
-      cli.run_main()
+      average.run_main()
     except SystemExit as e:
       code = e.code if isinstance(e.code, int) else int(e.code is not None)
     except BaseException:  # pylint: disable=broad-except
@@ -391,9 +392,9 @@ def test_checkpoint_without_metric_lists_the_steps_that_have_one(cli, series,
 
 _FLAG_RUN = """
 import sys
-from t2t_avg import cli
+from t2t_avg.cli import average
 try:
-  cli.run_main()
+  average.run_main()
 finally:
   print("tensorflow imported:", "tensorflow" in sys.modules)
 """
@@ -505,7 +506,7 @@ def test_output_directory_that_cannot_be_created(cli, series, tmp_path):
 _KILL_HARNESS = r"""
 import json, os, shutil, signal, sys, time
 import tensorflow as tf
-from t2t_avg import averaging
+from t2t_avg.engine import averaging
 
 config = json.loads(sys.argv[1])
 out_dir = os.path.dirname(config["output_path"])

@@ -37,11 +37,9 @@ import pytest
 import tensorflow as tf
 
 import t2t_avg
-from t2t_avg import evaluation
-from t2t_avg import oneshot
+from t2t_avg.jobs import oneshot
 from t2t_avg import options
-from t2t_avg import selection
-from t2t_avg import weighting
+from t2t_avg.metrics import weighting
 from t2t_avg.errors import ArgumentError, AveragingError
 
 from conftest import (REPO, error_line, load_script, read_checkpoint,
@@ -216,10 +214,10 @@ def _settings(output_path, *, checkpoints=(), prefix="", num_last=0,
                            num_last_checkpoints=num_last),
       options.OutputOptions(output_path=str(output_path), dry_run=dry_run),
       weighting=options.WeightingOptions(**weighting),
-      selection=selection.SelectionOptions(min_step=min_step,
+      selection=options.SelectionOptions(min_step=min_step,
                                            max_step=max_step, stride=stride,
                                            select=select),
-      evaluation=None if eval_command is None else evaluation.EvalOptions(
+      evaluation=None if eval_command is None else options.EvalOptions(
           eval_command, eval_timeout))
 
 

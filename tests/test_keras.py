@@ -15,10 +15,10 @@ from keras_runs import (assert_same_values, build_model, data, datasets,
                         expected_average, open_weights, policy_scope)
 from keras_runs import keras_runs_fixture  # noqa: F401  (the fixture)
 from t2t_avg import AveragingError, average_checkpoints
-from t2t_avg import checkpoints
-from t2t_avg import keras_checkpoints
-from t2t_avg import streaming
-from t2t_avg.compare import compare_checkpoints
+from t2t_avg.inputs import checkpoints
+from t2t_avg.inputs import keras_checkpoints
+from t2t_avg.engine import streaming
+from t2t_avg.jobs.compare import compare_checkpoints
 from t2t_avg.errors import ArgumentError
 
 POLICIES = ("float32", "mixed_float16")
@@ -458,7 +458,8 @@ def test_compare_reads_both_keras_formats(keras_runs, tmp_path):
 
 
 def test_prefetch_finds_keras_files_without_a_state_file(keras_runs):
-  from t2t_avg import options, prefetch  # pylint: disable=import-outside-toplevel
+  from t2t_avg import options  # pylint: disable=import-outside-toplevel
+  from t2t_avg.inputs import prefetch
   weights = keras_runs["float32"].weights
   directory = os.path.dirname(weights[0])
   last_two = options.InputOptions(prefix=os.path.join(directory, "w-"),

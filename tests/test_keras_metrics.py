@@ -14,13 +14,13 @@ from keras_runs import (EPOCHS, assert_same_values, build_model, csv_column,
                         softmax_weights, tensorboard_scalars)
 from keras_runs import keras_runs_fixture  # noqa: F401  (the fixture)
 from t2t_avg import AveragingError
-from t2t_avg import keras_logs
-from t2t_avg import metrics
-from t2t_avg import oneshot
+from t2t_avg.metrics import keras_logs
+from t2t_avg.metrics import points as metric_points
+from t2t_avg.jobs import oneshot
 from t2t_avg import options
-from t2t_avg.checkpoints import Checkpoint
+from t2t_avg.inputs.checkpoints import Checkpoint
 from t2t_avg.errors import ArgumentError
-from t2t_avg.metrics import EPOCH, ITERATIONS, STEP, MetricPoint
+from t2t_avg.metrics.points import EPOCH, ITERATIONS, STEP, MetricPoint
 
 
 def _one_shot(**flags):
@@ -45,9 +45,10 @@ def _readme_keras_commands():
 _README_DRIVER = """
 import json, sys
 from absl import flags
-from t2t_avg import cli, cli_compare
-mains = {"t2t_avg": cli.run_main, "t2t_avg.compare": cli_compare.run,
-         "t2t-avg-all": cli.run_avg_all}
+from t2t_avg.cli import average
+from t2t_avg.cli import compare as cli_compare
+mains = {"t2t_avg": average.run_main, "t2t_avg.compare": cli_compare.run,
+         "t2t-avg-all": average.run_avg_all}
 for argv in json.loads(sys.argv[1]):
   flags.FLAGS.unparse_flags()
   sys.argv = argv
@@ -254,7 +255,7 @@ def test_tag_kinds_follow_keras_naming(tag, kind):
     ("epoch_sparse_categorical_accuracy", "max"), ("val_auc", "max"),
     ("epoch_auc", "max"), ("val_sparse_categorical_crossentropy", "min")])
 def test_keras_metric_names_give_their_direction(tag, direction):
-  assert metrics.infer_direction(tag) == direction
+  assert metric_points.infer_direction(tag) == direction
 
 
 # --- reading CSVLogger files --------------------------------------------------
@@ -332,7 +333,6 @@ def test_keras_demo_softmax_by_epoch_loss_beats_uniform_after_a_spike(
 
 def test_greedy_soup_over_keras_files_scores_keras_candidates(keras_runs,
                                                               tmp_path):
-  from t2t_avg import evaluation  # pylint: disable=import-outside-toplevel
   run = keras_runs["float32"]
   # A stand-in for a real evaluation: reads the candidate as Keras would
   # find it (a .weights.h5 file) and scores it; lower is better (val_loss).
@@ -349,7 +349,7 @@ def test_greedy_soup_over_keras_files_scores_keras_candidates(keras_runs,
       weighting=options.WeightingOptions(
           weighting="greedy", metrics_from_events=(run.csv_log,),
           metric="val_loss"),
-      evaluation=evaluation.EvalOptions(
+      evaluation=options.EvalOptions(
           eval_command=f"{sys.executable} {score} {{checkpoint}}")))
   steps = result.record["weighting"]["soup"]
   logged = csv_column(run.csv_log, "val_loss")

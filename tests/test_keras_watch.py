@@ -12,11 +12,11 @@ from keras_runs import (assert_same_values, csv_column, datasets,
                         expected_average, softmax_weights)
 from keras_runs import keras_runs_fixture  # noqa: F401  (the fixture)
 from t2t_avg import options
-from t2t_avg import watch
+from t2t_avg.jobs import continuous
 
 
 def _average_all(model_dir, output_dir, wait_minutes=0, **weighting):
-  return list(watch.average_all(
+  return list(continuous.average_all(
       options.ContinuousOptions(model_dir, output_dir, n=3,
                                 wait_minutes=wait_minutes, poll_seconds=0.1),
       weighting_options=options.WeightingOptions(**weighting)))
@@ -25,7 +25,7 @@ def _average_all(model_dir, output_dir, wait_minutes=0, **weighting):
 def _check_uniform(outcomes):
   for outcome in outcomes:
     inputs = [s.path for s in outcome.inputs]
-    assert outcome.status == watch.WRITTEN, outcome.reason
+    assert outcome.status == continuous.WRITTEN, outcome.reason
     assert os.path.basename(outcome.output_path) == os.path.basename(
         inputs[-1])
     assert_same_values(datasets(outcome.output_path),
@@ -45,7 +45,7 @@ def test_keras_archives_average_per_window_and_restart_without_recompute(
   assert not os.path.exists(os.path.join(output_dir, "checkpoint"))
   before = {p: os.stat(p).st_mtime_ns for p in glob.glob(output_dir + "/*")}
   again = _average_all(model_dir, output_dir)
-  assert [o.status for o in again] == [watch.EXISTED] * 2
+  assert [o.status for o in again] == [continuous.EXISTED] * 2
   assert before == {p: os.stat(p).st_mtime_ns
                     for p in glob.glob(output_dir + "/*")}
 
@@ -57,7 +57,7 @@ def test_weighted_windows_by_csvlogger_rows(keras_runs, tmp_path):
                           metrics_from_events=(run.csv_log,),
                           metric="val_loss")
   logged = csv_column(run.csv_log, "val_loss")
-  assert [o.status for o in outcomes] == [watch.WRITTEN] * 2
+  assert [o.status for o in outcomes] == [continuous.WRITTEN] * 2
   for outcome in outcomes:
     inputs = [s.path for s in outcome.inputs]
     epochs = [int(os.path.basename(p)[2:4]) for p in inputs]

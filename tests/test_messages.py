@@ -217,9 +217,9 @@ def test_output_data_is_one_file(run, tmp_path):
 
 _NUMPY_THREADS = """
 import os, sys
-from t2t_avg import cli
+from t2t_avg.cli import average
 if sys.argv[1] == "cli":
-  cli._import_numpy_without_blas_threads()
+  average._import_numpy_without_blas_threads()
 import numpy  # (Already imported by then, or the user's choice.)
 print(len(os.listdir("/proc/self/task")), os.environ.get("OPENBLAS_NUM_THREADS"))
 """

@@ -1,7 +1,7 @@
 """What a metric's name says: whether lower or higher is better."""
 import pytest
 
-from t2t_avg import metrics
+from t2t_avg.metrics import points
 from t2t_avg.errors import ArgumentError
 
 T2T = "metrics-translate_ende_wmt32k/targets"
@@ -57,7 +57,7 @@ T2T = "metrics-translate_ende_wmt32k/targets"
     ("eval/accuracy/loss", "min"),  # only the last component counts
 ])
 def test_infer_direction(tag, direction):
-  assert metrics.infer_direction(tag) == direction
+  assert points.infer_direction(tag) == direction
 
 
 @pytest.mark.parametrize("tag", [
@@ -65,6 +65,6 @@ def test_infer_direction(tag, direction):
     "terms", "certainty", "loss/lr"])
 def test_infer_direction_unknown_asks_for_metric_mode(tag):
   with pytest.raises(ArgumentError, match=r"metric_mode=min\|max") as error:
-    metrics.infer_direction(tag)
+    points.infer_direction(tag)
   assert repr(tag) in str(error.value)
   assert "--metric_mode=min|max" in error.value.message(as_flags=True)

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import step_valued, write_tf1_series
 from t2t_avg import options
-from t2t_avg import prefetch
+from t2t_avg.inputs import prefetch
 
 
 def _series(tmp_path):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from t2t_avg.errors import AveragingError
-from t2t_avg.weighting import compute_weights
+from t2t_avg.metrics.weighting import compute_weights
 
 FLOAT_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16,
                 "float32": np.float32, "float64": np.float64}
@@ -64,7 +64,8 @@ def _average(checkpoints, chunk_bytes=None, **kwargs):
   """Saves each {name: array} with SaveV2, averages them, returns the output."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   # pylint: disable-next=import-outside-toplevel
-  from t2t_avg import averaging, streaming
+  from t2t_avg.engine import averaging
+  from t2t_avg.engine import streaming
   directory = tempfile.mkdtemp(prefix="t2t_avg_property_")
   try:
     prefixes = []

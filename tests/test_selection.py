@@ -1,4 +1,4 @@
-"""Tests of t2t_avg.selection: tables of steps in, chosen indices out."""
+"""Tests of t2t_avg.inputs.selection: tables of steps in, chosen indices out."""
 import logging
 import math
 
@@ -6,7 +6,8 @@ from hypothesis import given, settings, strategies as st
 import pytest
 
 from t2t_avg.errors import ArgumentError, AveragingError
-from t2t_avg.selection import (SelectionOptions, best_window, choose, last_n,
+from t2t_avg.options import SelectionOptions
+from t2t_avg.inputs.selection import (best_window, choose, last_n,
                                strided, within_bounds)
 
 NAN = math.nan

@@ -233,16 +233,16 @@ def test_claim_mark_of_another_user_is_refused_not_taken_over(inputs,
 def test_temporary_directory_is_fresh_and_private(inputs, tmp_path,
                                                   monkeypatch):
   """Seen from inside the run: mode 0700, an unpredictable name, made anew."""
-  from t2t_avg import writer  # pylint: disable=import-outside-toplevel
+  from t2t_avg.files import publish  # pylint: disable=import-outside-toplevel
   seen = []
-  real_publish = writer.Output.publish
+  real_publish = publish.Output.publish
 
   def spy(self, *args, **kwargs):
     tmp_dir = os.path.dirname(self.temporary_path("x"))
     seen.append((tmp_dir, os.lstat(tmp_dir).st_mode))
     return real_publish(self, *args, **kwargs)
 
-  monkeypatch.setattr(writer.Output, "publish", spy)
+  monkeypatch.setattr(publish.Output, "publish", spy)
   # pylint: disable-next=import-outside-toplevel
   from t2t_avg import average_checkpoints
   average_checkpoints(inputs, str(tmp_path / "o" / OUTPUT))

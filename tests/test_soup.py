@@ -1,4 +1,4 @@
-"""Tests of t2t_avg.soup: the greedy rule, against hand-derived expectations."""
+"""Tests of t2t_avg.inputs.greedy: the greedy rule, against hand-derived expectations."""
 import logging
 import math
 
@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 import pytest
 
 from t2t_avg.errors import ArgumentError, AveragingError
-from t2t_avg.soup import SoupStep, greedy_soup, plan_order
+from t2t_avg.inputs.greedy import SoupStep, greedy_soup, plan_order
 
 NAN = math.nan
 

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
-from t2t_avg import events
+from t2t_avg.metrics import events
 
 from conftest import REPO, read_checkpoint, run_cli, tree_fingerprint
 

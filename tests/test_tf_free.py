@@ -22,8 +22,8 @@ from tensorflow.core.protobuf import tensor_bundle_pb2
 
 from conftest import (REPO, error_line, run_cli, run_cli_without_tensorflow,
                       step_valued, write_tf1_series)
-from t2t_avg import state_file
-from t2t_avg import tf_loader
+from t2t_avg.formats import state_file
+from t2t_avg.files import tf_loader
 from t2t_avg.errors import AveragingError
 from t2t_avg.formats import base
 from t2t_avg.formats import tf_dtypes
@@ -332,8 +332,8 @@ from t2t_avg.formats import tf_bundle
 real = tf_bundle._table
 tf_bundle._table = lambda entries: real(entries[:1] + entries[2:])  # one lost
 sys.argv = ["t2t_avg"] + sys.argv[1:]
-from t2t_avg import cli
-cli.run_main()
+from t2t_avg.cli import average
+average.run_main()
 """
 
 
@@ -354,7 +354,7 @@ def test_the_cli_checks_its_output_with_tfs_reader(tmp_path):
 
 _READER_ALONE = """
 import sys, json
-from t2t_avg import tf_loader
+from t2t_avg.files import tf_loader
 prefix, broken, preload = sys.argv[1:4]
 if preload == "preload":
   tf_loader.preload_reader()  # Its libraries load on a thread first.
@@ -412,9 +412,9 @@ def test_without_the_reader_module_tf_is_imported(tmp_path, monkeypatch):
 _RUN_AND_LIST_MODULES = """
 import sys
 sys.argv = ["t2t_avg"] + sys.argv[1:]
-from t2t_avg import cli
+from t2t_avg.cli import average
 try:
-  cli.run_main()
+  average.run_main()
 finally:
   print(sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow"))
 """

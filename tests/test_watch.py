@@ -19,11 +19,11 @@ from conftest import (error_line, mixed_series, read_checkpoint, run_cli,
 from t2t_avg import AveragingError
 from t2t_avg import options
 from t2t_avg.errors import ArgumentError
-from t2t_avg import averaging
-from t2t_avg import checkpoints
-from t2t_avg import events
-from t2t_avg import oneshot
-from t2t_avg import watch
+from t2t_avg.engine import averaging
+from t2t_avg.inputs import checkpoints
+from t2t_avg.metrics import events
+from t2t_avg.jobs import oneshot
+from t2t_avg.jobs import continuous
 
 STEPS = [100, 200, 300, 400, 500]
 
@@ -53,7 +53,7 @@ class FakeTime:
 
 def _average_all(model_dir, output_dir="avg/", *, clock=None, sleep=None,
                  **flags):
-  """`watch.average_all` with flag-named keyword arguments, as the CLI builds.
+  """`continuous.average_all` with flag-named keyword arguments, as the CLI builds.
 
   Each keyword goes to the options dataclass that has a field of its name.
   """
@@ -69,7 +69,7 @@ def _average_all(model_dir, output_dir="avg/", *, clock=None, sleep=None,
       groups[options.WeightingOptions][key] = tuple(
           groups[options.WeightingOptions][key])
   timing = {k: v for k, v in (("clock", clock), ("sleep", sleep)) if v}
-  return watch.average_all(
+  return continuous.average_all(
       options.ContinuousOptions(model_dir, output_dir,
                                 **groups[options.ContinuousOptions]),
       weighting_options=options.WeightingOptions(
@@ -137,13 +137,13 @@ def test_stepfiles_oldest_first_by_name_number_with_min_steps(tmp_path):
   (tmp_path / "train" / "notes-12abc.index").write_text("not a checkpoint")
   fake = FakeTime()
 
-  found = list(watch.stepfiles(train, clock=fake.clock, sleep=fake.sleep))
+  found = list(continuous.stepfiles(train, clock=fake.clock, sleep=fake.sleep))
   assert [s.step for s in found] == [30, 200, 1000]
   assert found[0].path == os.path.join(train, "model.ckpt-30")
   assert found[0].mtime_ns == os.stat(found[0].path + ".index").st_mtime_ns
   assert fake.sleeps == []  # wait_minutes=0: no waiting at all, as T2T
 
-  above = list(watch.stepfiles(train, min_steps=200, clock=fake.clock,
+  above = list(continuous.stepfiles(train, min_steps=200, clock=fake.clock,
                                sleep=fake.sleep))
   assert [s.step for s in above] == [200, 1000]
 
@@ -158,7 +158,7 @@ def test_stepfiles_waits_for_the_next_from_the_last_ones_ctime(tmp_path):
 
   fake = FakeTime(trainer_saves_step_3)
   found = []
-  for step_file in watch.stepfiles(train, wait_minutes=1, poll_seconds=10,
+  for step_file in continuous.stepfiles(train, wait_minutes=1, poll_seconds=10,
                                    clock=fake.clock, sleep=fake.sleep):
     found.append(step_file)
   assert [s.step for s in found] == [1, 2, 3]
@@ -172,14 +172,14 @@ def test_stepfiles_waits_for_the_next_from_the_last_ones_ctime(tmp_path):
 def test_stepfiles_waits_for_a_directory_that_is_not_there_yet(tmp_path):
   fake = FakeTime()
   start = fake.now
-  assert not list(watch.stepfiles(str(tmp_path / "later"), wait_minutes=2,
+  assert not list(continuous.stepfiles(str(tmp_path / "later"), wait_minutes=2,
                                   poll_seconds=30, clock=fake.clock,
                                   sleep=fake.sleep))
   assert start + 120 < fake.now <= start + 150
 
 
 def _step_file(step):
-  return watch.StepFile(f"d/model.ckpt-{step}", step, 0, 0)
+  return continuous.StepFile(f"d/model.ckpt-{step}", step, 0, 0)
 
 
 @pytest.mark.parametrize("steps, n, expected", [
@@ -189,7 +189,7 @@ def _step_file(step):
     ([1, 2, 3], 3, [(1, 2, 3)]),
 ])
 def test_windows_slide_over_consecutive_checkpoints(steps, n, expected):
-  got = list(watch.windows([_step_file(s) for s in steps], n))
+  got = list(continuous.windows([_step_file(s) for s in steps], n))
   assert [tuple(s.step for s in w) for w in got] == expected
 
 
@@ -204,7 +204,7 @@ def test_outputs_equal_one_shot_average_of_each_window(tmp_path):
   outcomes = list(_average_all(train, out, n=3))
 
   assert [(o.step, o.status) for o in outcomes] == [
-      (300, watch.WRITTEN), (400, watch.WRITTEN), (500, watch.WRITTEN)]
+      (300, continuous.WRITTEN), (400, continuous.WRITTEN), (500, continuous.WRITTEN)]
   assert sorted(f for f in os.listdir(out) if f.endswith(".index")) == [
       "model.ckpt-300.index", "model.ckpt-400.index", "model.ckpt-500.index"]
   for i, step in enumerate([300, 400, 500]):
@@ -335,7 +335,7 @@ _TRAINER = textwrap.dedent("""
 
 def _average_beside_trainer(train, steps, bursts, caplog, *, evals=None,
                             **kwargs):
-  """Runs `watch.average_all(train, **kwargs)` while `_TRAINER` saves `steps`.
+  """Runs `continuous.average_all(train, **kwargs)` while `_TRAINER` saves `steps`.
 
   Returns the outcomes, checked to be consecutive windows up to the last step.
   """
@@ -373,7 +373,7 @@ def test_beside_a_training_process_that_deletes_old_checkpoints(
   warnings = "\n".join(_warnings(caplog))
   written = 0
   for outcome in outcomes:
-    if outcome.status == watch.WRITTEN:
+    if outcome.status == continuous.WRITTEN:
       written += 1
       values = read_checkpoint(outcome.output_path)
       expected = np.mean([s.step for s in outcome.inputs])
@@ -382,12 +382,12 @@ def test_beside_a_training_process_that_deletes_old_checkpoints(
       assert values["global_step"] == outcome.step
     else:
       # Skipped only because a checkpoint of its window was deleted.
-      assert outcome.status == watch.SKIPPED
+      assert outcome.status == continuous.SKIPPED
       gone = [s.path for s in outcome.inputs if s.path in outcome.reason]
       assert gone and not any(checkpoints.exists(p) for p in gone)
       assert outcome.output_path in warnings and gone[0] in warnings
   # The last window (the checkpoints the trainer keeps) is always formed.
-  assert outcomes[-1].status == watch.WRITTEN
+  assert outcomes[-1].status == continuous.WRITTEN
   assert written >= 1
   print(f"{len(outcomes)} windows: {written} written, "
         f"{len(outcomes) - written} skipped for vanished checkpoints")
@@ -403,7 +403,7 @@ def test_restart_skips_existing_outputs_but_builds_windows_from_before(
 
   with caplog.at_level(std_logging.INFO):
     again = list(_average_all(train, out, n=3))
-  assert [o.status for o in again] == [watch.EXISTED] * 3
+  assert [o.status for o in again] == [continuous.EXISTED] * 3
   assert tree_fingerprint(out) == before
   assert {f: os.stat(os.path.join(out, f)).st_ino
           for f in os.listdir(out)} == inodes
@@ -414,8 +414,8 @@ def test_restart_skips_existing_outputs_but_builds_windows_from_before(
   # Only the missing output is computed, from the checkpoints before it.
   _delete_checkpoint(os.path.join(out, "model.ckpt-500"))
   third = list(_average_all(train, out, n=3))
-  assert [o.status for o in third] == [watch.EXISTED, watch.EXISTED,
-                                       watch.WRITTEN]
+  assert [o.status for o in third] == [continuous.EXISTED, continuous.EXISTED,
+                                       continuous.WRITTEN]
   _assert_same_tensors(read_checkpoint(os.path.join(out, "model.ckpt-500")),
                        _one_shot(prefixes[2:], str(tmp_path / "one"), 500))
   after = tree_fingerprint(out)
@@ -435,8 +435,8 @@ def test_checkpoint_vanishing_after_discovery_skips_its_windows(
       if outcome.step == 300:  # the trainer's max_to_keep deletes step 300
         _delete_checkpoint(prefixes[2])
   assert [(o.step, o.status) for o in outcomes] == [
-      (300, watch.WRITTEN), (400, watch.SKIPPED), (500, watch.SKIPPED),
-      (600, watch.WRITTEN)]
+      (300, continuous.WRITTEN), (400, continuous.SKIPPED), (500, continuous.SKIPPED),
+      (600, continuous.WRITTEN)]
   warnings = _warnings(caplog)
   assert len(warnings) == 2
   for step, warning in zip((400, 500), warnings):
@@ -460,11 +460,11 @@ def test_checkpoint_vanishing_while_averaging_skips_that_window(
         c.source.close()
     return real(inputs, output_path, **kwargs)
 
-  monkeypatch.setattr(watch.averaging, "average_checkpoints", deleting_first)
+  monkeypatch.setattr(continuous.averaging, "average_checkpoints", deleting_first)
   with caplog.at_level(std_logging.WARNING):
     outcomes = list(_average_all(train, out, n=3))
-  assert [o.status for o in outcomes] == [watch.WRITTEN, watch.SKIPPED,
-                                          watch.WRITTEN]
+  assert [o.status for o in outcomes] == [continuous.WRITTEN, continuous.SKIPPED,
+                                          continuous.WRITTEN]
   assert f"{prefixes[1]} vanished while being averaged" in outcomes[1].reason
   assert any("model.ckpt-400" in w and prefixes[1] in w
              for w in _warnings(caplog))
@@ -495,8 +495,8 @@ def test_half_written_checkpoint_skips_its_windows(tmp_path, caplog, damage,
   with caplog.at_level(std_logging.WARNING):
     outcomes = list(_average_all(train, out, n=3))
   assert [(o.step, o.status) for o in outcomes] == [
-      (300, watch.WRITTEN), (400, watch.SKIPPED), (500, watch.SKIPPED),
-      (600, watch.SKIPPED), (700, watch.WRITTEN)]
+      (300, continuous.WRITTEN), (400, continuous.SKIPPED), (500, continuous.SKIPPED),
+      (600, continuous.SKIPPED), (700, continuous.WRITTEN)]
   expected = says.format(prefix=prefixes[3])
   for outcome in outcomes[1:4]:
     assert expected in outcome.reason
@@ -523,7 +523,7 @@ def test_nan_in_a_window_stops_the_run_unless_allowed(tmp_path):
   assert [o.step for o in outcomes] == [300]
   allowed = list(_average_all(train, str(tmp_path / "nan"), n=3,
                                    allow_nonfinite=True))
-  assert [o.status for o in allowed] == [watch.WRITTEN] * 3
+  assert [o.status for o in allowed] == [continuous.WRITTEN] * 3
 
 
 # --- refusals ----------------------------------------------------------------
@@ -575,9 +575,9 @@ def test_run_fails_when_every_window_is_skipped(tmp_path):
   prefixes = write_tf1_series(train, [1, 2, 3], step_valued({"w": (2,)}))
   os.remove(prefixes[0] + ".data-00000-of-00001")
   with pytest.raises(AveragingError, match="no window could be averaged"):
-    watch.run(options.ContinuousOptions(train, str(tmp_path / "avg"), n=3))
+    continuous.run(options.ContinuousOptions(train, str(tmp_path / "avg"), n=3))
   assert not glob.glob(str(tmp_path / "avg" / "*.index"))
-  assert watch.run(options.ContinuousOptions(
+  assert continuous.run(options.ContinuousOptions(
       train, str(tmp_path / "avg"), n=2, min_steps=2)) == [
                        os.path.join(str(tmp_path / "avg"), "model.ckpt-3")]
 
@@ -593,8 +593,8 @@ def test_softmax_window_matches_one_shot_weighted_average(tmp_path):
   outcomes = list(_average_all(train, out, n=3, weighting="softmax",
                                     metrics_from_events=[eval_dir], metric="loss",
                                     weight_summaries=True))
-  assert [(o.step, o.status) for o in outcomes] == [(300, watch.WRITTEN),
-                                                    (400, watch.WRITTEN)]
+  assert [(o.step, o.status) for o in outcomes] == [(300, continuous.WRITTEN),
+                                                    (400, continuous.WRITTEN)]
   for i, step in enumerate([300, 400]):
     window = [checkpoints.load(p) for p in prefixes[i:i + 3]]
     weighing = oneshot.weigh(window, options.WeightingOptions(
@@ -635,7 +635,7 @@ def test_window_waits_for_its_newest_metric_then_is_skipped(tmp_path, caplog):
         sleep=fake.sleep, weighting="rank", metrics_from_events=[eval_dir], metric="loss"))
 
   assert [(o.step, o.status) for o in outcomes] == [
-      (300, watch.WRITTEN), (400, watch.WRITTEN), (500, watch.SKIPPED)]
+      (300, continuous.WRITTEN), (400, continuous.WRITTEN), (500, continuous.SKIPPED)]
   # 400 waited three polls for its metric; 500 waited until a minute after
   # its ctime, then was skipped, and the loop went on to its end.
   deadline_500 = os.stat(prefixes[4] + ".index").st_ctime_ns / 1e9 + 60
@@ -653,10 +653,10 @@ def test_explicit_weights_apply_per_window_position(tmp_path):
   write_tf1_series(train, [1, 2, 3], step_valued({"w": (2,)}))
   outcomes = list(_average_all(train, str(tmp_path / "avg"), n=2,
                                     weighting="explicit", weights=[1, 3]))
-  assert [(o.step, o.status) for o in outcomes] == [(2, watch.WRITTEN),
-                                                    (3, watch.WRITTEN)]
+  assert [(o.step, o.status) for o in outcomes] == [(2, continuous.WRITTEN),
+                                                    (3, continuous.WRITTEN)]
   for step in (2, 3):
-    value = read_checkpoint(watch.output_prefix(str(tmp_path / "avg"),
+    value = read_checkpoint(continuous.output_prefix(str(tmp_path / "avg"),
                                                 step))["w"]
     np.testing.assert_array_equal(value, np.full(2, (step - 1 + 3 * step) / 4,
                                                  np.float32))
@@ -672,12 +672,12 @@ def test_weighted_beside_a_trainer_appending_eval_events(tmp_path, caplog):
       output_dir=out, n=2, weighting="softmax",
       metrics_from_events=[str(tmp_path / "train/eval")], metric="loss")
   for outcome in outcomes:
-    if outcome.status == watch.SKIPPED:
+    if outcome.status == continuous.SKIPPED:
       gone = [s.path for s in outcome.inputs if s.path in outcome.reason]
       assert gone and not any(checkpoints.exists(p) for p in gone), (
           outcome.reason)
       continue
-    assert outcome.status == watch.WRITTEN
+    assert outcome.status == continuous.WRITTEN
     older, newer = (s.step for s in outcome.inputs)
     # Lower loss (1000 / step) is better: the newer checkpoint weighs more.
     losses = np.array([1000.0 / older, 1000.0 / newer], np.float32)
@@ -686,4 +686,4 @@ def test_weighted_beside_a_trainer_appending_eval_events(tmp_path, caplog):
     expected = np.float32(w[0] * older + w[1] * newer)
     np.testing.assert_array_equal(read_checkpoint(outcome.output_path)["w"],
                                   np.full(4, expected, np.float32))
-  assert outcomes[-1].status == watch.WRITTEN
+  assert outcomes[-1].status == continuous.WRITTEN

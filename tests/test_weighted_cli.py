@@ -1,7 +1,7 @@
 """Metric-weighted averaging end to end: checkpoints and eval events from TF's own writers.
 
 Expected weights are computed here from the formulas in SPEC.md ("Numbers",
-"One-shot flags"), not by calling t2t_avg.weighting.
+"One-shot flags"), not by calling t2t_avg.metrics.weighting.
 """
 import json
 import logging
@@ -16,8 +16,8 @@ import pytest
 import tensorflow as tf
 
 import t2t_avg
-from t2t_avg import events
-from t2t_avg import oneshot
+from t2t_avg.metrics import events
+from t2t_avg.jobs import oneshot
 from t2t_avg import options
 from t2t_avg.errors import AveragingError
 
@@ -407,8 +407,8 @@ def test_weight_summaries_need_no_tensorboard_package(tmp_path):
   code = f"""
 import sys
 sys.modules["tensorboard"] = None  # As if it were not installed.
-from t2t_avg import events
-from t2t_avg.averaging import CheckpointRow
+from t2t_avg.metrics import events
+from t2t_avg.engine.averaging import CheckpointRow
 rows = [CheckpointRow("a", 10, "name", 0.25, 1.5),
         CheckpointRow("b", 20, "name", 0.75, 0.5)]
 events.write_weight_summaries({str(tmp_path)!r}, rows[:1], "loss")

@@ -1,4 +1,4 @@
-"""Tests of t2t_avg.weighting: the defining properties of each scheme."""
+"""Tests of t2t_avg.metrics.weighting: the defining properties of each scheme."""
 import logging
 import math
 import subprocess
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from t2t_avg.errors import ArgumentError, AveragingError
-from t2t_avg.metrics import MetricPoint
-from t2t_avg.weighting import (SCHEMES, align_metrics_to_checkpoints,
+from t2t_avg.metrics.points import MetricPoint
+from t2t_avg.metrics.weighting import (SCHEMES, align_metrics_to_checkpoints,
                                compute_weights, effective_count)
 
 NAN = math.nan
@@ -274,7 +274,7 @@ def test_effective_count(weights, expected):
 
 
 def test_weighting_does_not_import_tensorflow():
-  code = ("import sys, t2t_avg.weighting, t2t_avg.events; "
+  code = ("import sys, t2t_avg.metrics.weighting, t2t_avg.metrics.events; "
           "sys.exit('tensorflow' in sys.modules)")
   assert subprocess.run([sys.executable, "-c", code], check=False,
                         timeout=120).returncode == 0

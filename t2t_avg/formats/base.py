@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from t2t_avg import crc
-from t2t_avg import filesystem
-from t2t_avg import paths
+from t2t_avg.files import crc
+from t2t_avg.files import filesystem
+from t2t_avg.files import paths
 from t2t_avg.errors import AveragingError
 
 Extent = tuple[int, int]  # (start, length) along one dimension

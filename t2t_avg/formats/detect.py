@@ -13,7 +13,7 @@ import struct
 import zipfile
 from typing import Optional
 
-from t2t_avg import paths
+from t2t_avg.files import paths
 from t2t_avg.errors import AveragingError
 
 TF, KERAS_WEIGHTS, KERAS_ARCHIVE = "tf", "keras_weights", "keras_archive"

@@ -36,7 +36,7 @@ import h5py
 import ml_dtypes
 import numpy as np
 
-from t2t_avg import keras_checkpoints
+from t2t_avg.inputs import keras_checkpoints
 from t2t_avg.errors import ArgumentError, AveragingError, error_text
 from t2t_avg.formats import base
 from t2t_avg.formats import detect

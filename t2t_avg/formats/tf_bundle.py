@@ -25,10 +25,10 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from t2t_avg import crc
-from t2t_avg import filesystem
-from t2t_avg import paths
-from t2t_avg import tf_loader
+from t2t_avg.files import crc
+from t2t_avg.files import filesystem
+from t2t_avg.files import paths
+from t2t_avg.files import tf_loader
 from t2t_avg.errors import AveragingError, error_text
 from t2t_avg.formats import base
 from t2t_avg.formats import tf_protos

@@ -30,7 +30,7 @@ import threading
 from types import ModuleType
 from typing import Any, Optional
 
-from t2t_avg import paths
+from t2t_avg.files import paths
 
 _READER_MODULE = "tensorflow.python.util._pywrap_checkpoint_reader"
 

@@ -16,11 +16,9 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from t2t_avg import evaluation
-from t2t_avg import filesystem
+from t2t_avg.files import filesystem
 from t2t_avg import options
-from t2t_avg import prefetch
-from t2t_avg import selection
+from t2t_avg.inputs import prefetch
 from t2t_avg.errors import ArgumentError, AveragingError
 from t2t_avg.record import AveragingResult
 
@@ -205,14 +203,14 @@ def weighting_options() -> options.WeightingOptions:
       greedy_tolerance=_GREEDY_TOLERANCE.value)
 
 
-def selection_options() -> selection.SelectionOptions:
+def selection_options() -> options.SelectionOptions:
   """The selection flags, validated."""
-  return selection.SelectionOptions(
+  return options.SelectionOptions(
       min_step=_MIN_STEP.value, max_step=_MAX_STEP.value,
       stride=_STRIDE.value, select=_SELECT.value)
 
 
-def evaluation_options() -> Optional[evaluation.EvalOptions]:
+def evaluation_options() -> Optional[options.EvalOptions]:
   """The eval command, or None; its score's direction must be known."""
   if not _EVAL_COMMAND.value:
     if _present("eval_timeout"):
@@ -222,7 +220,7 @@ def evaluation_options() -> Optional[evaluation.EvalOptions]:
     raise ArgumentError("{eval_command}: say whether a higher or a lower "
                         "score is better, with {metric_mode}=max|min (or name "
                         "the score with {metric}, e.g. {metric}=bleu)")
-  return evaluation.EvalOptions(eval_command=_EVAL_COMMAND.value,
+  return options.EvalOptions(eval_command=_EVAL_COMMAND.value,
                                 eval_timeout=_EVAL_TIMEOUT.value)
 
 
@@ -259,7 +257,7 @@ def _run_once(argv: list[str]) -> None:
   # without TensorFlow (its start-up notices and seconds); what needs TF
   # (gs:// paths, V1 checkpoints, event files, --write_meta) imports it.
   _import_numpy_without_blas_threads()
-  from t2t_avg import oneshot  # pylint: disable=import-outside-toplevel
+  from t2t_avg.jobs import oneshot  # pylint: disable=import-outside-toplevel
   _quiet_collector(run_ends_soon=True)
   result = oneshot.run(settings)
   if output.dry_run:
@@ -280,9 +278,9 @@ def _run_continuous(argv: list[str]) -> None:
   weighing, averaging = weighting_options(), averaging_options()
   settings.check_weighting(weighing)
   _import_numpy_without_blas_threads()
-  from t2t_avg import watch  # pylint: disable=import-outside-toplevel
+  from t2t_avg.jobs import continuous  # pylint: disable=import-outside-toplevel
   _quiet_collector(run_ends_soon=False)
-  watch.run(settings, weighting_options=weighing, averaging_options=averaging)
+  continuous.run(settings, weighting_options=weighing, averaging_options=averaging)
 
 
 def _quiet_collector(*, run_ends_soon: bool) -> None:

@@ -8,23 +8,23 @@ from typing import Optional
 
 from absl import logging
 
-from t2t_avg import averaging
-from t2t_avg import checkpoints as ckpts
-from t2t_avg import evaluation
-from t2t_avg import events
-from t2t_avg import greedy
-from t2t_avg import keras_logs
-from t2t_avg import metrics
+from t2t_avg.engine import averaging
+from t2t_avg.inputs import checkpoints as ckpts
+from t2t_avg.jobs import evaluation
+from t2t_avg.metrics import events
+from t2t_avg.jobs import soup
+from t2t_avg.metrics import keras_logs
+from t2t_avg.metrics import points as metric_points
 from t2t_avg import options
-from t2t_avg import selection
-from t2t_avg import soup
-from t2t_avg import weighting
-from t2t_avg.metrics import MetricPoint
+from t2t_avg.inputs import selection
+from t2t_avg.inputs import greedy
+from t2t_avg.metrics import weighting
+from t2t_avg.metrics.points import MetricPoint
 from t2t_avg.record import AveragingResult
 
 
 def choose(inputs: options.InputOptions,
-           chooser: selection.SelectionOptions = selection.SelectionOptions(),
+           chooser: options.SelectionOptions = options.SelectionOptions(),
            ) -> list[str]:
   """The input prefixes: `checkpoints`, or from a state file's directory.
 
@@ -64,7 +64,7 @@ def weigh(inputs: Sequence[ckpts.Checkpoint],
   points = read_points(settings, selects=selects)
   mode = None
   if settings.uses_metric:
-    mode = metrics.direction(settings.metric, settings.metric_mode)
+    mode = metric_points.direction(settings.metric, settings.metric_mode)
   return weighting.weigh_checkpoints(inputs, points, settings, mode=mode)
 
 
@@ -73,7 +73,7 @@ def select_among(pool: Sequence[ckpts.Checkpoint],
   """The checkpoints the selection flags choose from `pool`."""
   values, mode = None, None
   if settings.selection.select == "best_window":
-    mode = metrics.direction(settings.weighting.metric,
+    mode = metric_points.direction(settings.weighting.metric,
                              settings.weighting.metric_mode)
     aligned = weighting.align_metrics_to_checkpoints(
         [c.step if c.step is not None else -1 for c in pool],
@@ -153,11 +153,11 @@ def _weighted(chosen: Sequence[ckpts.Checkpoint],
 def _score_beside(weighing: weighting.Weighing, result: AveragingResult,
                   settings: options.OneShotSettings) -> None:
   """Logs the average's score beside the best single's and the uniform's."""
-  mode = metrics.direction(settings.weighting.metric,
+  mode = metric_points.direction(settings.weighting.metric,
                            settings.weighting.metric_mode)
   inputs = list(weighing.checkpoints)
   assert settings.evaluation is not None
-  with greedy.Candidates(inputs, settings.output.output_path,
+  with soup.Candidates(inputs, settings.output.output_path,
                          settings.evaluation, settings.averaging) as scorer:
     scores = [(f"this {settings.weighting.weighting} average",
                evaluation.evaluate(settings.evaluation, result.output_path,
@@ -167,13 +167,13 @@ def _score_beside(weighing: weighting.Weighing, result: AveragingResult,
     best, how = _best_single(weighing, mode)
     scores.append((f"{how} single checkpoint, {inputs[best].path}",
                    scorer.score([best])))
-  greedy.log_comparison(scores, mode)
+  soup.log_comparison(scores, mode)
 
 
 def _best_single(weighing: weighting.Weighing, mode: str) -> tuple[int, str]:
   """The best checkpoint by its logged metric, or else the newest."""
   values = weighing.metrics or ()
-  valid = [i for i, v in enumerate(values) if metrics.is_valid(v)]
+  valid = [i for i, v in enumerate(values) if metric_points.is_valid(v)]
   if not valid:
     return len(weighing.checkpoints) - 1, "last"
   sign = 1 if mode == "max" else -1
@@ -183,7 +183,7 @@ def _best_single(weighing: weighting.Weighing, mode: str) -> tuple[int, str]:
 def _greedy(chosen: Sequence[ckpts.Checkpoint],
             settings: options.OneShotSettings) -> AveragingResult:
   """The greedy soup: its kept checkpoints' uniform average."""
-  mode = metrics.direction(settings.weighting.metric,
+  mode = metric_points.direction(settings.weighting.metric,
                            settings.weighting.metric_mode)
   points = read_points(settings.weighting)
   logged: Optional[list[Optional[float]]] = None
@@ -195,20 +195,20 @@ def _greedy(chosen: Sequence[ckpts.Checkpoint],
   if settings.output.dry_run:
     return _greedy_plan(chosen, settings, logged, mode)
   assert settings.evaluation is not None
-  with greedy.Candidates(chosen, settings.output.output_path,
+  with soup.Candidates(chosen, settings.output.output_path,
                          settings.evaluation, settings.averaging) as scorer:
     own = logged if logged is not None else [
         scorer.score([i]) for i in range(len(chosen))]  # From the command.
-    soup_result = greedy.run_soup(
+    soup_result = soup.run_soup(
         chosen, own, scorer, mode=mode,
         tolerance=settings.weighting.greedy_tolerance,
         own_scores_from_command=points is None)
-  logging.info("Greedy soup:\n%s", greedy.soup_table(chosen, soup_result))
+  logging.info("Greedy soup:\n%s", soup.soup_table(chosen, soup_result))
   kept = [chosen[i] for i in soup_result.kept]
   record = {"weighting": {"scheme": "greedy",
                           "tolerance": settings.weighting.greedy_tolerance,
                           "mode": mode,
-                          "soup": greedy.soup_record(chosen, soup_result)}}
+                          "soup": soup.soup_record(chosen, soup_result)}}
   return _average(kept, settings, record=record)
 
 
@@ -222,7 +222,7 @@ def _greedy_plan(chosen: Sequence[ckpts.Checkpoint],
     plan["order"] = (f"each of the {len(chosen)} checkpoints scored alone by "
                      "--eval_command, then tried best first")
   else:
-    order = soup.plan_order(own, mode=mode,
+    order = greedy.plan_order(own, mode=mode,
                             newer=[c.step or 0 for c in chosen])
     plan["order"] = [chosen[i].path for i in order]
   return _average(chosen, settings, values=own, record={"weighting": plan})

@@ -18,8 +18,8 @@ from typing import Optional
 from absl import logging
 
 from t2t_avg import options
-from t2t_avg import paths
-from t2t_avg import state_file
+from t2t_avg.files import paths
+from t2t_avg.formats import state_file
 
 # Read ahead only when the files take at most this share of the memory left.
 _ROOM_SHARE = 0.5
@@ -38,7 +38,7 @@ def input_prefixes(inputs: options.InputOptions) -> list[str]:
   if not listed and paths.is_local(directory) and os.path.isdir(directory):
     # Keras files (no state file): by the numbers in their names, a guess.
     # (Imported here: this module starts reading before numpy is imported.)
-    from t2t_avg import keras_checkpoints  # pylint: disable=import-outside-toplevel
+    from t2t_avg.inputs import keras_checkpoints  # pylint: disable=import-outside-toplevel
     listed = sorted(keras_checkpoints.candidates(
         directory, os.path.basename(inputs.prefix)), key=lambda p: (
             keras_checkpoints.name_number(p) or -1, p))

@@ -14,8 +14,8 @@ import re
 from typing import Any
 from collections.abc import Iterator
 
-from t2t_avg import paths
-from t2t_avg import tf_loader
+from t2t_avg.files import paths
+from t2t_avg.files import tf_loader
 
 
 _WILDCARD = re.compile(r"[*?[\\]")

@@ -15,15 +15,12 @@ import tempfile
 from typing import Optional
 from collections.abc import Sequence
 
-from absl import logging
 
-from t2t_avg import filesystem
-from t2t_avg import paths
-from t2t_avg import safe_files
-from t2t_avg import state_file
+from t2t_avg.files import filesystem
+from t2t_avg.files import paths
+from t2t_avg.files import shared_dir
 from t2t_avg.errors import AveragingError
 
-STATE_FILE = state_file.STATE_FILE
 
 
 class Output:
@@ -46,10 +43,10 @@ class Output:
       self._tmp_dir = tempfile.mkdtemp(prefix="t2t_avg-staging.")
       return self
     name = os.path.basename(self.output)
-    self._claim = safe_files.claim(self.directory, name)
+    self._claim = shared_dir.claim(self.directory, name)
     try:
-      safe_files.remove_stale_temporaries(self.directory)
-      self._tmp_dir = safe_files.make_temporary_dir(self.directory, name)
+      shared_dir.remove_stale_temporaries(self.directory)
+      self._tmp_dir = shared_dir.make_temporary_dir(self.directory, name)
     except BaseException:
       self.abort()
       raise
@@ -101,7 +98,7 @@ class Output:
       shutil.rmtree(self._tmp_dir, ignore_errors=True)
       self._tmp_dir = None
     if self._claim is not None:
-      safe_files.release(self._claim)
+      shared_dir.release(self._claim)
       self._claim = None
 
 
@@ -158,48 +155,8 @@ def check_replaceable(names: Sequence[str], flag: str = "--output_path") -> None
   for name in names:
     if not paths.is_local(name):
       return
-    problem = safe_files.replaceable(name)
+    problem = shared_dir.replaceable(name)
     if problem:
       raise AveragingError(
           f"output file {name} is {problem}; t2t_avg will not replace it: "
           f"remove it or choose another {flag}")
-
-
-def write_state_file(directory: str, newest: str,
-                     all_paths: Sequence[str]) -> bool:
-  """Writes the directory's `checkpoint` state file (relative paths).
-
-  A state file that is a link or another user's file is left alone with a
-  warning.
-
-  Returns:
-    Whether the state file was written.
-  """
-  path = os.path.join(directory, STATE_FILE)
-  problem = safe_files.replaceable(path) if paths.is_local(path) else None
-  if problem:
-    logging.warning("Not touching %s: it is %s (t2t_avg replaces only its "
-                    "own files)", path, problem)
-    return False
-  text = state_file.text(os.path.basename(newest),
-                         [os.path.basename(p) for p in all_paths])
-  if paths.is_local(path):
-    safe_files.write_atomically(path, text.encode("utf-8"))
-  else:
-    tmp = f"{path}{safe_files.TMP_MARK}.{os.getpid()}"
-    with filesystem.gfile() as gfile:
-      with gfile.GFile(tmp, "w") as f:
-        f.write(text)
-      gfile.rename(tmp, path, overwrite=True)
-  return True
-
-
-def listed_outputs(directory: str) -> list[str]:
-  """The checkpoints the directory's state file lists, or none."""
-  try:
-    state = state_file.read(directory)
-  except (OSError, ValueError):
-    return []
-  if state is None:
-    return []
-  return list(state.all_model_checkpoint_paths)

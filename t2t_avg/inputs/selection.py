@@ -7,55 +7,17 @@ bounds, then stride, then the last N or the best window.
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 from absl import logging
 
-from t2t_avg import metrics
+from t2t_avg.metrics import points
+from t2t_avg import options
 from t2t_avg.errors import ArgumentError, AveragingError
 
-SELECTS = ("last", "best_window")
 
 
-@dataclasses.dataclass(frozen=True)
-class SelectionOptions:
-  """The selection flags, validated once.
-
-  Attributes:
-    min_step: the lowest step to average (inclusive), or None.
-    max_step: the highest step to average (inclusive), or None.
-    stride: every k-th checkpoint, counting back from the newest.
-    select: 'last' (the last N) or 'best_window' (the N consecutive
-      checkpoints ending at the best by the metric).
-  """
-  min_step: int | None = None
-  max_step: int | None = None
-  stride: int = 1
-  select: str = "last"
-
-  def __post_init__(self) -> None:
-    for name in ("min_step", "max_step"):
-      value = getattr(self, name)
-      if value is not None and value < 0:
-        raise ArgumentError("{" + name + "} must be >= 0, not {value}",
-                            value=value)
-    if (self.min_step is not None and self.max_step is not None and
-        self.min_step > self.max_step):
-      raise ArgumentError("{min_step}={low} is above {max_step}={high}",
-                          low=self.min_step, high=self.max_step)
-    _check_stride(self.stride)
-    if self.select not in SELECTS:
-      raise ArgumentError("{select} must be 'last' or 'best_window', not "
-                          "{value!r}", value=self.select)
-
-  @property
-  def is_default(self) -> bool:
-    """True when these options choose nothing beyond the last N."""
-    return self == SelectionOptions()
-
-
-def within_bounds(steps: Sequence[int | None], options: SelectionOptions,
+def within_bounds(steps: Sequence[int | None], options: options.SelectionOptions,
                   names: Sequence[str] | None = None) -> list[int]:
   """The checkpoints whose step is within `min_step`..`max_step` (inclusive).
 
@@ -90,7 +52,7 @@ def strided(indices: Sequence[int], stride: int) -> list[int]:
   Raises:
     ArgumentError: `stride` < 1.
   """
-  _check_stride(stride)
+  options.check_stride(stride)
   return list(indices)[::-1][::stride][::-1]
 
 
@@ -129,11 +91,11 @@ def best_window(indices: Sequence[int], values: Sequence[float | None],
     ArgumentError: an unknown mode, `n` < 1.
     AveragingError: no candidate has a valid value.
   """
-  metrics.check_mode(mode)
+  points.check_mode(mode)
   if n is not None:
     _check_count(n)
   sign = 1.0 if mode == "max" else -1.0
-  scored = [p for p, i in enumerate(indices) if metrics.is_valid(values[i])]
+  scored = [p for p, i in enumerate(indices) if points.is_valid(values[i])]
   if not scored:
     raise AveragingError(f"no valid metric value among the {len(indices)} "
                          "checkpoints to find the best window in (all NaN, "
@@ -152,7 +114,7 @@ def best_window(indices: Sequence[int], values: Sequence[float | None],
   return window
 
 
-def choose(steps: Sequence[int | None], *, options: SelectionOptions,
+def choose(steps: Sequence[int | None], *, options: options.SelectionOptions,
            n: int | None, values: Sequence[float | None] | None = None,
            mode: str | None = None,
            names: Sequence[str] | None = None) -> list[int]:
@@ -192,10 +154,6 @@ def choose(steps: Sequence[int | None], *, options: SelectionOptions,
                    len(chosen))
 
 
-def _check_stride(stride: int) -> None:
-  if stride < 1:
-    raise ArgumentError("{stride} must be >= 1, not {k}", k=stride)
-
 
 def _check_count(n: int) -> None:
   if n < 1:
@@ -219,7 +177,7 @@ def _name(index: int, names: Sequence[str] | None,
   return f"the checkpoint at position {index} (0 = the oldest)"
 
 
-def _bounds_text(options: SelectionOptions) -> str:
+def _bounds_text(options: options.SelectionOptions) -> str:
   bounds = [f"--{name}={getattr(options, name)}"
             for name in ("min_step", "max_step")
             if getattr(options, name) is not None]
@@ -227,7 +185,7 @@ def _bounds_text(options: SelectionOptions) -> str:
 
 
 def _nothing_within(steps: Sequence[int | None],
-                    options: SelectionOptions) -> str:
+                    options: options.SelectionOptions) -> str:
   if not steps:
     return "no checkpoints to choose from"
   known = [s for s in steps if s is not None]

@@ -13,23 +13,24 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from absl import logging
 import tensorflow as tf
 
-from t2t_avg import averaging
-from t2t_avg import checkpoints
-from t2t_avg import events
-from t2t_avg import filesystem
+from t2t_avg.engine import averaging
+from t2t_avg.inputs import checkpoints
+from t2t_avg.metrics import events
+from t2t_avg.files import filesystem
 from t2t_avg import formats
-from t2t_avg import keras_checkpoints
-from t2t_avg import keras_logs
-from t2t_avg import metrics
+from t2t_avg.inputs import keras_checkpoints
+from t2t_avg.metrics import keras_logs
+from t2t_avg.metrics import points as metric_points
 from t2t_avg import options
-from t2t_avg import safe_files
-from t2t_avg import weighting
-from t2t_avg import writer
+from t2t_avg.files import shared_dir
+from t2t_avg.metrics import weighting
+from t2t_avg.files import publish
+from t2t_avg.formats import state_file
 from t2t_avg.errors import AveragingError, error_text
 from t2t_avg.formats import base
 from t2t_avg.formats import tf_bundle
-from t2t_avg.metrics import MetricPoint
-from t2t_avg.paths import is_local
+from t2t_avg.metrics.points import MetricPoint
+from t2t_avg.files.paths import is_local
 from t2t_avg.record import AveragingResult
 
 OUTPUT_BASENAME = "model.ckpt"
@@ -263,7 +264,7 @@ def average_all(settings: options.ContinuousOptions, *,
   settings.check_weighting(weighting_options)
   mode = None
   if weighting_options.uses_metric:
-    mode = metrics.direction(weighting_options.metric,
+    mode = metric_points.direction(weighting_options.metric,
                              weighting_options.metric_mode)
   model_dir = os.path.expanduser(settings.model_dir)
   output_dir = os.path.expanduser(settings.output_dir)
@@ -308,7 +309,7 @@ class _Averager:
   def run(self, found: Iterator[StepFile]) -> Iterator[WindowOutcome]:
     """The generator behind `average_all`."""
     settings = self._settings
-    writer.make_dirs(settings.output_dir)
+    publish.make_dirs(settings.output_dir)
     if not settings.recompute:
       self._refuse_other_settings()
     self._copy_run_files()
@@ -513,9 +514,9 @@ class _Averager:
                                 ignore=outputs):
       logging.warning("Not touching %s: that directory holds input "
                       "checkpoints", os.path.join(output_dir,
-                                                  writer.STATE_FILE))
+                                                  state_file.STATE_FILE))
     else:
-      writer.write_state_file(output_dir, outputs[-1], outputs)
+      state_file.write(output_dir, outputs[-1], outputs)
     self._write_summaries(result)
 
   def _write_summaries(self, result: AveragingResult) -> None:
@@ -589,7 +590,7 @@ def _recorded_settings(prefix: str) -> dict:
 def _copy_with_times(source: str, target: str,
                      set_mtime: Callable[[str, int], None]) -> None:
   if is_local(source) and is_local(target):
-    safe_files.copy_atomically(source, target)
+    shared_dir.copy_atomically(source, target)
     return
   tmp = f"{target}.t2t_avg-tmp.{os.getpid()}"
   tf.io.gfile.copy(source, tmp, overwrite=True)

@@ -13,12 +13,12 @@ from collections.abc import Iterator, Sequence
 from absl import logging
 from google.protobuf import message
 
-from t2t_avg import crc
-from t2t_avg import paths
-from t2t_avg import safe_files
-from t2t_avg import tf_loader
+from t2t_avg.files import crc
+from t2t_avg.files import paths
+from t2t_avg.files import shared_dir
+from t2t_avg.files import tf_loader
 from t2t_avg.errors import ArgumentError, AveragingError
-from t2t_avg.metrics import MetricPoint
+from t2t_avg.metrics.points import MetricPoint
 
 _HEADER = struct.Struct("<QI")  # record length, masked crc32c of the length
 _FOOTER = struct.Struct("<I")  # masked crc32c of the data
@@ -254,7 +254,7 @@ def summaries_directory(output_dir: str) -> str:
   """
   path = os.path.join(output_dir, SUMMARIES_DIR)
   if paths.is_local(path):
-    safe_files.check_own_dir(path)
+    shared_dir.check_own_dir(path)
   return path
 
 
@@ -273,7 +273,7 @@ def write_weight_summaries(directory: str, rows: Sequence, tag: str) -> None:
   tf = tf_loader.get()
   tf1 = tf.compat.v1
   if paths.is_local(directory):
-    safe_files.make_own_dir(directory)  # Never a planted link.
+    shared_dir.make_own_dir(directory)  # Never a planted link.
   # TF1's FileWriter (TF core, in a graph of its own) rather than
   # tf.summary.scalar, whose implementation lives in the tensorboard package.
   with tf.Graph().as_default():

@@ -16,8 +16,11 @@ import re
 from typing import Optional
 from collections.abc import Sequence
 
-from t2t_avg import filesystem
-from t2t_avg import paths
+from absl import logging
+
+from t2t_avg.files import filesystem
+from t2t_avg.files import paths
+from t2t_avg.files import shared_dir
 
 STATE_FILE = "checkpoint"
 _PATH_FIELDS = ("model_checkpoint_path", "all_model_checkpoint_paths")
@@ -183,3 +186,43 @@ def text(newest: str, all_paths: Sequence[str]) -> str:
 
 def _escape(value: str) -> str:
   return value.translate(_TEXT_ESCAPES)
+
+
+def write(directory: str, newest: str,
+                     all_paths: Sequence[str]) -> bool:
+  """Writes the directory's `checkpoint` state file (relative paths).
+
+  A state file that is a link or another user's file is left alone with a
+  warning.
+
+  Returns:
+    Whether the state file was written.
+  """
+  path = os.path.join(directory, STATE_FILE)
+  problem = shared_dir.replaceable(path) if paths.is_local(path) else None
+  if problem:
+    logging.warning("Not touching %s: it is %s (t2t_avg replaces only its "
+                    "own files)", path, problem)
+    return False
+  content = text(os.path.basename(newest),
+                 [os.path.basename(p) for p in all_paths])
+  if paths.is_local(path):
+    shared_dir.write_atomically(path, content.encode("utf-8"))
+  else:
+    tmp = f"{path}{shared_dir.TMP_MARK}.{os.getpid()}"
+    with filesystem.gfile() as gfile:
+      with gfile.GFile(tmp, "w") as f:
+        f.write(content)
+      gfile.rename(tmp, path, overwrite=True)
+  return True
+
+
+def listed_outputs(directory: str) -> list[str]:
+  """The checkpoints the directory's state file lists, or none."""
+  try:
+    state = read(directory)
+  except (OSError, ValueError):
+    return []
+  if state is None:
+    return []
+  return list(state.all_model_checkpoint_paths)

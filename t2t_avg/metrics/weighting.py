@@ -14,17 +14,17 @@ from collections.abc import Callable, Sequence
 from absl import logging
 import numpy as np
 
-from t2t_avg import keras_logs
-from t2t_avg import metrics
+from t2t_avg.metrics import keras_logs
+from t2t_avg.metrics import points as metric_points
 from t2t_avg import options
 from t2t_avg.errors import ArgumentError, AveragingError
-from t2t_avg.metrics import MetricPoint
+from t2t_avg.metrics.points import MetricPoint
 
 # The schemes with a formula; a greedy soup's weights come from evaluating
 # averages (see `greedy`).
 SCHEMES = tuple(s for s in options.SCHEMES if s != "greedy")
 METRIC_SCHEMES = options.METRIC_SCHEMES
-MODES = metrics.MODES
+MODES = metric_points.MODES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +80,7 @@ def _align(checkpoints: list, points: Sequence[MetricPoint],
   metric's steps count (training steps, Keras epochs or iterations): see
   `keras_logs.checkpoint_positions`.
   """
-  kind = points[0].kind if points else metrics.STEP
+  kind = points[0].kind if points else metric_points.STEP
   positions = keras_logs.checkpoint_positions(checkpoints, kind, log=True)
   aligned = align_metrics_to_checkpoints(
       positions, points, max_step_gap=settings.max_step_gap)
@@ -247,7 +247,7 @@ def _count(values: Optional[Sequence], steps: Optional[Sequence],
 def _valid(values: Optional[Sequence[Optional[float]]], n: int, *,
            scheme: str, mode: str,
            steps: Optional[Sequence[int]]) -> _Values:
-  metrics.check_mode(mode)
+  metric_points.check_mode(mode)
   if values is None:
     raise ArgumentError("{weighting}={scheme} needs metric values",
                         scheme=scheme)

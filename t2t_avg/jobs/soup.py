@@ -15,13 +15,13 @@ from typing import Optional
 
 from absl import logging
 
-from t2t_avg import averaging
-from t2t_avg import evaluation
+from t2t_avg.engine import averaging
+from t2t_avg.jobs import evaluation
 from t2t_avg import options
-from t2t_avg import paths
-from t2t_avg import safe_files
-from t2t_avg import soup
-from t2t_avg.checkpoints import Checkpoint
+from t2t_avg.files import paths
+from t2t_avg.files import shared_dir
+from t2t_avg.inputs import greedy
+from t2t_avg.inputs.checkpoints import Checkpoint
 from t2t_avg.errors import ArgumentError
 
 
@@ -29,7 +29,7 @@ class Candidates:
   """Averages of chosen inputs, written and scored on demand (a context)."""
 
   def __init__(self, inputs: Sequence[Checkpoint], output_path: str,
-               evaluation_options: evaluation.EvalOptions,
+               evaluation_options: options.EvalOptions,
                averaging_options: options.AveragingOptions):
     self._inputs = list(inputs)
     self._output_dir = os.path.dirname(output_path) or "."
@@ -48,7 +48,7 @@ class Candidates:
       self._made_dirs.append(missing)
       missing = os.path.dirname(missing)
     os.makedirs(self._output_dir, exist_ok=True)
-    self._tmp_dir = safe_files.make_temporary_dir(self._output_dir,
+    self._tmp_dir = shared_dir.make_temporary_dir(self._output_dir,
                                                   "candidates")
     return self
 
@@ -100,9 +100,9 @@ class Candidates:
 
 def run_soup(inputs: Sequence[Checkpoint], own_scores: Sequence[Optional[float]],
              candidates: Candidates, *, mode: str, tolerance: float,
-             own_scores_from_command: bool) -> soup.SoupResult:
+             own_scores_from_command: bool) -> greedy.SoupResult:
   """The greedy soup over `inputs`, scoring soups with `candidates`."""
-  return soup.greedy_soup(
+  return greedy.greedy_soup(
       own_scores, mode=mode, tolerance=tolerance, score_soup=candidates.score,
       own_scores_from_command=own_scores_from_command,
       newer=[c.step if c.step is not None else i
@@ -111,14 +111,14 @@ def run_soup(inputs: Sequence[Checkpoint], own_scores: Sequence[Optional[float]]
 
 
 def soup_record(inputs: Sequence[Checkpoint],
-                result: soup.SoupResult) -> list[dict]:
+                result: greedy.SoupResult) -> list[dict]:
   """The soup's steps for the JSON record: candidate, scores, kept."""
   return [{"candidate": os.path.abspath(inputs[s.candidate].path),
            "own_score": s.own_score, "soup_score": s.soup_score,
            "kept": s.kept} for s in result.steps]
 
 
-def soup_table(inputs: Sequence[Checkpoint], result: soup.SoupResult) -> str:
+def soup_table(inputs: Sequence[Checkpoint], result: greedy.SoupResult) -> str:
   """The soup's steps as a text table, in the order they were tried."""
   width = max(len(c.path) for c in inputs)
   lines = [f"{'candidate':<{width}}  {'own score':>10}  {'soup with it':>12}"

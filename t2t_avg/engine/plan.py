@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from absl import logging
 import numpy as np
 
-from t2t_avg import checkpoints
-from t2t_avg.checkpoints import Checkpoint
+from t2t_avg.inputs import checkpoints
+from t2t_avg.inputs.checkpoints import Checkpoint
 from t2t_avg.errors import AveragingError
 from t2t_avg.formats import base
 

@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from absl import logging
 import numpy as np
 
-from t2t_avg import filesystem
+from t2t_avg.files import filesystem
 from t2t_avg import formats
-from t2t_avg import keras_checkpoints
-from t2t_avg import paths
-from t2t_avg import state_file
+from t2t_avg.inputs import keras_checkpoints
+from t2t_avg.files import paths
+from t2t_avg.formats import state_file
 from t2t_avg.errors import AveragingError, error_text
 from t2t_avg.formats import base
 from t2t_avg.formats import detect

@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from absl import logging
 import numpy as np
 
-from t2t_avg import checkpoints
-from t2t_avg import crc
+from t2t_avg.inputs import checkpoints
+from t2t_avg.files import crc
 from t2t_avg.errors import AveragingError
 from t2t_avg.formats import base
-from t2t_avg.plan import Action, Plan
+from t2t_avg.engine.plan import Action, Plan
 
 CHUNK_BYTES = 8 << 20  # Read from each input per step.
 _SMALL_BYTES = 256 << 10  # Parts up to this size are read in runs.

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from absl import logging
 
-from t2t_avg import metrics
+from t2t_avg.metrics import points
 from t2t_avg.errors import ArgumentError, AveragingError
 
 
@@ -59,7 +59,7 @@ def plan_order(own_scores: Sequence[float | None], *, mode: str,
   Raises:
     ArgumentError: an unknown mode, or `newer` of the wrong length.
   """
-  metrics.check_mode(mode)
+  points.check_mode(mode)
   count = len(own_scores)
   if newer is None:
     newer = range(count)
@@ -67,10 +67,10 @@ def plan_order(own_scores: Sequence[float | None], *, mode: str,
     raise ArgumentError("{newer} has {given} values for {count} candidates",
                         given=len(newer), count=count)
   sign = 1.0 if mode == "max" else -1.0
-  scored = [i for i in range(count) if metrics.is_valid(own_scores[i])]
+  scored = [i for i in range(count) if points.is_valid(own_scores[i])]
   order = sorted(scored, key=lambda i: (sign * float(own_scores[i] or 0),
                                        newer[i], i), reverse=True)
-  return order + [i for i in range(count) if not metrics.is_valid(own_scores[i])]
+  return order + [i for i in range(count) if not points.is_valid(own_scores[i])]
 
 
 def greedy_soup(own_scores: Sequence[float | None], *, mode: str,
@@ -108,7 +108,7 @@ def greedy_soup(own_scores: Sequence[float | None], *, mode: str,
     raise ArgumentError("{greedy_tolerance} must be >= 0, not {tolerance}",
                         tolerance=tolerance)
   order = plan_order(own_scores, mode=mode, newer=newer)
-  tried = [i for i in order if metrics.is_valid(own_scores[i])]
+  tried = [i for i in order if points.is_valid(own_scores[i])]
   if not tried:
     raise AveragingError(f"none of the {len(order)} candidates of the greedy "
                          "soup has a score of its own (all NaN, inf or "

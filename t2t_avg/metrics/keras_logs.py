@@ -23,11 +23,11 @@ from typing import Any, Optional
 
 from absl import logging
 
-from t2t_avg import events
-from t2t_avg import keras_checkpoints
-from t2t_avg import paths
+from t2t_avg.metrics import events
+from t2t_avg.inputs import keras_checkpoints
+from t2t_avg.files import paths
 from t2t_avg.errors import ArgumentError, AveragingError
-from t2t_avg.metrics import EPOCH, ITERATIONS, STEP, MetricPoint
+from t2t_avg.metrics.points import EPOCH, ITERATIONS, STEP, MetricPoint
 
 _CSV_HEADER = re.compile(r"\ufeff?epoch(\W|$)")
 _MISSING = ("", "NA")  # CSVLogger writes NA for a key missing from a row.

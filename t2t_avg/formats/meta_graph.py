@@ -5,7 +5,7 @@ import re
 from typing import Any
 from collections.abc import Sequence
 
-from t2t_avg import filesystem
+from t2t_avg.files import filesystem
 from t2t_avg.formats import base
 
 _NOT_IN_OP_NAMES = re.compile(r"[^A-Za-z0-9_.\-/]")

@@ -2,7 +2,7 @@
 
 Its flags live in their own FlagValues and join absl's global ones only when
 it runs as a program: importing `t2t_avg.compare` into another absl program,
-or a test process that also imports `t2t_avg.cli`, defines no flags there.
+or a test process that also imports `t2t_avg.cli.average`, defines no flags there.
 """
 import sys
 import traceback
@@ -11,7 +11,7 @@ from typing import NoReturn
 from absl import app
 from absl import flags
 
-from t2t_avg.compare import compare_checkpoints, format_report
+from t2t_avg.jobs.compare import compare_checkpoints, format_report
 from t2t_avg.errors import ArgumentError, AveragingError
 
 _PROGRAM = "t2t_avg.compare"

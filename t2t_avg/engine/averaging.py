@@ -11,18 +11,19 @@ from absl import logging
 import numpy as np
 
 import t2t_avg
-from t2t_avg import checkpoints
-from t2t_avg import meta_graph
+from t2t_avg.inputs import checkpoints
+from t2t_avg.formats import meta_graph
 from t2t_avg import options
-from t2t_avg import plan as planning
+from t2t_avg.engine import plan as planning
 from t2t_avg import record as records
-from t2t_avg import streaming
-from t2t_avg import weighting
-from t2t_avg import writer
-from t2t_avg.checkpoints import Checkpoint
+from t2t_avg.engine import streaming
+from t2t_avg.metrics import weighting
+from t2t_avg.files import publish
+from t2t_avg.formats import state_file
+from t2t_avg.inputs.checkpoints import Checkpoint
 from t2t_avg.errors import ArgumentError, AveragingError, error_text
 from t2t_avg.formats import base
-from t2t_avg.paths import is_local
+from t2t_avg.files.paths import is_local
 from t2t_avg.record import AveragingResult, CheckpointRow
 
 __all__ = ["average_checkpoints", "AveragingResult", "CheckpointRow"]
@@ -167,7 +168,7 @@ def _refuse_overwriting(output: str, inputs: Sequence[Checkpoint],
     if norm(c.path) == norm(output):
       raise AveragingError(f"output {output} is one of the input "
                            "checkpoints; choose another --output_path")
-  writer.check_replaceable(_output_names(output, fmt))
+  publish.check_replaceable(_output_names(output, fmt))
   if fmt.exists(output) and not checkpoints.is_output_of_this_tool(output):
     raise AveragingError(f"output {output} already exists and was not "
                          "written by t2t_avg; remove it or choose another "
@@ -196,7 +197,7 @@ def _write(plan: planning.Plan, inputs: Sequence[Checkpoint],
   """Streams the output into a private directory, checks it, publishes it."""
   fmt = inputs[newest].opened.format
   try:
-    with writer.Output(output) as out:
+    with publish.Output(output) as out:
       sink = fmt.make_sink(out.temporary_path("out"), plan.tensors,
                            inputs[newest].opened)
       try:
@@ -212,7 +213,7 @@ def _write(plan: planning.Plan, inputs: Sequence[Checkpoint],
       if write_meta:
         meta_graph.write(out.temporary_path("meta"), plan.tensors)
         files.append((out.temporary_path("meta"), output + ".meta"))
-      writer.write_json(out.temporary_path("record.json"), record)
+      publish.write_json(out.temporary_path("record.json"), record)
       files.append((out.temporary_path("record.json"),
                     output + checkpoints.RECORD_SUFFIX))
       # Replacing an earlier output: what makes it visible goes first, so a
@@ -235,8 +236,8 @@ def _update_state_file(output_prefix: str, input_paths: Sequence[str]) -> None:
     logging.warning("Not touching %s: that directory holds input checkpoints",
                     os.path.join(directory, checkpoints.STATE_FILE))
     return
-  earlier = [p for p in writer.listed_outputs(directory)
+  earlier = [p for p in state_file.listed_outputs(directory)
              if p != output_prefix and os.path.basename(p) != os.path.basename(
                  output_prefix) and checkpoints.exists(
                      os.path.join(directory, os.path.basename(p)))]
-  writer.write_state_file(directory, output_prefix, earlier + [output_prefix])
+  state_file.write(directory, output_prefix, earlier + [output_prefix])

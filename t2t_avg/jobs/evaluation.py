@@ -29,7 +29,6 @@ command's own logging.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
@@ -40,9 +39,10 @@ import time
 
 from absl import logging
 
-from t2t_avg.errors import ArgumentError, AveragingError
+from t2t_avg import options
+from t2t_avg.errors import AveragingError
 
-PLACEHOLDER = "{checkpoint}"
+PLACEHOLDER = options.PLACEHOLDER
 STDERR_TAIL_LINES = 20
 # After a SIGKILL to the group, how long to wait for its pipes to close (a
 # process that left the group may still hold them).
@@ -54,38 +54,7 @@ _SCORE_LINE = re.compile(
     re.IGNORECASE)
 
 
-@dataclasses.dataclass(frozen=True)
-class EvalOptions:
-  """How to score a candidate average: the user's command and its time limit.
-
-  Attributes:
-    eval_command: the command line, with `{checkpoint}` where the path of the
-      candidate goes (see the module docstring for how it runs).
-    eval_timeout: seconds one run may take, or None for no limit.
-  """
-  eval_command: str
-  eval_timeout: float | None = None
-
-  def __post_init__(self) -> None:
-    try:
-      args = shlex.split(self.eval_command)
-    except ValueError as e:  # shlex: "No closing quotation", ...
-      raise ArgumentError("{eval_command} cannot be split into arguments "
-                          "({error}): {command}", error=e,
-                          command=self.eval_command) from e
-    if not any(PLACEHOLDER in arg for arg in args):
-      raise ArgumentError(
-          "{eval_command} must contain {placeholder}, replaced by the path "
-          "of each candidate average: {command}", placeholder=PLACEHOLDER,
-          command=self.eval_command)
-    timeout = self.eval_timeout
-    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
-      raise ArgumentError("{eval_timeout} must be a number of seconds > 0 "
-                          "(or none for no limit), not {timeout}",
-                          timeout=timeout)
-
-
-def command_args(options: EvalOptions, checkpoint_path: str) -> list[str]:
+def command_args(options: options.EvalOptions, checkpoint_path: str) -> list[str]:
   """The command's arguments with `{checkpoint}` replaced by a path.
 
   Args:
@@ -108,7 +77,7 @@ def parse_score(line: str) -> float | None:
   return float(match.group("number")) if match else None
 
 
-def evaluate(options: EvalOptions, checkpoint_path: str, *,
+def evaluate(options: options.EvalOptions, checkpoint_path: str, *,
              candidate: str) -> float:
   """Runs the eval command on one candidate and returns its score.
 
@@ -146,7 +115,7 @@ def evaluate(options: EvalOptions, checkpoint_path: str, *,
   return score
 
 
-def _run(args: list[str], options: EvalOptions,
+def _run(args: list[str], options: options.EvalOptions,
          candidate: str) -> tuple[int | None, str, str]:
   """(exit status or None after a timeout, stdout, stderr) of one run."""
   logging.debug("Running the eval command on %s: %s", candidate,
@@ -191,7 +160,7 @@ def _drain(proc: subprocess.Popen) -> tuple[str, str]:
     return "", ""
 
 
-def _problem(options: EvalOptions, status: int | None, line: str,
+def _problem(options: options.EvalOptions, status: int | None, line: str,
              score: float | None) -> tuple[str, str] | None:
   """(what went wrong, detail after the candidate), or None for a score."""
   if status is None:

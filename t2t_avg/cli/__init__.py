@@ -1,0 +1,1 @@
+"""The command lines: the only code that defines flags."""

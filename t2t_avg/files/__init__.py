@@ -1,0 +1,1 @@
+"""File systems, path rules, publishing outputs safely in shared directories, loading TensorFlow."""

@@ -1,0 +1,1 @@
+"""Which checkpoints, in which order, with which step."""

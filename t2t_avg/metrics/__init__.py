@@ -1,0 +1,1 @@
+"""Metric points from event files and Keras logs, aligned to checkpoints, turned into weights."""
