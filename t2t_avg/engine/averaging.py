@@ -95,18 +95,9 @@ def average_checkpoints(
   output_prefix = fmt.output_name(output_path, step)
   _refuse_overwriting(output_prefix, inputs, fmt)
   plan = planning.make_plan(inputs, newest, exclude=exclude, step=step)
-  rows = tuple(
-      CheckpointRow(c.path, c.step, c.step_source, w,
-                    None if metrics is None else metrics[i])
-      for i, (c, w) in enumerate(zip(inputs, weights)))
-  count = weighting.effective_count(weights)
-  record = records.make_record(
-      rows, effective_count=count, output_prefix=output_prefix, step=step,
-      exclude_variables=exclude_variables,
-      averaged=plan.count(planning.Action.AVERAGE),
-      copied=plan.count(planning.Action.COPY), version=t2t_avg.__version__,
-      extra=record_extra)
-  result = AveragingResult(output_prefix, False, rows, count, record)
+  result = _planned_result(inputs, weights, metrics, plan, output_prefix,
+                           exclude_variables, record_extra)
+  rows, record = result.rows, result.record
   if not quiet:
     planning.log_plan(plan, exclude)
   if dry_run:  # The caller shows the inputs' table.
@@ -124,6 +115,26 @@ def average_checkpoints(
     logging.info("Averaged checkpoint saved as %s; %s", output_prefix,
                  fmt.how_to_load(output_prefix))
   return dataclasses.replace(result, written=True)
+
+
+def _planned_result(inputs: Sequence[Checkpoint], weights: Sequence[float],
+                    metrics: Optional[Sequence[Optional[float]]],
+                    plan: planning.Plan, output_prefix: str,
+                    exclude_variables: str,
+                    record_extra: Optional[dict]) -> AveragingResult:
+  """The result (not yet written): a row per input and the JSON record."""
+  rows = tuple(
+      CheckpointRow(c.path, c.step, c.step_source, w,
+                    None if metrics is None else metrics[i])
+      for i, (c, w) in enumerate(zip(inputs, weights)))
+  count = weighting.effective_count(weights)
+  record = records.make_record(
+      rows, effective_count=count, output_prefix=output_prefix,
+      step=plan.step, exclude_variables=exclude_variables,
+      averaged=plan.count(planning.Action.AVERAGE),
+      copied=plan.count(planning.Action.COPY), version=t2t_avg.__version__,
+      extra=record_extra)
+  return AveragingResult(output_prefix, False, rows, count, record)
 
 
 def _normalised(weights: Optional[Sequence[float]], n: int) -> list[float]:
