@@ -1,5 +1,5 @@
 """t2t_avg: average TensorFlow checkpoints, uniformly or weighted by eval metrics."""
-import importlib.util
+import importlib
 
 from t2t_avg.errors import ArgumentError, AveragingError
 
@@ -8,20 +8,14 @@ __all__ = ["ArgumentError", "AveragingError", "AveragingResult",
 
 __version__ = "0.1.0"
 
-if importlib.util.find_spec("tensorflow") is None:
-  raise ImportError(
-      "t2t_avg needs TensorFlow, which is not installed. Install it with "
-      "`pip install 't2t_avg[tensorflow-cpu]'` (or `t2t_avg[tensorflow]`), or "
-      "`pip install tensorflow-cpu` next to t2t_avg.")
-
 _LAZY = {"average_checkpoints": "t2t_avg.engine.averaging",
          "AveragingResult": "t2t_avg.record",
          "CheckpointRow": "t2t_avg.record"}
 
 
 def __getattr__(name: str) -> object:
-  # TensorFlow takes seconds to import: the command line validates its flags
-  # first, so the library API is loaded on first use.
+  # The command line validates its flags before numpy and the engine load, so
+  # the library API is loaded on first use.
   if name in _LAZY:
     module = importlib.import_module(_LAZY[name])
     return getattr(module, name)

@@ -19,6 +19,7 @@ from t2t_avg import record as records
 from t2t_avg.engine import streaming
 from t2t_avg.metrics import weighting
 from t2t_avg.files import publish
+from t2t_avg.files import tf_loader
 from t2t_avg.formats import state_file
 from t2t_avg.inputs.checkpoints import Checkpoint
 from t2t_avg.errors import ArgumentError, AveragingError, error_text
@@ -85,6 +86,8 @@ def average_checkpoints(
   options.check_output_path(output_path)
   inputs = checkpoints.open_all(paths, step_from)
   fmt = _one_format(inputs)
+  if fmt.checked_by_tensorflow and not dry_run:
+    tf_loader.require(f"writing the TensorFlow checkpoint {output_path}")
   if write_meta and not fmt.has_state_file:
     raise ArgumentError("{write_meta} is for TF checkpoints, not {kind}",
                         kind=fmt.name)

@@ -30,6 +30,7 @@ import threading
 from types import ModuleType
 from typing import Any, Optional
 
+from t2t_avg.errors import AveragingError
 from t2t_avg.files import paths
 
 _READER_MODULE = "tensorflow.python.util._pywrap_checkpoint_reader"
@@ -42,14 +43,47 @@ class ReaderError(OSError):
   """TF's reader cannot open a checkpoint; the text is TF's message."""
 
 
-def get() -> ModuleType:
+_INSTALL = ("install it next to t2t_avg: pip install 't2t_avg[tensorflow-cpu]' "
+            "(or tensorflow-cpu, or tensorflow)")
+
+
+def get(purpose: str = "this run") -> ModuleType:
   """The `tensorflow` module (imported now if it is not yet).
 
+  Args:
+    purpose: what needs it, for the error message.
+
   Raises:
-    ImportError: TensorFlow cannot be imported.
+    AveragingError: TensorFlow is not installed, or its import fails.
   """
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  try:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  except Exception as e:  # A broken install raises anything.
+    raise AveragingError(_unusable(purpose, e)) from e
   return tf
+
+
+def require(purpose: str) -> None:
+  """Refuses early when TensorFlow is not installed (nothing is imported).
+
+  Raises:
+    AveragingError: it is not installed.
+  """
+  try:
+    found = importlib.util.find_spec("tensorflow") is not None
+  except (ImportError, ValueError):
+    found = False
+  if not found:
+    raise AveragingError(f"{purpose} needs TensorFlow, which is not "
+                         f"installed; {_INSTALL}")
+
+
+def _unusable(purpose: str, error: BaseException) -> str:
+  if isinstance(error, ModuleNotFoundError) and error.name == "tensorflow":
+    return f"{purpose} needs TensorFlow, which is not installed; {_INSTALL}"
+  text = str(error).strip().splitlines()
+  return (f"{purpose} needs TensorFlow, and `import tensorflow` fails: "
+          f"{type(error).__name__}: {text[-1] if text else ''}")
 
 
 def checkpoint_reader(prefix: str) -> Any:
@@ -63,7 +97,7 @@ def checkpoint_reader(prefix: str) -> Any:
   # Other file systems (gs://) are TF's to reach; the run imported it.
   module = _reader_module() if paths.is_local(prefix) else None
   if module is None:
-    tf = get()
+    tf = get(f"checking {prefix} with TensorFlow's own reader")
     try:
       return tf.train.load_checkpoint(prefix)
     except tf.errors.OpError as e:

@@ -224,6 +224,8 @@ class Format(abc.ABC):
   # Whether a `checkpoint` state file lists outputs (TF), and a `.meta`
   # graph can be written beside them.
   has_state_file = False
+  # Whether TensorFlow's own reader checks an output before it is published.
+  checked_by_tensorflow = False
 
   def state_not_weights(self, names: Sequence[str]) -> dict[str, str]:
     """{name: what it is} for float tensors that are state, not weights.

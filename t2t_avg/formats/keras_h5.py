@@ -33,13 +33,13 @@ from typing import Any, Optional
 from collections.abc import Iterator, Sequence
 
 import h5py
-import ml_dtypes
 import numpy as np
 
 from t2t_avg.inputs import keras_checkpoints
 from t2t_avg.errors import ArgumentError, AveragingError, error_text
 from t2t_avg.formats import base
 from t2t_avg.formats import detect
+from t2t_avg.formats import extra_dtypes
 from t2t_avg.formats import keras_zip
 
 WEIGHTS_SUFFIX, ARCHIVE_SUFFIX = detect.KERAS_SUFFIXES
@@ -161,9 +161,11 @@ def dtype_of(dataset: h5py.Dataset, where: str) -> base.DType:
   if isinstance(marked, bytes):
     marked = marked.decode("utf-8", "replace")
   if (dtype.kind == "V" and dtype.fields is None and isinstance(marked, str)
-      and marked.startswith(("bfloat16", "float8"))
-      and hasattr(ml_dtypes, marked)):
-    numpy = np.dtype(getattr(ml_dtypes, marked))
+      and marked.startswith(("bfloat16", "float8"))):
+    looked_up = extra_dtypes.lookup(marked)
+    if looked_up is None:
+      raise AveragingError(f"{dataset.name}: {extra_dtypes.missing(marked)}")
+    numpy = np.dtype(looked_up)
     if numpy.itemsize == dtype.itemsize:
       return base.DType(marked, base.Kind.FLOAT, numpy)
   kind = {"f": base.Kind.FLOAT, "c": base.Kind.COMPLEX}.get(

@@ -661,6 +661,7 @@ class TFFormat(base.Format):
 
   name = "TF checkpoint"
   has_state_file = True
+  checked_by_tensorflow = True
 
   def state_not_weights(self, names: Sequence[str]) -> dict[str, str]:
     # Hash tables save their keys and values as `<table>-keys`/`-values`

@@ -13,11 +13,11 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from t2t_avg.errors import AveragingError
 from t2t_avg.formats import base
+from t2t_avg.formats import extra_dtypes
 
 _F, _C, _O = base.Kind.FLOAT, base.Kind.COMPLEX, base.Kind.OTHER
 # enum: (TF's name, kind, numpy dtype, ml_dtypes name or None)
@@ -72,10 +72,10 @@ def dtype_of(enum: int) -> base.DType:
                          f"{enum} is not one t2t_avg knows)")
   name, kind, numpy = row
   if isinstance(numpy, str):
-    numpy = getattr(ml_dtypes, numpy, None)
-    if numpy is None:
-      raise AveragingError(f"TensorFlow dtype {name} needs a newer ml_dtypes "
-                           f"than the {ml_dtypes.__version__} installed")
+    looked_up = extra_dtypes.lookup(numpy)
+    if looked_up is None:
+      raise AveragingError(f"TensorFlow {extra_dtypes.missing(name)}")
+    numpy = looked_up
   return base.DType(name, kind, None if numpy is None else np.dtype(numpy))
 
 
