@@ -39,7 +39,9 @@ def main(expected_version: str) -> None:
   for key in ("weights/.ATTRIBUTES/VARIABLE_VALUE",
               "half/.ATTRIBUTES/VARIABLE_VALUE"):
     got = averaged.get_tensor(key)
-    total = sum(np.asarray(r.get_tensor(key), np.float64) for r in readers)
+    total = np.zeros(got.shape, np.float64)
+    for reader in readers:  # In input order, as the average sums.
+      total += np.asarray(reader.get_tensor(key), np.float64)
     expected = (total / len(readers)).astype(got.dtype)
     if got.dtype != expected.dtype or not np.array_equal(got, expected):
       sys.exit(f"check_oldest_tf: {key} is not the float64 mean cast once")
