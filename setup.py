@@ -30,7 +30,7 @@ setuptools.setup(
     # and Keras files need none. No ml_dtypes and no bounds: an unpinned
     # ml_dtypes pulls numpy 2 into TensorFlow 2.13's numpy 1.24 environment;
     # TensorFlow 2.14+, Keras 3 and JAX bring the ml_dtypes they need.
-    install_requires=["absl-py", "numpy", "crc32c", "h5py"],
+    install_requires=["absl-py", "numpy", "crc32c", "h5py", "tqdm"],
     extras_require={
         "tensorflow": ["tensorflow>=2.13"],
         "tensorflow-cpu": ["tensorflow-cpu>=2.13"],

@@ -392,6 +392,8 @@ def test_own_scores_from_events_order_the_soup_and_score_the_best_once(
   assert (f"The greedy soup kept only the best single checkpoint, "
           f"{os.path.basename(candidates[best])}: no average scored at least "
           "as well as it") in messages
+  assert [m.split(":")[0] for m in messages if m.startswith("Evaluation ")] \
+      == [f"Evaluation {k} of at most 4" for k in range(1, 5)]
   assert [r.path for r in result.rows] == [candidates[best]]
   reference = t2t_avg.average_checkpoints([candidates[best]],
                                           str(tmp_path / "ref" / "ref.ckpt"))

@@ -12,23 +12,21 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import threading
-import time
 from typing import NamedTuple, Optional
 from collections.abc import Sequence
 
-from absl import logging
 import numpy as np
 
 from t2t_avg.inputs import checkpoints
 from t2t_avg.files import crc
 from t2t_avg.errors import AveragingError
 from t2t_avg.formats import base
+from t2t_avg.engine import progress
 from t2t_avg.engine.plan import Action, Plan
 
 CHUNK_BYTES = 8 << 20  # Read from each input per step.
 _SMALL_BYTES = 256 << 10  # Parts up to this size are read in runs.
 WORKERS = 2
-_PROGRESS_SECONDS = 10.0
 
 
 class _Input(NamedTuple):
@@ -183,7 +181,7 @@ class _Pool:
     self._arithmetic = arithmetic
     self._lock = threading.Lock()
     self._stop = threading.Event()
-    self._progress = _Progress(sum(
+    self._progress = progress.Progress(sum(
         w.size if isinstance(w, _Run) else w.inputs[0].part.size
         for w in work))
 
@@ -191,11 +189,14 @@ class _Pool:
     with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
       futures = [pool.submit(self._work) for _ in range(WORKERS)]
       try:
-        while concurrent.futures.wait(futures, _PROGRESS_SECONDS).not_done:
-          self._progress.log()
+        while concurrent.futures.wait(futures,
+                                      progress.TICK_SECONDS).not_done:
+          self._progress.show()
       except BaseException:  # Ctrl-C: stop the workers at their next chunk.
         self._stop.set()
         raise
+      finally:
+        self._progress.close()
       for future in futures:
         future.result()
 
@@ -222,7 +223,7 @@ class _Pool:
 
 
 def _run_unit(unit: _Unit, writer: base.PartWriter, arithmetic: _Arithmetic,
-              stop: threading.Event, progress: _Progress) -> None:
+              stop: threading.Event, done: progress.Progress) -> None:
   """Reads, combines and writes one part chunk by chunk, checking crc32c."""
   numpy = unit.tensor.dtype.numpy
   itemsize = numpy.itemsize if numpy is not None else 1
@@ -237,7 +238,7 @@ def _run_unit(unit: _Unit, writer: base.PartWriter, arithmetic: _Arithmetic,
       raise _Stopped()
     chunk = buffer[:min(step, size - start)]
     writer.write(combine(state, chunk, start, crcs))
-    progress.add(len(chunk))
+    done.add(len(chunk))
   _check_crcs(unit, crcs)
   stored = unit.inputs[0].part.crc if numpy is None else None
   writer.close(stored_crc=stored)
@@ -358,21 +359,3 @@ def _corrupted(inp: _Input, unit: _Unit) -> AveragingError:
   return AveragingError(f"checkpoint {inp.source.path} is corrupted: "
                         f"variable {unit.tensor.name} fails its checksum in "
                         f"{inp.part.file}")
-
-
-class _Progress:
-  """Bytes written so far, logged every _PROGRESS_SECONDS."""
-
-  def __init__(self, total: int):
-    self._total = total
-    self._done, self._start = 0, time.monotonic()
-    self._lock = threading.Lock()
-
-  def add(self, nbytes: int) -> None:
-    with self._lock:
-      self._done += nbytes
-
-  def log(self) -> None:
-    logging.info("Averaged %.0f of %.0f MB of output (%.0f s)",
-                 self._done / 1e6, self._total / 1e6,
-                 time.monotonic() - self._start)

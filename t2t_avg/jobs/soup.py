@@ -38,6 +38,8 @@ class Candidates:
     self._tmp_dir: Optional[str] = None
     self._made_dirs: list[str] = []  # Deepest first.
     self._count = 0
+    self._evaluations = 0
+    self.planned = 0  # Evaluations at most, for the progress lines.
 
   def __enter__(self) -> Candidates:
     if not paths.is_local(self._output_dir):
@@ -74,6 +76,9 @@ class Candidates:
 
   def score(self, indices: Sequence[int]) -> float:
     """The eval command's score of the uniform average of `indices`."""
+    self._evaluations += 1
+    logging.info("Evaluation %d of at most %d: %s", self._evaluations,
+                 max(self.planned, self._evaluations), self.name(indices))
     if len(indices) == 1:
       return evaluation.evaluate(self._eval, self._inputs[indices[0]].path,
                                  candidate=self.name(indices))
@@ -102,6 +107,10 @@ def run_soup(inputs: Sequence[Checkpoint], own_scores: Sequence[Optional[float]]
              candidates: Candidates, *, mode: str, tolerance: float,
              own_scores_from_command: bool) -> greedy.SoupResult:
   """The greedy soup over `inputs`, scoring soups with `candidates`."""
+  # The best candidate alone (each one, when the command gives own scores),
+  # then a soup with each further candidate.
+  candidates.planned = len(inputs) + (
+      len(inputs) - 1 if own_scores_from_command else 0)
   return greedy.greedy_soup(
       own_scores, mode=mode, tolerance=tolerance, score_soup=candidates.score,
       own_scores_from_command=own_scores_from_command,
