@@ -17,6 +17,7 @@ from absl import flags
 from absl import logging
 
 from t2t_avg.files import filesystem
+from t2t_avg.files import tf_loader
 from t2t_avg import options
 from t2t_avg.inputs import prefetch
 from t2t_avg.errors import ArgumentError, AveragingError
@@ -381,9 +382,13 @@ def _import_numpy_without_blas_threads() -> None:
 
 
 def _quiet_tensorflow() -> None:
-  """Silences TF's start-up notices unless the user set these variables."""
+  """Silences TF's start-up notices unless the user asked for TF's logging
+  (TF_CPP_MIN_LOG_LEVEL below 3)."""
+  asked = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3").strip() not in ("3", "")
   for name, value in _QUIET_TF.items():
     os.environ.setdefault(name, value)
+  if not asked:
+    tf_loader.quiet_native_notices()
 
 
 def _show_flags_in_help() -> None:

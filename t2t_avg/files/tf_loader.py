@@ -21,6 +21,7 @@ finds its libraries there.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.machinery
 import importlib.util
@@ -29,6 +30,7 @@ import sys
 import threading
 from types import ModuleType
 from typing import Any, Optional
+from collections.abc import Iterator
 
 from t2t_avg.errors import AveragingError
 from t2t_avg.files import paths
@@ -37,6 +39,8 @@ _READER_MODULE = "tensorflow.python.util._pywrap_checkpoint_reader"
 
 
 _preloading: Optional[threading.Thread] = None
+_quiet_native = False  # See quiet_native_notices.
+_LOADING = threading.Lock()
 
 
 class ReaderError(OSError):
@@ -57,10 +61,53 @@ def get(purpose: str = "this run") -> ModuleType:
     AveragingError: TensorFlow is not installed, or its import fails.
   """
   try:
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    with _loading():
+      import tensorflow as tf  # pylint: disable=import-outside-toplevel
   except Exception as e:  # A broken install raises anything.
     raise AveragingError(_unusable(purpose, e)) from e
   return tf
+
+
+def quiet_native_notices() -> None:
+  """TensorFlow's libraries load from now on with nothing on stderr.
+
+  Its C++ start-up notices ("Could not find cuda drivers", oneDNN) are
+  written to file descriptor 2 while its libraries load, whatever
+  TF_CPP_MIN_LOG_LEVEL says. For the command line, Python's `sys.stderr`
+  moves to a duplicate of that descriptor, and descriptor 2 points at
+  /dev/null while a TensorFlow library loads (on whichever thread), so
+  t2t_avg's own lines are never lost and commands it runs later keep the
+  real stderr.
+  """
+  global _quiet_native
+  stream = sys.stderr
+  try:
+    on_fd2 = stream is not None and stream.fileno() == 2
+  except (AttributeError, OSError, ValueError):  # Replaced, e.g. captured.
+    on_fd2 = False
+  if on_fd2:
+    stream.flush()
+    sys.stderr = open(os.dup(2), "w", buffering=1, encoding=stream.encoding,
+                      errors=stream.errors)
+  _quiet_native = True
+
+
+@contextlib.contextmanager
+def _loading() -> Iterator[None]:
+  """Loads a TensorFlow library with descriptor 2 silenced when asked."""
+  with _LOADING:
+    if not _quiet_native:
+      yield
+      return
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    try:
+      yield
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
 
 
 def require(purpose: str) -> None:
@@ -131,7 +178,8 @@ def _dlopen(path: str) -> None:
     dlopen = ctypes.CDLL(None).dlopen
     dlopen.restype = ctypes.c_void_p
     dlopen.argtypes = [ctypes.c_char_p, ctypes.c_int]
-    dlopen(os.fsencode(path), sys.getdlopenflags())  # Loaded for good.
+    with _loading():
+      dlopen(os.fsencode(path), sys.getdlopenflags())  # Loaded for good.
   except (OSError, AttributeError):
     pass  # The module loads it all itself.
 
@@ -155,7 +203,8 @@ def _reader_module() -> Optional[ModuleType]:
     if spec is None:
       return None
     module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
+    with _loading():
+      loader.exec_module(module)
   except (ImportError, OSError):
     return None
   sys.modules[_READER_MODULE] = module
