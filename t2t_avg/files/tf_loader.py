@@ -116,11 +116,8 @@ def require(purpose: str) -> None:
   Raises:
     AveragingError: it is not installed.
   """
-  try:
-    found = importlib.util.find_spec("tensorflow") is not None
-  except (ImportError, ValueError):
-    found = False
-  if not found:
+  # On sys.path, whatever sys.modules holds (a test may block the import).
+  if importlib.machinery.PathFinder.find_spec("tensorflow") is None:
     raise AveragingError(f"{purpose} needs TensorFlow, which is not "
                          f"installed; {_INSTALL}")
 

@@ -1,6 +1,16 @@
-"""Checkpoint formats behind one interface: `open_source(path)` → a `base.Source`."""
+"""Checkpoint formats behind one interface: `open_source(path)` → a `base.Source`.
+
+Importing the package loads no numpy (the state file and detection are read
+before numpy loads, so the kernel starts reading inputs sooner).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from t2t_avg.formats import detect
-from t2t_avg.formats.base import Source
+
+if TYPE_CHECKING:
+  from t2t_avg.formats.base import Source
 
 
 def open_source(path: str) -> Source:
