@@ -384,6 +384,39 @@ def _encode_strings(values: np.ndarray) -> tuple[bytes, int]:
   return lengths + checksum + body, crc.masked(crc.crc32c(body, running))
 
 
+def decode_elements(dtype: base.DType, data: bytes, count: int) -> list[bytes]:
+  """The elements of a stored string or variant tensor (part), in order.
+
+  A bundle stores `count` strings as their varint lengths, a 4-byte
+  checksum of the lengths, then their bytes; variants as, per element, a
+  varint length, the serialized `VariantTensorDataProto`, a 4-byte crc.
+
+  Raises:
+    ValueError: `data` is not `count` elements of `dtype` so stored.
+  """
+  items, i = [], 0
+  if dtype.name == "string":
+    lengths = []
+    for _ in range(count):
+      length, i = _varint(data, i)
+      lengths.append(length)
+    i += 4
+    for length in lengths:
+      items.append(data[i:i + length])
+      i += length
+  elif dtype.name == "variant":
+    for _ in range(count):
+      length, i = _varint(data, i)
+      items.append(data[i:i + length])
+      i += length + 4
+  else:
+    raise ValueError(f"{dtype.name} tensors have no element encoding")
+  if i != len(data):
+    raise ValueError(f"{len(data)} bytes do not hold {count} {dtype.name} "
+                     "elements")
+  return items
+
+
 def is_v2(prefix: str) -> bool:
   """Whether a V2 checkpoint is at `prefix` (its `.index` exists)."""
   return filesystem.exists(prefix + INDEX_SUFFIX)
