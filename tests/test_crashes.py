@@ -3,11 +3,15 @@
 Strings and variants of other lengths in `t2t_avg.compare`; tensor names that
 are not UTF-8; a full disk while writing a Keras output.
 """
+import os
 
 import numpy as np
 import pytest
 
+from conftest import error_line
 from conftest import run_cli
+from t2t_avg.errors import AveragingError
+from t2t_avg.formats import tf_bundle
 from t2t_avg.jobs.compare import compare_checkpoints
 from t2t_avg.jobs.compare import format_report
 from t2t_avg.jobs.compare import Status
@@ -191,3 +195,67 @@ def test_iterator_states_are_compared_element_by_element(tmp_path):
   assert (moved.dtype_a, moved.status) == ("variant", Status.DIFFERENT)
   assert 0 < moved.differing <= moved.size  # Elements, not bytes.
   assert (same.status, same.differing) == (Status.IDENTICAL, 0)
+
+
+# --- tensor names that are not UTF-8 -----------------------------------------
+
+BAD_NAME = b"\xff\xfe"
+
+
+@pytest.fixture(name="non_utf8")
+def non_utf8_fixture(tmp_path):
+  """Two checkpoints written by TF's SaveV2 with a name that is not UTF-8."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  prefixes = []
+  for step in (1, 2):
+    prefix = str(tmp_path / "train" / f"model.ckpt-{step}")
+    tf.raw_ops.SaveV2(prefix=prefix,
+                      tensor_names=[BAD_NAME, b"global_step", b"w"],
+                      shape_and_slices=["", "", ""],
+                      tensors=[tf.constant([1.0, 2.0]),
+                               tf.constant(step, tf.int64),
+                               tf.constant([float(step)])])
+    prefixes.append(prefix)
+  return prefixes
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry_run"]])
+def test_name_not_utf8_is_one_line_before_any_output(non_utf8, tmp_path,
+                                                     dry_run):
+  out = tmp_path / "out"
+  out.mkdir()
+
+  result = run_cli(f"--checkpoints={','.join(non_utf8)}",
+                   f"--output_path={out}/avg.ckpt", *dry_run)
+
+  line = error_line(result)
+  assert line == (f"t2t_avg: error: checkpoint {non_utf8[0]} has a tensor "
+                  f"name that is not UTF-8, {BAD_NAME!r}: TensorFlow cannot "
+                  "read it back by name")
+  only_log_lines_besides(result.stderr, line)
+  assert "Averaging" not in result.stderr  # Refused on opening.
+  assert os.listdir(out) == []
+
+
+def test_compare_of_a_name_not_utf8_is_one_line(non_utf8):
+  result = run_compare(*non_utf8)
+
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stdout == ""
+  assert result.stderr.strip().splitlines() == [
+      f"t2t_avg.compare: error: checkpoint {non_utf8[0]} has a tensor name "
+      f"that is not UTF-8, {BAD_NAME!r}: TensorFlow cannot read it back by "
+      "name"]
+
+
+def test_name_not_utf8_read_through_tensorflow_is_refused_too(
+    non_utf8, monkeypatch):
+  # An index layout this package does not parse goes to TF's reader.
+  monkeypatch.setattr(tf_bundle, "_parse_index", lambda table: None)
+
+  with pytest.raises(AveragingError) as raised:
+    tf_bundle.open_source(non_utf8[0])
+
+  assert str(raised.value) == (
+      f"checkpoint {non_utf8[0]} has a tensor name that is not UTF-8, "
+      f"{BAD_NAME!r}: TensorFlow cannot read it back by name")
