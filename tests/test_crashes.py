@@ -4,10 +4,16 @@ Strings and variants of other lengths in `t2t_avg.compare`; tensor names that
 are not UTF-8; a full disk while writing a Keras output.
 """
 import os
+import resource
+import signal
+import subprocess
+import sys
+import zipfile
 
 import numpy as np
 import pytest
 
+from conftest import REPO
 from conftest import error_line
 from conftest import run_cli
 from t2t_avg.errors import AveragingError
@@ -259,3 +265,68 @@ def test_name_not_utf8_read_through_tensorflow_is_refused_too(
   assert str(raised.value) == (
       f"checkpoint {non_utf8[0]} has a tensor name that is not UTF-8, "
       f"{BAD_NAME!r}: TensorFlow cannot read it back by name")
+
+
+# --- a full disk while writing a Keras output ---------------------------------
+
+@pytest.fixture(name="keras_files", scope="module")
+def keras_files_fixture(tmp_path_factory):
+  """Three `.weights.h5` and `.keras` files of a 200k-parameter model."""
+  import keras  # pylint: disable=import-outside-toplevel
+  directory = tmp_path_factory.mktemp("keras_disk")
+  model = keras.Sequential([keras.Input((500,)), keras.layers.Dense(400)])
+  files = {".weights.h5": [], ".keras": []}
+  for epoch in (1, 2, 3):
+    model.set_weights([np.full(w.shape, epoch, np.float32)
+                       for w in model.get_weights()])
+    for suffix, paths in files.items():
+      path = str(directory / f"m-{epoch:02d}{suffix}")
+      if suffix == ".keras":
+        model.save(path)
+      else:
+        model.save_weights(path)
+      paths.append(path)
+  return files
+
+
+def _limit_file_size(limit):
+  def limit_in_child():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+  return limit_in_child
+
+
+def _size_limit(path, where):
+  """A file size limit that stops an output like `path`'s at `where`."""
+  if where == "layout":  # HDF5 writes its metadata: an OSError from h5py.
+    return 4 << 10
+  if where == "datasets":  # HDF5 allocates them, on closing: a RuntimeError.
+    return os.path.getsize(path) // 2
+  # Past the weights, before the end of the `.keras` zip around them.
+  with zipfile.ZipFile(path) as archive:
+    weights = archive.getinfo("model.weights.h5").file_size
+  return (weights + os.path.getsize(path)) // 2
+
+
+@pytest.mark.parametrize("suffix, where", [
+    (".weights.h5", "layout"), (".weights.h5", "datasets"),
+    (".keras", "layout"), (".keras", "datasets"), (".keras", "zip")])
+def test_disk_full_writing_keras_is_one_line_naming_the_output(
+    keras_files, tmp_path, suffix, where):
+  out = tmp_path / "out"
+  out.mkdir()
+  output = f"{out}/avg{suffix}"
+  limit = _size_limit(keras_files[suffix][-1], where)
+
+  result = subprocess.run(
+      [sys.executable, "-m", "t2t_avg",
+       f"--checkpoints={','.join(keras_files[suffix])}",
+       f"--output_path={output}"],
+      capture_output=True, text=True, timeout=300, cwd=REPO, check=False,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+      preexec_fn=_limit_file_size(limit))
+
+  line = error_line(result)
+  assert line == f"t2t_avg: error: cannot write {output}: File too large"
+  only_log_lines_besides(result.stderr, line)
+  assert os.listdir(out) == []
