@@ -23,9 +23,11 @@ newest input's other members (`keras_zip.write_archive`).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
+import re
 import struct
 import threading
 import weakref
@@ -422,6 +424,28 @@ def _create_dataset(parent: h5py.Group, leaf: str,
   return h5py.Dataset(dataset_id)
 
 
+# HDF5's file drivers say "errno = 27, error message = 'File too large'".
+_ERRNO = re.compile(r"\berrno = (\d+)")
+
+
+@contextlib.contextmanager
+def _file_system_errors(path: str) -> Iterator[None]:
+  """HDF5's failures to write `path` as `OSError(errno, strerror, path)`.
+
+  h5py raises them as OSError or RuntimeError (from a close) with HDF5's
+  whole message, over two lines with a time and a buffer address; the
+  caller names the output, with the system's words for the errno.
+  """
+  try:
+    yield
+  except (OSError, RuntimeError) as e:
+    found = _ERRNO.search(str(e))
+    number = getattr(e, "errno", None) or (found and int(found.group(1)))
+    if not number:
+      raise
+    raise OSError(number, os.strerror(number), path) from e
+
+
 def write_layout(path: str, newest: h5py.File,
                  tensors: Sequence[base.Tensor]) -> dict[str, Optional[int]]:
   """Creates the output HDF5 file without its data; returns each tensor's
@@ -432,7 +456,8 @@ def write_layout(path: str, newest: h5py.File,
   """
   wanted = {t.name for t in tensors}
   offsets = {}
-  with h5py.File(path, "x") as out:  # h5py's default format: no times.
+  # h5py's default format: no times.
+  with _file_system_errors(path), h5py.File(path, "x") as out:
     _copy_attrs(newest, out)
     for name, item in _walk(newest, path):
       parent_name, _, leaf = name.rpartition("/")

@@ -259,10 +259,24 @@ def _tensors_of(prefix: str, header: tf_protos.Header,
     if key in slice_keys:
       continue
     parts = sliced.get(key) or (_part(files, key, entry, None),)
-    name = key.decode("utf-8", "surrogateescape")
+    name = _tensor_name(prefix, key)
     result[name] = base.Tensor(name, dtype_of(entry.dtype), entry.shape,
                                parts)
   return result
+
+
+def _tensor_name(prefix: str, key: bytes) -> str:
+  try:
+    return key.decode("utf-8")
+  except UnicodeDecodeError:
+    raise AveragingError(_not_utf8(prefix, key)) from None
+
+
+def _not_utf8(prefix: str, key: bytes) -> str:
+  # Refused on opening: TF's reader, which checks an output before it is
+  # published, cannot list such a name (nor `tf.train.list_variables`).
+  return (f"checkpoint {prefix} has a tensor name that is not UTF-8, "
+          f"{key!r}: TensorFlow cannot read it back by name")
 
 
 def _slices(prefix: str, files: list[str], key: bytes, entry: _Entry,
@@ -329,8 +343,11 @@ class ReaderSource(_TFSource):
   def __init__(self, prefix: str, reader: Any):
     super().__init__(prefix)
     self._reader = reader
-    shapes = reader.get_variable_to_shape_map()
-    dtypes = reader.get_variable_to_dtype_map()
+    try:
+      shapes = reader.get_variable_to_shape_map()
+      dtypes = reader.get_variable_to_dtype_map()
+    except UnicodeDecodeError as e:
+      raise AveragingError(_not_utf8(prefix, e.object)) from None
     self._tensors = {}
     self._strings: dict[str, bytes] = {}
     for name, shape in shapes.items():
@@ -382,6 +399,39 @@ def _encode_strings(values: np.ndarray) -> tuple[bytes, int]:
   running = crc.crc32c(checksum, running)
   body = b"".join(items)
   return lengths + checksum + body, crc.masked(crc.crc32c(body, running))
+
+
+def decode_elements(dtype: base.DType, data: bytes, count: int) -> list[bytes]:
+  """The elements of a stored string or variant tensor (part), in order.
+
+  A bundle stores `count` strings as their varint lengths, a 4-byte
+  checksum of the lengths, then their bytes; variants as, per element, a
+  varint length, the serialized `VariantTensorDataProto`, a 4-byte crc.
+
+  Raises:
+    ValueError: `data` is not `count` elements of `dtype` so stored.
+  """
+  items, i = [], 0
+  if dtype.name == "string":
+    lengths = []
+    for _ in range(count):
+      length, i = _varint(data, i)
+      lengths.append(length)
+    i += 4
+    for length in lengths:
+      items.append(data[i:i + length])
+      i += length
+  elif dtype.name == "variant":
+    for _ in range(count):
+      length, i = _varint(data, i)
+      items.append(data[i:i + length])
+      i += length + 4
+  else:
+    raise ValueError(f"{dtype.name} tensors have no element encoding")
+  if i != len(data):
+    raise ValueError(f"{len(data)} bytes do not hold {count} {dtype.name} "
+                     "elements")
+  return items
 
 
 def is_v2(prefix: str) -> bool:

@@ -9,8 +9,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from t2t_avg.errors import ArgumentError
+from t2t_avg.errors import ArgumentError, AveragingError
 from t2t_avg.formats import base
+from t2t_avg.formats import tf_bundle
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _SIGNED_OF_WIDTH = {2: np.int16, 4: np.int32, 8: np.int64}
@@ -41,7 +42,8 @@ class VariableComparison:
       compared numerically; others are compared for equality.
     dtype_a, dtype_b: dtype names, None where the variable is absent.
     shape_a, shape_b: shapes, None where the variable is absent.
-    differing: elements that are not equal (NaN equals NaN).
+    differing: elements that are not equal (NaN equals NaN; strings and
+      variants compared element by element, whatever their lengths).
     outside_tolerance: elements beyond `atol + rtol*|b|` (floats; NaN in only
       one of the two is always outside).
     nan_mismatches: elements that are NaN in only one of the two.
@@ -75,8 +77,9 @@ class VariableComparison:
     """Whether this variable makes the comparison fail."""
     if self.status in (Status.IDENTICAL, Status.WITHIN_TOLERANCE):
       return False
-    if self.status is Status.DIFFERENT and not self.is_float:
-      return strict
+    if not self.is_float and self.status in (Status.DIFFERENT,
+                                             Status.SHAPE_DIFFERS):
+      return strict  # Copied, not averaged: their shapes may change too.
     return True
 
 
@@ -102,10 +105,10 @@ class ComparisonReport:
     return tuple(v for v in self.variables if v.fails(strict=strict))
 
   def passed(self, *, strict: bool = False) -> bool:
-    """Same keys, dtypes and shapes, every float within tolerance.
+    """Same keys and dtypes, floats of the same shapes within tolerance.
 
     Args:
-      strict: non-float variables must be equal too.
+      strict: non-float variables must be equal too (values and shapes).
     """
     return not self.failures(strict=strict)
 
@@ -117,9 +120,9 @@ class ComparisonReport:
 
   @property
   def common_nonfloats(self) -> tuple:
-    """Non-float variables present in both with the same dtype and shape."""
+    """Non-float variables present in both with the same dtype."""
     return tuple(v for v in self.variables if not v.is_float and v.status in (
-        Status.IDENTICAL, Status.DIFFERENT))
+        Status.IDENTICAL, Status.DIFFERENT, Status.SHAPE_DIFFERS))
 
   @property
   def largest_difference(self) -> Optional[VariableComparison]:
@@ -257,15 +260,28 @@ def _compare_variable(name: str, source_a: base.Source,
 
 
 def _values(source: base.Source, tensor: base.Tensor) -> np.ndarray:
-  """A tensor's values; strings and variants as their stored bytes."""
+  """A tensor's values; strings and variants as their elements' bytes."""
   if tensor.dtype.numpy is not None:
     return base.read_array(source, tensor)
-  data = bytearray()
+  whole: np.ndarray = np.empty(tensor.shape, object)
   for part in tensor.parts:
-    chunk = bytearray(part.size)
-    source.read(part, 0, memoryview(chunk))
-    data += chunk
-  return np.frombuffer(bytes(data), np.uint8)
+    data = bytearray(part.size)
+    source.read(part, 0, memoryview(data))
+    try:
+      elements = tf_bundle.decode_elements(tensor.dtype, bytes(data),
+                                           math.prod(part.shape))
+    except (ValueError, IndexError) as e:
+      raise AveragingError(f"cannot read variable {tensor.name} from "
+                           f"checkpoint {source.path}: {e}") from e
+    flat = np.empty(len(elements), object)
+    flat[:] = elements  # Each a bytes object, whatever its length.
+    value = flat.reshape(part.shape)
+    if part.extents is None:
+      whole = value
+    else:
+      whole[tuple(slice(start, None if length < 0 else start + length)
+                  for start, length in part.extents)] = value
+  return whole
 
 
 def _compare_floats(a: np.ndarray, b: np.ndarray, *, atol: float,
@@ -339,7 +355,7 @@ def _l2_norm(parts: Sequence[tuple]) -> float:
 
 
 def _compare_exactly(a: np.ndarray, b: np.ndarray) -> dict:
-  """The VariableComparison measures of two non-float tensors."""
+  """The VariableComparison measures of two non-float tensors, same shape."""
   differing = int(np.count_nonzero(a != b))
   return dict(status=Status.DIFFERENT if differing else Status.IDENTICAL,
               differing=differing, outside_tolerance=differing)
@@ -414,7 +430,7 @@ def _nonfloat_summary(report: ComparisonReport, *, strict: bool) -> str:
   nonfloats = report.common_nonfloats
   if not nonfloats:
     return ""
-  differing = [v.name for v in nonfloats if v.status is Status.DIFFERENT]
+  differing = [v.name for v in nonfloats if v.status is not Status.IDENTICAL]
   if not differing:
     return f"non-float: all {len(nonfloats)} variables equal"
   counted = ("counted (--strict)" if strict else
@@ -433,12 +449,14 @@ def _summary(report: ComparisonReport, *, strict: bool) -> str:
     parts = [f"{outside} of {len(floats)} float variables outside {tolerance}"]
     for status in (Status.ONLY_IN_A, Status.ONLY_IN_B, Status.DTYPE_DIFFERS,
                    Status.SHAPE_DIFFERS):
-      count = sum(1 for v in report.variables if v.status is status)
+      # Non-floats of other shapes are among the non-float differences.
+      count = sum(1 for v in report.variables if v.status is status and (
+          v.fails(strict=False)))
       if count:
         parts.append(f"{count} {status.value}")
     if strict:
       count = sum(1 for v in report.common_nonfloats
-                  if v.status is Status.DIFFERENT)
+                  if v.status is not Status.IDENTICAL)
       if count:
         parts.append(f"{count} non-float differ")
     text = f"{verdict}: " + ", ".join(parts)
