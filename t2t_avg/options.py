@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import shlex
 from typing import Optional, Union
@@ -178,8 +179,14 @@ def check_output_path(output_path: str) -> None:
   """Refuses an output name TF would write but never read back.
 
   Raises:
-    ArgumentError: the path holds glob characters.
+    ArgumentError: the path holds glob characters, or names a directory
+      (`avg/` would write a checkpoint named `avg/-0`).
   """
+  if output_path.endswith(("/", os.sep)) or not os.path.basename(output_path):
+    raise ArgumentError(
+        "{output_path} {path!r} names a directory; give the output's name "
+        "too, e.g. {example!r}", path=output_path,
+        example=os.path.join(output_path, "averaged.ckpt"))
   chars = paths.glob_characters(output_path)
   if chars:
     raise ArgumentError(

@@ -259,3 +259,19 @@ def test_property_soup_never_worse_than_its_start_and_follows_the_rule(
   assert soup_score == final
   assert result.kept == tuple(sorted(s.candidate for s in result.steps
                                      if s.kept))
+
+
+@pytest.mark.parametrize("tolerance, warned", [(0.0, False), (0.006, True)])
+def test_tolerance_adding_up_past_the_best_alone_is_flagged(tolerance, warned,
+                                                           caplog):
+  # With 0.006, the soup {0, 1, 2} scores 1.010: each step lost at most the
+  # tolerance, but together 0.010, worse than candidate 0 alone (1.0).
+  scorer = _table({(0, 1): 1.004, (0, 1, 2): 1.010, (0, 2): 1.003})
+  with caplog.at_level(logging.WARNING):
+    greedy_soup([1.0, 1.1, 1.2], mode="min", tolerance=tolerance,
+                score_soup=scorer, own_scores_from_command=True)
+  warnings = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING]
+  expected = ("The greedy soup scores 1.01, worse than candidate 0 alone (1): "
+              "a tolerance of 0.006 per step let its losses add up")
+  assert warnings == ([expected] if warned else [])

@@ -313,6 +313,15 @@ def test_missing_metric_skip_leaves_the_checkpoint_out_with_a_warning(
   assert_step_valued_average(result.output_path, weights, steps=kept)
   assert [r["step"] for r in _record(result.output_path)["inputs"]] == [
       100, 200, 400]
+  # The dry-run table and the record say which checkpoint was left out.
+  assert _record(result.output_path)["left_out"] == [
+      {"path": series["prefixes"][2], "step": 300}]
+  from t2t_avg.cli import average  # pylint: disable=import-outside-toplevel
+  table = average.format_table(result).splitlines()
+  assert [line.split()[0] for line in table[1:5]] == [
+      *[series["prefixes"][i] for i in (0, 1, 3)], series["prefixes"][2]]
+  assert table[4].split()[1:] == ["300", "none", "left", "out", "(no",
+                                  "metric)"]
 
 
 def test_missing_metric_error_lists_the_steps_that_have_one(series, tmp_path):

@@ -49,8 +49,9 @@ _OUTPUT_PATH = flags.DEFINE_string(
 _OUTPUT_STEP = flags.DEFINE_string(
     "output_step", "zero", _ONE_SHOT + "'zero' (legacy: -0, global_step 0), "
     "'last' (the newest input's step) or an integer.")
-_WEIGHTING = flags.DEFINE_enum("weighting", "uniform", options.SCHEMES,
-                               _BOTH + "How checkpoints are weighted.")
+_WEIGHTING = flags.DEFINE_enum(
+    "weighting", "uniform", options.SCHEMES, _BOTH + "How checkpoints are "
+    "weighted ('greedy': one-shot only, with --eval_command).")
 _WEIGHTS = flags.DEFINE_string(
     "weights", "", _BOTH + "With --weighting=explicit: one weight per "
     "checkpoint, in checkpoint order (continuous: per window position).")
@@ -66,7 +67,8 @@ _METRIC_MODE = flags.DEFINE_enum(
     "auto infers it from the tag.")
 _TEMPERATURE = flags.DEFINE_float(
     "temperature", 0.0, _BOTH + "Softmax temperature in the metric's units; "
-    "0 means the standard deviation of the checkpoints' metric values.")
+    "0 means the population standard deviation (numpy's std, ddof=0) of the "
+    "chosen checkpoints' metric values.")
 _TOP_K = flags.DEFINE_integer(
     "top_k", 0, _BOTH + "With --weighting=top_k (required there): how many "
     "of the best checkpoints to average.")
@@ -302,7 +304,9 @@ def format_table(result: AveragingResult) -> str:
   """The checkpoints, steps, metric values and weights, as a text table."""
   # A greedy soup's weights depend on evaluations a dry run does not make.
   greedy = result.record.get("weighting", {}).get("scheme") == "greedy"
-  width = max(len(r.path) for r in result.rows)
+  left_out = result.record.get("left_out", [])
+  width = max(len(p) for p in [r.path for r in result.rows] +
+              [c["path"] for c in left_out])
   lines = [f"{'checkpoint':<{width}}  {'step':>10}  {'metric':>12}  "
            f"{'weight':>8}"]
   for r in result.rows:
@@ -311,6 +315,10 @@ def format_table(result: AveragingResult) -> str:
     weight = "-" if greedy else f"{r.weight:.4f}"
     lines.append(f"{r.path:<{width}}  {step:>10}  {metric:>12}  "
                  f"{weight:>8}")
+  for c in left_out:  # missing_metric=skip
+    step = "?" if c["step"] is None else str(c["step"])
+    lines.append(f"{c['path']:<{width}}  {step:>10}  {'none':>12}  "
+                 "left out (no metric)")
   if greedy:
     lines.append("greedy soup: the weights are known only after evaluating; "
                  f"output: {result.output_path}")

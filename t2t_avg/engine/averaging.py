@@ -106,7 +106,7 @@ def average_checkpoints(
   if dry_run:  # The caller shows the inputs' table.
     return result
   if not quiet:
-    _log_inputs(rows, inputs[newest].path)
+    _log_inputs(rows, inputs[newest].path, output_prefix)
   uniform = len({weights[i] for i in active}) == 1
   _write(plan, [inputs[i] for i in active],
          None if uniform else [weights[i] for i in active],
@@ -195,9 +195,17 @@ def _output_names(output: str, fmt: base.Format) -> list[str]:
                               output + checkpoints.RECORD_SUFFIX]
 
 
-def _log_inputs(rows: Sequence[CheckpointRow], newest: str) -> None:
+def _log_inputs(rows: Sequence[CheckpointRow], newest: str,
+                output_prefix: str) -> None:
   logging.info("Averaging %d checkpoints (newest: %s)",
                sum(r.weight > 0 for r in rows), newest)
+  directory = os.path.dirname(output_prefix) or "."
+  if any((os.path.dirname(r.path) or ".") == directory for r in rows):
+    logging.warning(
+        "The output %s goes among its input checkpoints in %s: whatever "
+        "reads that directory (a trainer, a later average of its last "
+        "checkpoints) may take it for a training checkpoint", output_prefix,
+        directory)
   for r in rows:
     metric = "" if r.metric is None else f", metric {r.metric:.6g}"
     logging.info("  %s: step %s (from %s)%s, weight %.4f", r.path,

@@ -118,6 +118,7 @@ def greedy_soup(own_scores: Sequence[float | None], *, mode: str,
   soup = [best]
   soup_score = (float(own_scores[best] or 0) if own_scores_from_command
                 else score_soup([best]))
+  start_score = soup_score
   steps = [_step(best, own_scores, soup_score, True, name)]
   for i in tried[1:]:
     score = score_soup(sorted(soup + [i]))
@@ -129,6 +130,13 @@ def greedy_soup(own_scores: Sequence[float | None], *, mode: str,
   steps += [_step(i, own_scores, None, False, name)
             for i in order[len(tried):]]
   _log_outcome(soup, len(tried), soup_score, name)
+  if len(soup) > 1 and not _at_least_as_good(soup_score, start_score, mode,
+                                             0.0):
+    # Each step may lose up to the tolerance: the losses add up.
+    logging.warning(
+        "The greedy soup scores %g, worse than %s alone (%g): a tolerance "
+        "of %g per step let its losses add up", soup_score, name(best),
+        start_score, tolerance)
   return SoupResult(tuple(sorted(soup)), tuple(steps))
 
 

@@ -56,19 +56,24 @@ def weigh_checkpoints(checkpoints: Sequence, points: Optional[Sequence[
     AveragingError: a checkpoint without a metric (under 'error'; the
       message lists the steps that have one), or without a step.
   """
-  checkpoints = list(checkpoints)
-  values = None
+  given = list(checkpoints)
+  checkpoints, values = given, None
   if points is not None:
-    checkpoints, aligned = _align(checkpoints, points, settings)
+    checkpoints, aligned = _align(given, points, settings)
     values = tuple(None if p is None else p.value for p in aligned)
   weights, details = compute_weights(
       values, scheme=settings.weighting, mode=mode or "min",
       temperature=settings.temperature, top_k=settings.top_k,
       explicit=settings.weights, steps=[c.step for c in checkpoints])
-  record = {"weighting": details}
+  record: dict = {"weighting": details}
   if points is not None:
     record["metric"] = {"tag": settings.metric, "mode": mode,
                         "max_step_gap": settings.max_step_gap}
+    kept = {id(c) for c in checkpoints}
+    left_out = [{"path": c.path, "step": c.step} for c in given
+                if id(c) not in kept]
+    if left_out:  # Under missing_metric='skip'.
+      record["left_out"] = left_out
   return Weighing(tuple(checkpoints), tuple(weights), values, record)
 
 
