@@ -341,7 +341,7 @@ def encode_event(wall_time: float, step: int = 0, file_version: str = "",
       summary; None for no summary.
   """
   out = b""
-  if wall_time:
+  if _DOUBLE.pack(wall_time) != bytes(8):  # -0.0 is written, as protobuf.
     out += bytes([1 << 3 | _FIXED64]) + _DOUBLE.pack(wall_time)
   if step:
     out += put_varint(2 << 3) + put_varint(step)
@@ -349,8 +349,8 @@ def encode_event(wall_time: float, step: int = 0, file_version: str = "",
     out += _bytes_field(3, file_version.encode("utf-8"))
   if scalars is not None:
     out += _bytes_field(5, b"".join(
-        _bytes_field(1, _bytes_field(1, tag.encode("utf-8")) +
-                     bytes([2 << 3 | _FIXED32]) + _float32(value))
+        _bytes_field(1, (_bytes_field(1, tag.encode("utf-8")) if tag else b"")
+                     + bytes([2 << 3 | _FIXED32]) + _float32(value))
         for tag, value in scalars))
   return out
 

@@ -21,6 +21,7 @@ from t2t_avg.files import shared_dir
 from t2t_avg.formats import tf_events
 from t2t_avg.errors import ArgumentError, AveragingError
 from t2t_avg.metrics.points import MetricPoint
+from t2t_avg.record import CheckpointRow
 
 _HEADER, _FOOTER = tf_events.HEADER, tf_events.FOOTER
 _MAX_TAGS_LISTED = 40
@@ -261,7 +262,8 @@ def summaries_directory(output_dir: str) -> str:
   return path
 
 
-def write_weight_summaries(directory: str, rows: Sequence, tag: str) -> None:
+def write_weight_summaries(directory: str, rows: Sequence[CheckpointRow],
+                           tag: str) -> None:
   """Writes each checkpoint's weight (and metric) as TensorBoard scalars.
 
   Under `t2t_avg/weight` and `t2t_avg/<tag>` at each checkpoint's step, so
@@ -271,7 +273,7 @@ def write_weight_summaries(directory: str, rows: Sequence, tag: str) -> None:
 
   Args:
     directory: where the event file goes (e.g. `<output dir>/t2t_avg`).
-    rows: `averaging.CheckpointRow`s (step, weight, metric).
+    rows: the inputs as averaged (step, weight, metric).
     tag: the metric's tag.
   """
   now = time.time()
