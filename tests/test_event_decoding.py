@@ -15,6 +15,7 @@ import math
 import os
 import struct
 
+from google.protobuf import message
 from hypothesis import given, settings, strategies as st
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from conftest import (run_cli_without_tensorflow, write_tf1_events,
                       write_tf1_series, write_tf2_events)
 from t2t_avg.formats import tf_dtypes, tf_events
 from t2t_avg.formats.tf_protos import put_varint
+from t2t_avg.errors import AveragingError
 from t2t_avg.metrics import events
 from t2t_avg.metrics.points import MetricPoint
 from t2t_avg.record import CheckpointRow
@@ -324,7 +326,7 @@ def test_unpacked_repeated_fields_and_groups_decode_as_protobuf_does():
                                   b"\x2a\x02\x0a\x05", b"\x1a\x01\xff",
                                   b"\x00\x00", b"\x0e"])
 def test_bytes_protobuf_refuses_are_refused(data):
-  with pytest.raises(Exception):  # pylint: disable=broad-except
+  with pytest.raises(message.DecodeError):
     event_pb2.Event.FromString(data)
   with pytest.raises(ValueError):
     tf_events.decode_event(data)
@@ -491,3 +493,31 @@ def test_softmax_from_events_imports_no_tensorflow(tmp_path, writer):
   assert [p.step for p in summaries] == steps
   assert [p.value for p in summaries] == [
       float(np.float32(r["weight"])) for r in record["inputs"]]
+
+
+def test_remote_paths_are_read_and_written_through_tf(tmp_path):
+  """TF's `ram://` file system stands for `gs://`: not local, so through
+  `tf.io.gfile`, files listed with it and summaries written with it."""
+  local = write_tf1_events(tmp_path, "loss", {10: 0.5, 20: 0.25})
+  remote = f"ram://events-{os.getpid()}/eval"
+  tf.io.gfile.makedirs(remote)
+  tf.io.gfile.copy(_only_file(local), f"{remote}/events.out.tfevents.1.x")
+
+  assert events.read_metric([remote], "loss") == events.read_metric(
+      [local], "loss")
+  events.write_weight_summaries(f"{remote}/t2t_avg", _rows(), "loss")
+  [name] = tf.io.gfile.listdir(f"{remote}/t2t_avg")
+  written = list(tf1.train.summary_iterator(f"{remote}/t2t_avg/{name}"))
+  assert [(e.step, e.summary.value[0].simple_value) for e in written[1:]] == [
+      (100, 0.125), (200, 0.5), (300, 0.375)]
+  with pytest.raises(AveragingError, match="does not exist"):
+    events.read_metric([f"{remote}/nothing"], "loss")
+
+
+def test_an_unreadable_event_file_is_an_error_naming_it(tmp_path):
+  write_tf1_events(tmp_path, "loss", {10: 0.5})
+  odd = tmp_path / "events.out.tfevents.2.a-directory"
+  odd.mkdir()
+
+  with pytest.raises(AveragingError, match=f"Event file {odd} cannot be read"):
+    events.read_metric([str(tmp_path)], "loss")
