@@ -1,4 +1,4 @@
-"""Event files without TensorFlow: the hand decoder and writer equal TF's protos.
+"""Event files without TensorFlow: the hand-made decoder and writer equal TF's.
 
 Files written by TF1's `FileWriter`, TF2's `tf.summary`, Keras 3's
 `TensorBoard` callback and TensorBoard's own `Writer` are read by
@@ -33,6 +33,9 @@ from t2t_avg.metrics.points import MetricPoint
 from t2t_avg.record import CheckpointRow
 
 tf1 = tf.compat.v1
+# TensorProto.float8_val is new in TF 2.15.
+_FLOAT8 = tuple(name for name in ["float8_val"]
+                if name in tensor_pb2.TensorProto.DESCRIPTOR.fields_by_name)
 _EXAMPLES = settings(max_examples=400, deadline=None)
 
 
@@ -58,7 +61,7 @@ def _assert_same_tensor(mine, proto):
   for name in ("float_val", "double_val"):
     assert _floats(getattr(mine, name)) == _floats(getattr(proto, name)), name
   for name in ("int_val", "int64_val", "bool_val", "half_val", "uint32_val",
-               "uint64_val", "float8_val"):
+               "uint64_val") + _FLOAT8:
     assert getattr(mine, name) == type(getattr(mine, name))(
         getattr(proto, name)), name
   if proto.tensor_shape.dim or not tf_events.is_numeric(proto.dtype):
@@ -93,7 +96,8 @@ def _assert_same_event(mine, proto):
 
 def _records(path):
   """Every record's bytes, by the reader's own framing."""
-  return [data for _, data in events._records(path, events._FileState())]  # pylint: disable=protected-access
+  state = events._FileState()  # pylint: disable=protected-access
+  return [data for _, data in events._records(path, state)]  # pylint: disable=protected-access
 
 
 def _assert_file_decodes_as_tf_does(path):
@@ -245,7 +249,8 @@ def _raw_tensors(draw):
                                         **_FEW)))
   proto.bool_val.extend(draw(st.lists(st.booleans(), **_FEW)))
   proto.string_val.extend(draw(st.lists(st.binary(max_size=4), **_FEW)))
-  proto.float8_val = draw(st.binary(max_size=2))
+  for name in _FLOAT8:
+    setattr(proto, name, draw(st.binary(max_size=2)))
   return proto
 
 
@@ -310,8 +315,8 @@ def test_unpacked_repeated_fields_and_groups_decode_as_protobuf_does():
                                   double_val=[2.5])
   # double_val (6) unpacked, an unknown group (field 20) around a varint.
   data = (tensor.SerializeToString() + bytes([6 << 3 | 1]) +
-          struct.pack("<d", 2.5) + put_varint(20 << 3 | 3) + bytes([1 << 3, 7]) +
-          put_varint(20 << 3 | 4))
+          struct.pack("<d", 2.5) + put_varint(20 << 3 | 3) +
+          bytes([1 << 3, 7]) + put_varint(20 << 3 | 4))
   value = summary_pb2.Summary.Value(tag="x")
   value.tensor.ParseFromString(data)
   event = event_pb2.Event(step=3, summary=summary_pb2.Summary(value=[value]))

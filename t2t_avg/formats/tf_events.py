@@ -89,7 +89,8 @@ def decode_event(data: bytes) -> Event:
   """An `Event` from a record's bytes.
 
   Raises:
-    ValueError: the bytes are not an `Event` protobuf would parse.
+    ValueError: the bytes are not a well-formed `Event` (in the fields
+      read; other messages are not parsed).
   """
   try:
     return _event(data)
@@ -266,7 +267,7 @@ def _dim_size(buf: bytes) -> int:
   return size
 
 
-# --- numbers -------------------------------------------------------------------
+# --- numbers -----------------------------------------------------------------
 
 _BITS = {"float16": "half_val", "bfloat16": "half_val"}
 _VALUE_FIELDS = {"float32": "float_val", "float64": "double_val",
