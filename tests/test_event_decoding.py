@@ -300,7 +300,7 @@ def test_random_events_decode_as_protobuf_does(proto):
   _assert_same_event(tf_events.decode_event(proto.SerializeToString()), proto)
 
 
-@_EXAMPLES
+@settings(max_examples=200, deadline=None)
 @given(st.lists(_random_events(), min_size=2, max_size=3))
 def test_concatenated_events_merge_as_protobuf_merges(protos):
   """Protobuf merges concatenated messages: a later oneof member replaces a
