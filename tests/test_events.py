@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
+from t2t_avg.formats import tf_events
 from t2t_avg.metrics import events
 from t2t_avg.metrics.points import MetricPoint
 from t2t_avg.errors import AveragingError
@@ -430,8 +431,8 @@ def test_reader_reads_only_what_was_appended(tmp_path, monkeypatch):
   path.parent.mkdir()
   path.write_bytes(b"".join(records[:3]) + records[3][:7])  # 4th truncated
   parsed = []
-  real = event_pb2.Event.FromString
-  monkeypatch.setattr(event_pb2.Event, "FromString",
+  real = tf_events.decode_event
+  monkeypatch.setattr(tf_events, "decode_event",
                       lambda data: parsed.append(1) or real(data))
   reader = events.MetricReader([str(path.parent)], "loss")
   assert [p.step for p in reader.read()] == [1, 2]

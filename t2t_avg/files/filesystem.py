@@ -105,3 +105,33 @@ def makedirs(directory: str) -> None:
       pass  # TF's own error (and message), below.
   with gfile() as g:
     g.makedirs(directory)
+
+
+def listdir(directory: str) -> list[str]:
+  """The names in a directory (a remote one's subdirectories end in `/`)."""
+  if paths.is_local(directory):
+    return os.listdir(directory)
+  with gfile() as g:
+    return g.listdir(directory)
+
+
+@contextlib.contextmanager
+def open_read(path: str) -> Iterator[Any]:
+  """A file opened for reading bytes; a remote one's errors as `GFileError`."""
+  if paths.is_local(path):
+    with open(path, "rb") as f:
+      yield f
+    return
+  with gfile() as g, g.GFile(path, "rb") as f:
+    yield f
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes a whole file. Local files beside outputs go through
+  `shared_dir` instead (never through a planted link)."""
+  if paths.is_local(path):
+    with open(path, "wb") as f:
+      f.write(data)
+    return
+  with gfile() as g, g.GFile(path, "wb") as f:
+    f.write(data)

@@ -1,27 +1,29 @@
 """Scalar metrics from TensorBoard event files, every logged point kept.
 
-TensorFlow is imported on first read, not on import.
+Event files are decoded and written by `formats.tf_events`, without
+TensorFlow; TF is imported only to reach remote paths (`gs://`).
 """
+import contextlib
 import dataclasses
-import functools
 import math
 import os
-import struct
+import socket
+import time
 import uuid
 from collections.abc import Iterator, Sequence
+from typing import BinaryIO, Optional
 
 from absl import logging
-from google.protobuf import message
 
-from t2t_avg.files import crc
+from t2t_avg.files import filesystem
 from t2t_avg.files import paths
 from t2t_avg.files import shared_dir
-from t2t_avg.files import tf_loader
+from t2t_avg.formats import tf_events
 from t2t_avg.errors import ArgumentError, AveragingError
 from t2t_avg.metrics.points import MetricPoint
+from t2t_avg.record import CheckpointRow
 
-_HEADER = struct.Struct("<QI")  # record length, masked crc32c of the length
-_FOOTER = struct.Struct("<I")  # masked crc32c of the data
+_HEADER, _FOOTER = tf_events.HEADER, tf_events.FOOTER
 _MAX_TAGS_LISTED = 40
 _MAX_CONFLICT_WARNINGS = 10
 
@@ -41,7 +43,8 @@ def read_metric(sources: Sequence[str], tag: str) -> list[MetricPoint]:
 
   Args:
     sources: event files, or directories whose files with `tfevents` in their
-      name are read in name order (not recursively). Any `tf.io.gfile` path.
+      name are read in name order (not recursively). Local paths, or any
+      `tf.io.gfile` path (`gs://`).
     tag: the scalar tag, e.g.
       `metrics-translate_ende/targets/approx_bleu_score`.
 
@@ -138,9 +141,8 @@ def _unknown_tag(tag: str, sources: Sequence[str],
 
 def _event_files(source: str) -> list[str]:
   """The event files of one source: itself, or a directory's (one run)."""
-  tf = tf_loader.get()
-  if tf.io.gfile.isdir(source):
-    names = sorted(name.rstrip("/") for name in tf.io.gfile.listdir(source))
+  if filesystem.isdir(source):
+    names = sorted(name.rstrip("/") for name in filesystem.listdir(source))
     found = [os.path.join(source, name) for name in names if "tfevents" in name]
     if not found:
       raise AveragingError(
@@ -151,7 +153,7 @@ def _event_files(source: str) -> list[str]:
           "loss, not eval (Estimator and T2T write eval summaries to its "
           "eval/ subdirectory)", source)
     return found
-  if not tf.io.gfile.exists(source):
+  if not filesystem.exists(source):
     raise AveragingError(f"Event file or directory {source} does not exist")
   return [source]
 
@@ -159,48 +161,51 @@ def _event_files(source: str) -> list[str]:
 def _read_file(path: str, tag: str, tags: set[str],
                state: _FileState) -> Iterator[MetricPoint]:
   """Yields the new points of `tag` in one file; adds scalar tags to `tags`."""
-  tf = tf_loader.get()
-  # pylint: disable-next=import-outside-toplevel
-  from tensorflow.core.util import event_pb2
   for offset, record in _records(path, state):
     try:
-      event = event_pb2.Event.FromString(record)
-    except message.DecodeError:
+      event = tf_events.decode_event(record)
+    except ValueError:
       logging.warning("%s: record at byte %d is not an Event; ignoring the "
                       "rest of this file", path, offset)
       state.ended = True
       return
-    if not event.HasField("summary"):
-      continue
-    for value in event.summary.value:
-      kind = value.WhichOneof("value")
-      if kind == "simple_value":
-        number = value.simple_value
-      elif (kind == "tensor" and not value.tensor.tensor_shape.dim and
-            _is_numeric(value.tensor.dtype)):
-        number = None  # converted only when it is the tag asked for
-      else:
+    for value in event.summary or ():
+      tensor = value.tensor
+      if not (value.kind == "simple_value" or (
+          tensor is not None and not tensor.shape and
+          tf_events.is_numeric(tensor.dtype))):
         continue  # images, histograms, strings (e.g. `checkpoint_path`)...
       tags.add(value.tag)
-      if value.tag == tag:
-        if number is None:
-          number = tf.make_ndarray(value.tensor).item()
+      if value.tag != tag:
+        continue
+      # A tensor is converted only when it is the tag asked for.
+      number = (value.simple_value if tensor is None else
+                _tensor_number(path, offset, tag, tensor))
+      if number is not None:
         yield MetricPoint(step=event.step, wall_time=event.wall_time,
                           value=float(number))
 
 
-@functools.cache
-def _is_numeric(dtype_enum: int) -> bool:
-  tf = tf_loader.get()
+def _tensor_number(path: str, offset: int, tag: str,
+                   tensor: tf_events.Tensor) -> Optional[float]:
+  """A 0-d tensor's number; None, with a warning, for a malformed one."""
   try:
-    dtype = tf.dtypes.as_dtype(dtype_enum)
-  except TypeError:
-    return False
-  return dtype.is_floating or dtype.is_integer
+    return tf_events.scalar(tensor)
+  except ValueError as e:
+    logging.warning("%s: record at byte %d: tag %r is not one number (%s); "
+                    "skipped", path, offset, tag, e)
+    return None
 
 
-def _masked_crc(data: bytes) -> int:
-  return crc.masked(crc.crc32c(data))
+@contextlib.contextmanager
+def _open(path: str) -> Iterator[BinaryIO]:
+  """An event file opened for reading; its errors name it."""
+  try:
+    with filesystem.open_read(path) as f:
+      yield f
+  except OSError as e:
+    raise AveragingError(f"Event file {path} cannot be read: "
+                         f"{e.strerror or e}") from e
 
 
 def _records(path: str, state: _FileState) -> Iterator[tuple[int, bytes]]:
@@ -211,8 +216,7 @@ def _records(path: str, state: _FileState) -> Iterator[tuple[int, bytes]]:
   the first record that fails a CRC (`state.ended`): after that, record
   boundaries cannot be trusted.
   """
-  tf = tf_loader.get()
-  with tf.io.gfile.GFile(path, "rb") as f:
+  with _open(path) as f:
     f.seek(state.offset)
     while True:
       offset = state.offset
@@ -223,7 +227,7 @@ def _records(path: str, state: _FileState) -> Iterator[tuple[int, bytes]]:
                         "written?)", path, offset)
         return
       length, length_crc = _HEADER.unpack(header)
-      if _masked_crc(header[:8]) != length_crc:
+      if tf_events.masked_crc(header[:8]) != length_crc:
         logging.warning("%s: corrupted record (length CRC mismatch) at byte "
                         "%d; ignoring the rest of this file", path, offset)
         state.ended = True
@@ -234,7 +238,7 @@ def _records(path: str, state: _FileState) -> Iterator[tuple[int, bytes]]:
                       "written?)", path, offset)
         return
       data = body[:length]
-      if _masked_crc(data) != _FOOTER.unpack(body[length:])[0]:
+      if tf_events.masked_crc(data) != _FOOTER.unpack(body[length:])[0]:
         logging.warning("%s: corrupted record (data CRC mismatch) at byte %d; "
                         "ignoring the rest of this file", path, offset)
         state.ended = True
@@ -258,37 +262,40 @@ def summaries_directory(output_dir: str) -> str:
   return path
 
 
-def write_weight_summaries(directory: str, rows: Sequence, tag: str) -> None:
+def write_weight_summaries(directory: str, rows: Sequence[CheckpointRow],
+                           tag: str) -> None:
   """Writes each checkpoint's weight (and metric) as TensorBoard scalars.
 
   Under `t2t_avg/weight` and `t2t_avg/<tag>` at each checkpoint's step, so
   `tensorboard --logdir` shows on the training curve which checkpoints were
-  used, and how much.
+  used, and how much. One new event file, as TF1's `FileWriter` writes it:
+  a `file_version` event, then one event of `simple_value`s per step.
 
   Args:
     directory: where the event file goes (e.g. `<output dir>/t2t_avg`).
-    rows: `averaging.CheckpointRow`s (step, weight, metric).
+    rows: the inputs as averaged (step, weight, metric).
     tag: the metric's tag.
   """
-  tf = tf_loader.get()
-  tf1 = tf.compat.v1
+  now = time.time()
+  records = [tf_events.encode_event(now, file_version=tf_events.FILE_VERSION)]
+  for row in rows:
+    if row.step is None:
+      continue
+    scalars = [("t2t_avg/weight", row.weight)]
+    if row.metric is not None:
+      scalars.append((f"t2t_avg/{tag}", row.metric))
+    records.append(tf_events.encode_event(now, row.step, scalars=scalars))
+  data = b"".join(tf_events.frame(record) for record in records)
+  # FileWriter's name, whose time is in whole seconds: a suffix keeps a
+  # second call within the same second (continuous mode) from replacing the
+  # first.
+  name = (f"events.out.tfevents.{int(now):010d}.{socket.gethostname()}"
+          f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
+  path = os.path.join(directory, name)
   if paths.is_local(directory):
     shared_dir.make_own_dir(directory)  # Never a planted link.
-  # TF1's FileWriter (TF core, in a graph of its own) rather than
-  # tf.summary.scalar, whose implementation lives in the tensorboard package.
-  with tf.Graph().as_default():
-    # Its file name has the time in whole seconds: a suffix keeps a second
-    # call within the same second (continuous mode) from replacing the first.
-    writer = tf1.summary.FileWriter(
-        directory, filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    for row in rows:
-      if row.step is None:
-        continue
-      values = [tf1.Summary.Value(tag="t2t_avg/weight",
-                                  simple_value=row.weight)]
-      if row.metric is not None:
-        values.append(tf1.Summary.Value(tag=f"t2t_avg/{tag}",
-                                        simple_value=row.metric))
-      writer.add_summary(tf1.Summary(value=values), row.step)
-    writer.close()
+    shared_dir.write_atomically(path, data)
+  else:
+    filesystem.makedirs(directory)
+    filesystem.write_bytes(path, data)
   logging.info("Wrote the weights as TensorBoard scalars in %s", directory)
