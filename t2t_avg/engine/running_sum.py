@@ -1,0 +1,91 @@
+"""A float64 running sum of same-shaped array lists, and its mean cast once.
+
+Stochastic weight averaging (every epoch from k on) needs the mean of an
+open-ended series without keeping each member: each float (complex) array
+is added in float64 (complex128) in arrival order, exactly as the engine
+sums checkpoints, and the mean is divided once and cast once
+(`streaming.cast_once`), so it equals the engine's uniform average of the
+same values bit for bit. Arrays of other dtypes (counters, seeds) are kept
+as the newest member has them, as the engine copies them from the newest
+input.
+"""
+from __future__ import annotations
+
+from typing import Optional
+from collections.abc import Sequence
+
+import ml_dtypes
+import numpy as np
+
+from t2t_avg.engine import streaming
+from t2t_avg.errors import AveragingError
+
+
+def _wide(dtype: np.dtype) -> Optional[type]:
+  """float64 or complex128 for a dtype that is averaged; None: copied."""
+  if np.issubdtype(dtype, np.complexfloating):
+    return np.complex128
+  if np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16:
+    return np.float64
+  return None
+
+
+class RunningSum:
+  """The sum of every list of arrays added, and how many were added."""
+
+  def __init__(self, names: Sequence[str]):
+    """Args: names: one per array, for messages (e.g. variable paths)."""
+    self.names = list(names)
+    self.count = 0
+    self._totals: list[np.ndarray] = []
+    self._dtypes: list[np.dtype] = []
+
+  def add(self, arrays: Sequence[np.ndarray]) -> None:
+    """Adds one member: an array per name, as shaped and typed as the first.
+
+    Raises:
+      AveragingError: a count, shape or dtype other than the first member's.
+    """
+    if len(arrays) != len(self.names):
+      raise AveragingError(f"{len(arrays)} arrays to add to a running sum of "
+                           f"{len(self.names)}")
+    if not self.count:
+      self._dtypes = [np.asarray(a).dtype for a in arrays]
+      self._totals = [np.zeros(np.shape(a), _wide(d) or d)
+                      for a, d in zip(arrays, self._dtypes)]
+    for name, total, dtype, array in zip(self.names, self._totals,
+                                         self._dtypes, arrays):
+      value = np.asarray(array)
+      if value.shape != total.shape or value.dtype != dtype:
+        raise AveragingError(
+            f"variable {name} is {value.dtype} {list(value.shape)} now, but "
+            f"was {dtype} {list(total.shape)} in the running sum")
+      if _wide(dtype) is None:
+        total[...] = value  # The newest member's.
+      else:
+        np.add(total, value.astype(total.dtype), out=total)
+    self.count += 1
+
+  def mean(self) -> list[np.ndarray]:
+    """Each float array's sum / count, cast once to its dtype; the others as
+    the newest member had them.
+
+    Raises:
+      AveragingError: nothing was added.
+    """
+    if not self.count:
+      raise AveragingError("the running sum is empty: nothing to average")
+    means = []
+    for total, dtype in zip(self._totals, self._dtypes):
+      if _wide(dtype) is None:
+        means.append(total.copy())
+        continue
+      result = np.empty(total.shape, dtype)
+      streaming.cast_once(total / self.count, result)
+      means.append(result)
+    return means
+
+  @property
+  def nbytes(self) -> int:
+    """The memory the sums take."""
+    return sum(t.nbytes for t in self._totals)
