@@ -4,7 +4,8 @@ import importlib.util
 from t2t_avg.errors import ArgumentError, AveragingError
 
 __all__ = ["ArgumentError", "AveragingError", "AveragingResult",
-           "CheckpointRow", "average_checkpoints"]
+           "CheckpointRow", "average_checkpoints",
+           "average_manager_checkpoints"]
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,7 @@ if importlib.util.find_spec("tensorflow") is None:
       "`pip install tensorflow-cpu` next to t2t_avg.")
 
 _LAZY = {"average_checkpoints": "t2t_avg.engine.averaging",
+         "average_manager_checkpoints": "t2t_avg.jobs.manager",
          "AveragingResult": "t2t_avg.record",
          "CheckpointRow": "t2t_avg.record"}
 
