@@ -195,7 +195,10 @@ def test_start_epoch_alone_averages_every_epoch_from_k_without_files(tmp_path):
   assert all(files == 0 for _, files in watch.seen)  # A sum in memory.
   assert _left_beside(output) == ["swa.weights.h5",
                                   "swa.weights.h5.t2t_avg.json"]
-  assert _record(output)["training"]["epochs"] == [3, 4, 5, 6, 7]
+  record = _record(output)
+  assert record["training"]["epochs"] == [3, 4, 5, 6, 7]
+  assert record["effective_count"] == 5
+  assert [row["step"] for row in record["inputs"]] == [3, 4, 5, 6, 7]
 
 
 def test_early_stopping_averages_the_epochs_that_ran(tmp_path):
@@ -303,8 +306,11 @@ def test_bn_data_recomputes_the_statistics_of_the_average(tmp_path):
       assert found[name].tobytes() == expected[name].tobytes(), name
   assert_same_values(_model_values(model, tmp_path), found)
   assert model.layers[1].momentum == 0.99  # Put back.
-  assert _record(output)["training"]["bn_data"] == {
+  record = _record(output)
+  assert record["training"]["bn_data"] == {
       "layers": 1, "batches": 4, "examples": 96}
+  assert record["effective_count"] == 2
+  assert [row["step"] for row in record["inputs"]] == [5, 6]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -350,7 +356,7 @@ def test_nothing_to_average_is_an_error_and_leaves_nothing(tmp_path):
   assert _left_beside(output) == []
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16,
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16,
                                    ml_dtypes.bfloat16, np.complex64])
 def test_running_sum_mean_is_the_float64_mean_cast_once(dtype):
   rng = np.random.default_rng(0)

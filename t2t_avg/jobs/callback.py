@@ -39,7 +39,7 @@ from t2t_avg.inputs.checkpoints import Checkpoint
 from t2t_avg.metrics import points as metric_points
 from t2t_avg.metrics import weighting
 from t2t_avg.metrics.points import EPOCH, MetricPoint
-from t2t_avg.record import AveragingResult
+from t2t_avg.record import AveragingResult, CheckpointRow
 
 WEIGHTS, ARCHIVE = options.KERAS_OUTPUT_SUFFIXES
 # The metric comes from fit's logs, not from files: WeightingOptions only
@@ -263,10 +263,12 @@ class _Run:
     # A .keras output of .weights.h5 snapshots, or statistics to recompute:
     # the average goes through the model.
     average = os.path.join(self.private, "average" + kind)
-    averaging.average_checkpoints(chosen, average, weights=weights,
-                                  metrics=weighing.metrics, quiet=True)
+    made = averaging.average_checkpoints(
+        chosen, average, weights=weights, metrics=weighing.metrics,
+        quiet=True)
     self.result = self._through_model(
-        lambda: load_model_weights(self.model, average), record, bn)
+        lambda: load_model_weights(self.model, average), record, bn,
+        made.rows)
 
   def _from_running_sum(self, bn: Optional[_BatchNorm]) -> AveragingResult:
     if self.sum is None:
@@ -285,13 +287,22 @@ class _Run:
 
     training = {"source": "running sum", "epochs": list(self.summed),
                 "ending": self.ending()}
+    values = {p.step + 1: p.value for p in self.points}
+    rows = tuple(CheckpointRow(f"epoch {e} (running sum)", e, _EPOCH,
+                               1.0 / len(self.summed), values.get(e))
+                 for e in self.summed)
     return self._through_model(assign, {"weighting": {"scheme": "uniform"},
-                                        "training": training}, bn)
+                                        "training": training}, bn, rows)
 
   def _through_model(self, set_average: Callable[[], None], record: dict,
-                     bn: Optional[_BatchNorm]) -> AveragingResult:
+                     bn: Optional[_BatchNorm],
+                     rows: Sequence[CheckpointRow]) -> AveragingResult:
     """Puts the average into the model, recomputes BatchNormalization
-    statistics, and writes the output from the model (an exact copy)."""
+    statistics, and writes the output from the model (an exact copy).
+
+    The result and the record name `rows`, what was averaged, rather than
+    the model's file they were copied from.
+    """
     kept = None
     if not self.settings.restore:
       kept = os.path.join(self.private, "before" + WEIGHTS)
@@ -302,12 +313,17 @@ class _Run:
     output = self.settings.output_path
     made = os.path.join(self.private, "average-model" + _suffix(output))
     save_model(self.model, made)
+    count = weighting.effective_count([r.weight for r in rows])
+    record.update(effective_count=count, inputs=[
+        dict(dataclasses.asdict(r), path=os.path.abspath(r.path)
+             if os.path.exists(r.path) else r.path) for r in rows])
     result = averaging.average_checkpoints(
         [Checkpoint(made, self.last_epoch, _EPOCH)], output,
         record_extra=record)
     if kept is not None:
       load_model_weights(self.model, kept)
-    return result
+    return dataclasses.replace(result, rows=tuple(rows),
+                               effective_count=count)
 
   def _weigh(self, direction: Optional[str]) -> weighting.Weighing:
     """The snapshots (or the directory's files) chosen and weighed."""
