@@ -197,7 +197,7 @@ def test_start_epoch_alone_averages_every_epoch_from_k_without_files(tmp_path):
                                   "swa.weights.h5.t2t_avg.json"]
   record = _record(output)
   assert record["training"]["epochs"] == [3, 4, 5, 6, 7]
-  assert record["effective_count"] == 5
+  assert record["effective_count"] == pytest.approx(5)
   assert [row["step"] for row in record["inputs"]] == [3, 4, 5, 6, 7]
 
 
@@ -309,7 +309,7 @@ def test_bn_data_recomputes_the_statistics_of_the_average(tmp_path):
   record = _record(output)
   assert record["training"]["bn_data"] == {
       "layers": 1, "batches": 4, "examples": 96}
-  assert record["effective_count"] == 2
+  assert record["effective_count"] == pytest.approx(2)
   assert [row["step"] for row in record["inputs"]] == [5, 6]
 
 
@@ -372,8 +372,8 @@ def test_running_sum_mean_is_the_float64_mean_cast_once(dtype):
   assert mean.dtype == np.dtype(dtype)
   assert mean.tobytes() == expected.astype(dtype).tobytes()
   assert counter == 6  # The newest member's, not averaged.
-  with pytest.raises(AveragingError, match="variable w is float64"):
-    total.add([np.zeros((5, 3)), np.array(0, np.int64)])
+  with pytest.raises(AveragingError, match=r"variable w is \S+ \[3, 5\] now"):
+    total.add([np.zeros((3, 5), dtype), np.array(0, np.int64)])
 
 
 def test_manager_checkpoints_average_and_restore(tmp_path):
