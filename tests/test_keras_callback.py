@@ -366,7 +366,7 @@ def test_running_sum_mean_is_the_float64_mean_cast_once(dtype):
   for member in members:
     total.add(member)
 
-  mean, counter = total.mean()
+  mean, counter = total.means()
   wide = np.complex128 if dtype == np.complex64 else np.float64
   expected = sum(m[0].astype(wide) for m in members) / 7
   assert mean.dtype == np.dtype(dtype)

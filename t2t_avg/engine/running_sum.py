@@ -12,13 +12,15 @@ input.
 from __future__ import annotations
 
 from typing import Optional
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import ml_dtypes
 import numpy as np
 
 from t2t_avg.engine import streaming
 from t2t_avg.errors import AveragingError
+
+_CHUNK = streaming.CHUNK_BYTES // 8  # float64 elements divided at once
 
 
 def _wide(dtype: np.dtype) -> Optional[type]:
@@ -66,24 +68,26 @@ class RunningSum:
         np.add(total, value.astype(total.dtype), out=total)
     self.count += 1
 
-  def mean(self) -> list[np.ndarray]:
-    """Each float array's sum / count, cast once to its dtype; the others as
-    the newest member had them.
+  def means(self) -> Iterator[np.ndarray]:
+    """Each float array's sum / count, cast once to its dtype (the others as
+    the newest member had them), one array at a time: the division runs in
+    chunks, so beyond the sums it takes one array of the result's dtype.
 
     Raises:
       AveragingError: nothing was added.
     """
     if not self.count:
       raise AveragingError("the running sum is empty: nothing to average")
-    means = []
     for total, dtype in zip(self._totals, self._dtypes):
       if _wide(dtype) is None:
-        means.append(total.copy())
+        yield total.copy()
         continue
       result = np.empty(total.shape, dtype)
-      streaming.cast_once(total / self.count, result)
-      means.append(result)
-    return means
+      flat_total, flat = total.reshape(-1), result.reshape(-1)
+      for start in range(0, flat.size, _CHUNK):
+        streaming.cast_once(flat_total[start:start + _CHUNK] / self.count,
+                            flat[start:start + _CHUNK])
+      yield result
 
   @property
   def nbytes(self) -> int:

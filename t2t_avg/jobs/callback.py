@@ -136,6 +136,11 @@ class AverageCheckpoints(keras.callbacks.Callback):
     return self._options.output_path
 
   @property
+  def settings(self) -> options.CallbackOptions:
+    """The validated arguments."""
+    return self._options
+
+  @property
   def result(self) -> Optional[AveragingResult]:
     """What the last `fit` averaged (None before it ends)."""
     return self._run.result if self._run else None
@@ -279,10 +284,10 @@ class _Run:
     logging.info("AverageCheckpoints: averaging epochs %s (a float64 running "
                  "sum in memory, %.1f MB)", _epochs_text(self.summed),
                  self.sum.nbytes / 1e6)
-    means = self.sum.mean()
+    total = self.sum
 
-    def assign() -> None:
-      for variable, mean in zip(self.model.weights, means):
+    def assign() -> None:  # One variable's mean in memory at a time.
+      for variable, mean in zip(self.model.weights, total.means()):
         variable.assign(mean)
 
     training = {"source": "running sum", "epochs": list(self.summed),
