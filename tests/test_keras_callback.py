@@ -374,6 +374,9 @@ def test_running_sum_mean_is_the_float64_mean_cast_once(dtype):
   assert counter == 6  # The newest member's, not averaged.
   with pytest.raises(AveragingError, match=r"variable w is \S+ \[3, 5\] now"):
     total.add([np.zeros((3, 5), dtype), np.array(0, np.int64)])
+  with pytest.raises(AveragingError, match="1 arrays to add to a running sum "
+                     "of 2"):
+    total.add(iter([members[0][0]]))
 
 
 def test_manager_checkpoints_average_and_restore(tmp_path):

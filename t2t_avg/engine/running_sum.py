@@ -12,7 +12,7 @@ input.
 from __future__ import annotations
 
 from typing import Optional
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -42,31 +42,41 @@ class RunningSum:
     self._totals: list[np.ndarray] = []
     self._dtypes: list[np.dtype] = []
 
-  def add(self, arrays: Sequence[np.ndarray]) -> None:
-    """Adds one member: an array per name, as shaped and typed as the first.
+  def add(self, arrays: Iterable[np.ndarray]) -> None:
+    """Adds one member: an array per name, as shaped and typed as the first
+    member's (taken one by one, so a generator keeps one in memory).
 
     Raises:
       AveragingError: a count, shape or dtype other than the first member's.
     """
-    if len(arrays) != len(self.names):
-      raise AveragingError(f"{len(arrays)} arrays to add to a running sum of "
-                           f"{len(self.names)}")
-    if not self.count:
-      self._dtypes = [np.asarray(a).dtype for a in arrays]
-      self._totals = [np.zeros(np.shape(a), _wide(d) or d)
-                      for a, d in zip(arrays, self._dtypes)]
-    for name, total, dtype, array in zip(self.names, self._totals,
-                                         self._dtypes, arrays):
+    first, count = not self.count, 0
+    for count, array in enumerate(arrays, 1):
+      if count > len(self.names):
+        break
       value = np.asarray(array)
-      if value.shape != total.shape or value.dtype != dtype:
-        raise AveragingError(
-            f"variable {name} is {value.dtype} {list(value.shape)} now, but "
-            f"was {dtype} {list(total.shape)} in the running sum")
-      if _wide(dtype) is None:
-        total[...] = value  # The newest member's.
-      else:
-        np.add(total, value.astype(total.dtype), out=total)
+      if first:
+        self._dtypes.append(value.dtype)
+        self._totals.append(np.zeros(value.shape, _wide(value.dtype) or
+                                     value.dtype))
+      self._accumulate(count - 1, value)
+    if count != len(self.names):
+      if first:
+        self._totals, self._dtypes = [], []
+      raise AveragingError(f"{'more' if count > len(self.names) else count} "
+                           f"arrays to add to a running sum of "
+                           f"{len(self.names)}")
     self.count += 1
+
+  def _accumulate(self, i: int, value: np.ndarray) -> None:
+    total, dtype = self._totals[i], self._dtypes[i]
+    if value.shape != total.shape or value.dtype != dtype:
+      raise AveragingError(
+          f"variable {self.names[i]} is {value.dtype} {list(value.shape)} "
+          f"now, but was {dtype} {list(total.shape)} in the running sum")
+    if _wide(dtype) is None:
+      total[...] = value  # The newest member's.
+    else:
+      np.add(total, value.astype(total.dtype), out=total)
 
   def means(self) -> Iterator[np.ndarray]:
     """Each float array's sum / count, cast once to its dtype (the others as

@@ -18,6 +18,7 @@ them too). The optimizer's state is never changed. Only files and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 import weakref
@@ -163,8 +164,8 @@ class AverageCheckpoints(keras.callbacks.Callback):
       return
     bn = None
     if self._bn_data is not None:
-      data, size = self._bn_data, self._bn_batch_size
-      bn = lambda model: recompute_batch_norm(model, data, size)  # noqa: E731
+      bn = functools.partial(recompute_batch_norm, data=self._bn_data,
+                             batch_size=self._bn_batch_size)
     try:
       run.finish(self._direction, bn)
     finally:
@@ -232,7 +233,8 @@ class _Run:
     weights = self.model.weights
     if self.sum is None:
       self.sum = RunningSum([w.path for w in weights])
-    self.sum.add([keras.ops.convert_to_numpy(w.value) for w in weights])
+    # One variable at a time: no second copy of the model in host memory.
+    self.sum.add(keras.ops.convert_to_numpy(w.value) for w in weights)
     self.summed.append(epoch)
     logging.debug("Added epoch %d to the running sum", epoch)
 
