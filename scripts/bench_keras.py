@@ -194,7 +194,7 @@ def callback_case() -> None:
             f"{load['peak'] - load['rss']:.0f} | {load['seconds']:.2f} |")
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--files", type=int, default=4)
   parser.add_argument("--runs", type=int, default=3)
@@ -207,7 +207,11 @@ def main() -> None:
                       "AverageCheckpoints' averaging step on a ~400 MB model")
   parser.add_argument("--callback_child", default="", help=argparse.SUPPRESS)
   parser.add_argument("--work", default="", help=argparse.SUPPRESS)
-  args = parser.parse_args()
+  return parser.parse_args()
+
+
+def main() -> None:
+  args = _arguments()
   if args.callback_child:
     callback_child(args.callback_child, args.work)
     return
