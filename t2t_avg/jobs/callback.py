@@ -70,8 +70,8 @@ class AverageCheckpoints(keras.callbacks.Callback):
 
   Put it after `EarlyStopping(restore_best_weights=True)` in the callback
   list: callbacks end in list order, and that one would replace the average
-  by its best epoch. With the TensorFlow backend a KeyboardInterrupt leaves
-  `fit` without ending its callbacks: call `avg.on_train_end()` in your
+  by its best epoch. A KeyboardInterrupt leaves `fit` without ending its
+  callbacks (on every backend): call `avg.on_train_end()` in your
   `except KeyboardInterrupt:` to average the epochs completed so far.
   """
 
