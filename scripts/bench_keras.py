@@ -4,6 +4,7 @@ Usage (from the repository root, in its virtualenv):
 
   python scripts/bench_keras.py                # 4 files of ~0.5 GB each
   python scripts/bench_keras.py --files=8 --runs=3
+  python scripts/bench_keras.py --case=callback   # the Keras callback
 
 Keras itself writes the inputs (cached in `.bench/keras/`): a model with a
 32000x1024 embedding and a 1024-4096-1024 feed-forward block (41M
@@ -26,6 +27,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Sequence
+from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(REPO, ".bench", "keras")
@@ -110,14 +112,112 @@ def check_same(naive: str, ours: str) -> None:
     a.visititems(same)
 
 
-def main() -> None:
+# The callback case: how an AverageCheckpoints configuration is made.
+CALLBACK_CASES: dict[str, dict[str, Any]] = {
+    "last_n=3, restore=False": {"last_n": 3, "restore": False},
+    "last_n=3, restore=True": {"last_n": 3},
+    "start_epoch=1 (running sum), restore=True": {"start_epoch": 1},
+}
+_EMBEDDING = (96000, 1024)  # 393 MB of float32
+
+
+def _status_mib(field: str) -> float:
+  with open("/proc/self/status", encoding="ascii") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1]) / 1024.0
+  raise SystemExit(f"no {field} in /proc/self/status")
+
+
+def callback_child(case: str, work: str) -> None:
+  """Fits a ~400 MB model for 4 epochs with one AverageCheckpoints; prints
+  (as JSON) the RSS when training ends, the peak RSS of the callback's
+  on_train_end (VmHWM, reset just before: Linux's clear_refs 5), its
+  seconds, and the model's bytes."""
+  import json  # pylint: disable=import-outside-toplevel
+  import keras  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from t2t_avg.keras import AverageCheckpoints  # pylint: disable=import-outside-toplevel
+  tokens = keras.Input((4,), dtype="int32")
+  model = keras.Model(tokens, keras.layers.Dense(16)(
+      keras.layers.Embedding(*_EMBEDDING)(tokens)))
+  model.compile(keras.optimizers.SGD(0.1), "mse")  # no optimizer slots
+  marks: dict = {}
+
+  class Mark(keras.callbacks.Callback):
+    def on_train_end(self, logs: object = None) -> None:  # before the average
+      marks["rss"] = _status_mib("VmRSS")
+      with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+        f.write("5")
+      marks["start"] = time.perf_counter()
+
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, _EMBEDDING[0], (64, 4)).astype("int32")
+  avg = AverageCheckpoints(os.path.join(work, "avg.weights.h5"),
+                           **CALLBACK_CASES[case])
+  model.fit(x, np.zeros((64, 4, 16), "float32"), epochs=4, batch_size=64,
+            verbose=0, callbacks=[Mark(), avg])
+  measured = {"rss": marks["rss"], "peak": _status_mib("VmHWM"),
+              "seconds": time.perf_counter() - marks["start"],
+              "model": sum(int(np.prod(w.shape)) * 4 for w in model.weights)}
+  if not avg.settings.restore:  # Keras' own loading of the output, alone
+    rss = _status_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+      f.write("5")
+    start = time.perf_counter()
+    model.load_weights(avg.output_path, objects_to_skip=[model.optimizer])
+    measured["load"] = {"rss": rss, "peak": _status_mib("VmHWM"),
+                        "seconds": time.perf_counter() - start}
+  print(json.dumps(measured))
+
+
+def callback_case() -> None:
+  """The callback's averaging step on a ~400 MB model: its peak RSS above
+  the process's RSS when training ends (model, TF and all)."""
+  import json  # pylint: disable=import-outside-toplevel
+  print("AverageCheckpoints on a model of a 96000x1024 embedding (SGD), 4 "
+        "epochs; on_train_end measured in the training process:\n")
+  print("| callback | model MiB | RSS at train end MiB | on_train_end peak "
+        "above it MiB | on_train_end s |\n|---|---:|---:|---:|---:|")
+  for case in CALLBACK_CASES:
+    with tempfile.TemporaryDirectory(prefix="bench_callback.") as work:
+      out = subprocess.run([sys.executable, __file__, f"--callback_child={case}",
+                            f"--work={work}"], check=True, cwd=REPO,
+                           capture_output=True, text=True).stdout
+    m = json.loads(out.strip().splitlines()[-1])
+    print(f"| {case} | {m['model'] / 2**20:.0f} | {m['rss']:.0f} | "
+          f"{m['peak'] - m['rss']:.0f} | {m['seconds']:.2f} |")
+    if "load" in m:
+      load = m["load"]
+      print(f"| (Keras' own model.load_weights of that output) | "
+            f"{m['model'] / 2**20:.0f} | {load['rss']:.0f} | "
+            f"{load['peak'] - load['rss']:.0f} | {load['seconds']:.2f} |")
+
+
+def _arguments() -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--files", type=int, default=4)
   parser.add_argument("--runs", type=int, default=3)
   parser.add_argument("--generate", action="store_true",
                       help="only write the inputs (the measuring parent runs "
                       "this in a child, so that it stays small)")
-  args = parser.parse_args()
+  parser.add_argument("--case", choices=("files", "callback"),
+                      default="files", help="files: average Keras files "
+                      "(the table above); callback: t2t_avg.keras."
+                      "AverageCheckpoints' averaging step on a ~400 MB model")
+  parser.add_argument("--callback_child", default="", help=argparse.SUPPRESS)
+  parser.add_argument("--work", default="", help=argparse.SUPPRESS)
+  return parser.parse_args()
+
+
+def main() -> None:
+  args = _arguments()
+  if args.callback_child:
+    callback_child(args.callback_child, args.work)
+    return
+  if args.case == "callback":
+    callback_case()
+    return
   if args.generate:
     make_inputs(args.files)
     return

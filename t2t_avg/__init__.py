@@ -4,11 +4,13 @@ import importlib
 from t2t_avg.errors import ArgumentError, AveragingError
 
 __all__ = ["ArgumentError", "AveragingError", "AveragingResult",
-           "CheckpointRow", "average_checkpoints"]
+           "CheckpointRow", "average_checkpoints",
+           "average_manager_checkpoints"]
 
 __version__ = "0.1.0"
 
 _LAZY = {"average_checkpoints": "t2t_avg.engine.averaging",
+         "average_manager_checkpoints": "t2t_avg.jobs.manager",
          "AveragingResult": "t2t_avg.record",
          "CheckpointRow": "t2t_avg.record"}
 

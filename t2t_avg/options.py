@@ -430,3 +430,84 @@ class OneShotSettings:
                             "{metrics_from_events}")
     if self.inputs.checkpoints:
       self.weighting.check_count(len(self.inputs.checkpoints))
+
+
+CALLBACK_SCHEMES = ("uniform",) + METRIC_SCHEMES
+KERAS_OUTPUT_SUFFIXES = (".weights.h5", ".keras")
+
+
+def _is_count(value: object) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CallbackOptions:
+  """What the Keras callback (`t2t_avg.keras.AverageCheckpoints`) averages.
+
+  Attributes:
+    output_path: the output, `.weights.h5` or `.keras`, on a local disk.
+    last_n: average the last N snapshots (epochs); None: every one from
+      `start_epoch` on, as a running sum.
+    start_epoch: the first epoch (1-based, as fit's progress bar and
+      ModelCheckpoint's `{epoch}` count) to average, or None: the first.
+    save_freq: snapshot every this many epochs (from `start_epoch`).
+    directory: average ModelCheckpoint's files in this directory instead
+      of taking snapshots; None: snapshots of the callback's own.
+    restore: load the average into the model when training ends.
+    weighting: the weighting settings (`metric` is the monitored log key).
+  """
+  output_path: str
+  last_n: Optional[int] = None
+  start_epoch: Optional[int] = None
+  save_freq: int = 1
+  directory: Optional[str] = None
+  restore: bool = True
+  weighting: WeightingOptions = WeightingOptions()
+
+  def __post_init__(self) -> None:
+    check_output_path(self.output_path)
+    if not self.output_path.endswith(KERAS_OUTPUT_SUFFIXES):
+      raise ArgumentError("{output_path} must end in .weights.h5 or .keras, "
+                          "not {path!r}", path=self.output_path)
+    if not paths.is_local(self.output_path):
+      raise ArgumentError("{output_path} must be on a local disk (snapshots "
+                          "are kept beside it), not {path}",
+                          path=self.output_path)
+    for name in ("last_n", "start_epoch"):
+      value = getattr(self, name)
+      if value is not None and not _is_count(value):
+        raise ArgumentError("{%s} must be an integer >= 1 or None, not "
+                            "{value!r}" % name, value=value)
+    if not _is_count(self.save_freq):
+      raise ArgumentError("{save_freq} must be a number of epochs >= 1, not "
+                          "{value!r}", value=self.save_freq)
+    if self.last_n is None and self.start_epoch is None:
+      raise ArgumentError("give {last_n} (average the last N epochs) or "
+                          "{start_epoch} (average every epoch from k on)")
+    if self.directory is not None and self.save_freq != 1:
+      raise ArgumentError("{save_freq} is for the callback's own snapshots; "
+                          "with {directory}, ModelCheckpoint decides when "
+                          "files are saved")
+    self._check_weighting()
+
+  def _check_weighting(self) -> None:
+    scheme, top_k = self.weighting.weighting, self.weighting.top_k
+    _one_of("weighting", scheme, CALLBACK_SCHEMES)
+    if self.running_sum and scheme != "uniform":
+      raise ArgumentError(
+          "{weighting}={scheme} needs {last_n}: without it every epoch from "
+          "{start_epoch} on is averaged uniformly, as a running sum",
+          scheme=scheme)
+    if self.last_n is not None and top_k > self.last_n:
+      raise ArgumentError("{top_k} must be between 1 and {last_n}={n}, not "
+                          "{k}", n=self.last_n, k=top_k)
+
+  @property
+  def running_sum(self) -> bool:
+    """Whether every epoch from `start_epoch` on is averaged as it comes."""
+    return self.last_n is None and self.directory is None
+
+  def takes(self, epoch: int) -> bool:
+    """Whether the epoch (1-based) is snapshotted."""
+    start = self.start_epoch or 1
+    return epoch >= start and (epoch - start) % self.save_freq == 0

@@ -168,8 +168,14 @@ class _Arithmetic:
     if not self.allow_nonfinite and not np.isfinite(total.sum()) and not (
         np.isfinite(total).all()):
       return False
-    np.copyto(result, total, casting="unsafe")
+    cast_once(total, result)
     return True
+
+
+def cast_once(total: np.ndarray, result: np.ndarray) -> None:
+  """Casts a float64 (complex128) average into `result`'s dtype: numpy's
+  rounding, as legacy's typed placeholder did (see `_Arithmetic.finish`)."""
+  np.copyto(result, total, casting="unsafe")
 
 
 class _Pool:

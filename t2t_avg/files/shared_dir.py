@@ -36,6 +36,11 @@ _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
 _UNWRITTEN_SECONDS = 60.0
 _OPEN_EXISTING = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(
     os, "O_NONBLOCK", 0)
+# Temporary directories this process made and still uses: its own pid in an
+# owner file otherwise means a run that was killed (a pid reused, as in a
+# container), but a long-lived temporary (the Keras callback's snapshots)
+# lives while this process writes outputs beside it.
+_IN_USE: set[str] = set()
 
 
 def _owner_text() -> str:
@@ -85,7 +90,14 @@ def make_temporary_dir(directory: str, name: str) -> str:
   except BaseException:
     shutil.rmtree(path, ignore_errors=True)
     raise
+  _IN_USE.add(os.path.realpath(path))
   return path
+
+
+def remove_temporary_dir(path: str) -> None:
+  """Removes a directory `make_temporary_dir` made (idempotent)."""
+  shutil.rmtree(path, ignore_errors=True)
+  _IN_USE.discard(os.path.realpath(path))
 
 
 def remove_stale_temporaries(directory: str) -> None:
@@ -103,6 +115,8 @@ def remove_stale_temporaries(directory: str) -> None:
     if not name.startswith(TMP_MARK + "."):
       continue
     path = os.path.join(directory, name)
+    if os.path.realpath(path) in _IN_USE:
+      continue  # This process is using it.
     problem, holder, mtime = _inspect_temporary(path)
     if problem:
       logging.warning("Leaving %s alone: %s, so it may not be a temporary of "
