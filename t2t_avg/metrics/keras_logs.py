@@ -282,7 +282,7 @@ def _epoch_positions(checkpoints: Sequence) -> list[int]:
 def _example_pattern(path: str) -> str:
   """A name pattern for a file, its first number taken as the epoch."""
   names = iter(("{epoch}", "{batch}"))
-  return repr(re.sub(r"(?<![A-Za-z\d.])\d+(?![\d.])",
+  return repr(re.sub(r"(?<![A-Za-z\d])(?<!\d\.)\d+(?!\d|\.\d)",
                      lambda m: next(names, m.group()), os.path.basename(path)))
 
 
