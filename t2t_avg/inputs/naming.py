@@ -44,6 +44,10 @@ STATE_FILE = state_file.STATE_FILE
 KERAS_SUFFIXES = detect.KERAS_SUFFIXES
 OUTPUT_BASENAME = "model.ckpt"  # t2t-avg-all's continuous outputs.
 BY_COUNTER, BY_NAME, BY_MTIME = "counter", "name", "mtime"
+# Up to this many Keras files are kept open from the listing to the average
+# (each opened once); a larger directory closes them and reopens the chosen,
+# rather than hold a file handle (or an extracted `.keras` member) for each.
+KEEP_OPEN_MAX = 64
 _TF_NAME = re.compile(r"(.*)-(\d+)")
 _NUMBERS = re.compile(r"\d+(?:\.\d+)?")
 
@@ -60,7 +64,8 @@ class Checkpoint:
       reopened).
     epoch: a Keras file's `{epoch}` (1-based), when its name says it for
       sure: its one number, or the number at `{epoch}` of the name pattern.
-    name_numbers: the whole numbers in a Keras file's name.
+    name_numbers: the whole numbers in a Keras file's name. When it is not
+      given (None), both are read from the name (`name_number`).
     mtime_ns, ctime_ns: of the file (TF: its `.index`), when listed.
   """
   path: str
@@ -69,9 +74,17 @@ class Checkpoint:
   source: Optional[base.Source] = dataclasses.field(default=None,
                                                     compare=False, repr=False)
   epoch: Optional[int] = None
-  name_numbers: tuple[int, ...] = ()
+  name_numbers: Optional[tuple[int, ...]] = None
   mtime_ns: int = dataclasses.field(default=0, compare=False)
   ctime_ns: int = dataclasses.field(default=0, compare=False)
+
+  def __post_init__(self) -> None:
+    if self.name_numbers is None:
+      keras = is_keras_name(self.path)
+      object.__setattr__(self, "name_numbers",
+                         name_numbers(self.path) if keras else ())
+      if self.epoch is None and keras:
+        object.__setattr__(self, "epoch", name_number(self.path))
 
   @property
   def opened(self) -> base.Source:
@@ -592,18 +605,21 @@ def _unlisted(listed: list[str], wanted: Optional[int],
 def keras_last_n(names: KerasNames, directory: str, n: Optional[int],
                  listing: Listing) -> list[Checkpoint]:
   """The newest `n` (None: all) Keras files of a directory, oldest first,
-  opened (the caller closes them); the others are closed.
+  opened (the caller closes them) when there are at most `KEEP_OPEN_MAX`;
+  the others are closed.
 
   Raises:
     AveragingError: there are none.
   """
-  files = names.find_all(directory, listing, keep_open=True)
+  keep_open = len(listing.keras_files(names.name_prefix)) <= KEEP_OPEN_MAX
+  files = names.find_all(directory, listing, keep_open=keep_open)
   if not files:
     raise AveragingError(f"no Keras files (*.weights.h5, *.keras) named "
                          f"{names.name_prefix}* in {directory}")
   chosen = files if n is None else files[-n:]
   for skipped in files[:len(files) - len(chosen)]:
-    skipped.opened.close()
+    if skipped.source is not None:
+      skipped.source.close()
   logging.info("Using the last %d of %d Keras files in %s: %s", len(chosen),
                len(files), directory, ", ".join(c.path for c in chosen))
   if n is not None and len(chosen) < n:

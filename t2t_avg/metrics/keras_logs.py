@@ -280,10 +280,16 @@ def _epoch_positions(checkpoints: Sequence) -> list[int]:
 
 
 def _example_pattern(path: str) -> str:
-  """A name pattern for a file, its first number taken as the epoch."""
-  names = iter(("{epoch}", "{batch}"))
-  return repr(re.sub(r"(?<![A-Za-z\d])(?<!\d\.)\d+(?!\d|\.\d)",
-                     lambda m: next(names, m.group()), os.path.basename(path)))
+  """A name pattern for a file, its first number taken as the epoch (numbers
+  glued to a letter only when there are no others)."""
+  name = os.path.basename(path)
+  suffix = next((s for s in detect.KERAS_SUFFIXES if name.endswith(s)), "")
+  stem = name[:len(name) - len(suffix)]
+  whole = r"(?<!\d)(?<!\d\.)\d+(?!\d|\.\d)"
+  alone = r"(?<![A-Za-z])" + whole
+  fields = iter(("{epoch}", "{batch}"))
+  return repr(re.sub(alone if re.search(alone, stem) else whole,
+                     lambda m: next(fields, m.group()), stem) + suffix)
 
 
 def position_text(kind: str, position: int) -> str:
