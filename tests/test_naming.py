@@ -268,3 +268,26 @@ def test_a_local_continuous_run_of_keras_files_imports_no_tensorflow(
     inputs = [str(train / n) for n in names[i - 1:i + 1]]
     assert_same_values(datasets(str(tmp_path / "avg" / names[i])),
                        expected_average(inputs))
+
+
+def test_continuous_windows_open_each_checkpoint_once(tmp_path, monkeypatch):
+  # pylint: disable-next=import-outside-toplevel
+  from t2t_avg import formats
+  from t2t_avg.jobs import continuous  # pylint: disable=import-outside-toplevel
+  train = str(tmp_path / "train")
+  prefixes = write_tf1_series(train, [10, 20, 30, 40, 50],
+                              step_valued({"w": (3,)}))
+  opened = collections.Counter()
+  real_open = formats.open_source
+
+  def open_source(path):
+    opened[path] += 1
+    return real_open(path)
+
+  monkeypatch.setattr(formats, "open_source", open_source)
+  written = continuous.run(options.ContinuousOptions(
+      model_dir=train, output_dir=str(tmp_path / "avg"), n=3))
+  assert written == [naming.OutputNames().build_name(str(tmp_path / "avg"),
+                                                     step)
+                     for step in (30, 40, 50)]
+  assert opened == {prefix: 1 for prefix in prefixes}  # was 1, 2, 3, 2, 1

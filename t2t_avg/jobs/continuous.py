@@ -258,6 +258,7 @@ class _Averager:
                              weighting_options.metric)
     self._metric = _MetricWait(settings, weighting_options, mode,
                                clock=clock, sleep=sleep)
+    self._open = _OpenWindow(averaging_options)
 
   def run(self, found: Iterator[Checkpoint]) -> Iterator[WindowOutcome]:
     """The generator behind `average_all`."""
@@ -267,10 +268,13 @@ class _Averager:
       self._outputs.refuse_other_settings()
     self._outputs.copy_run_files()
     counts: collections.Counter = collections.Counter()
-    for window in windows(found, settings.n, settings.stride):
-      outcome = self._process(window)
-      counts[outcome.status] += 1
-      yield outcome
+    try:
+      for window in windows(found, settings.n, settings.stride):
+        outcome = self._process(window)
+        counts[outcome.status] += 1
+        yield outcome
+    finally:
+      self._open.close()
     if not counts:
       logging.warning("No window of --n=%d checkpoints was formed in %s (with "
                       "--min_steps and --wait_minutes as given)", settings.n,
@@ -291,26 +295,24 @@ class _Averager:
     if checkpoints.exists(prefix) and not self._outputs.differs(prefix):
       logging.info("%s exists; skipped, not recomputed", prefix)
       return WindowOutcome(step, prefix, window, EXISTED)
-    members, problem = _open_window(window, self._averaging)
+    members, problem = self._open.open(window)
     if members is None:
       return skipped(problem)
+    weighing = None
+    if self._weighting.weighting != "uniform":
+      weighing, problem = self._metric.weigh(members, newest)
+      if weighing is None:
+        return skipped(problem)
     try:
-      weighing = None
-      if self._weighting.weighting != "uniform":
-        weighing, problem = self._metric.weigh(members, newest)
-        if weighing is None:
-          return skipped(problem)
-      try:
-        result = self._average(members, weighing, step, prefix)
-      except (AveragingError,) + _READ_ERRORS as e:
-        unreadable = _unreadable_input(window, e)
-        if unreadable is None:
-          raise
-        return skipped(unreadable)
-      self._outputs.finish(result, newest, members)
-      return WindowOutcome(step, prefix, window, WRITTEN, result=result)
-    finally:  # Months of windows: every file handle goes back at once.
-      _close(members)
+      result = self._average(members, weighing, step, prefix)
+    except (AveragingError,) + _READ_ERRORS as e:
+      self._open.close()  # Read again, from the start, for the next window.
+      unreadable = _unreadable_input(window, e)
+      if unreadable is None:
+        raise
+      return skipped(unreadable)
+    self._outputs.finish(result, newest, members)
+    return WindowOutcome(step, prefix, window, WRITTEN, result=result)
 
   def _average(self, members: list[Checkpoint],
                weighing: Optional[weighting.Weighing], step: int,
@@ -339,46 +341,63 @@ class _Averager:
         record_extra=extra)
 
 
-def _open_window(window: tuple[Checkpoint, ...],
-                 averaging_options: options.AveragingOptions) -> tuple[
-                     Optional[list[Checkpoint]], str]:
-  """The window's checkpoints opened, or None and why one cannot be used."""
-  members: list[Checkpoint] = []
-  try:
-    for listed in window:
-      problem = _open_one(listed, averaging_options, members)
-      if problem:
-        _close(members)
-        return None, problem
-  except BaseException:
-    _close(members)
-    raise
-  return members, ""
+class _OpenWindow:
+  """The checkpoints of the current window, open: a checkpoint the next
+  window shares is not opened again (with n = 8, each is opened once for its
+  8 windows); one that left the window is closed."""
 
+  def __init__(self, averaging_options: options.AveragingOptions):
+    self._averaging = averaging_options
+    self._held: dict[tuple[str, Optional[int]], Checkpoint] = {}
 
-def _open_one(listed: Checkpoint, averaging_options: options.AveragingOptions,
-              members: list[Checkpoint]) -> Optional[str]:
-  """Opens one checkpoint into `members`, or says why it cannot be used."""
-  path = listed.path
-  if not checkpoints.exists(path):
-    return f"checkpoint {path} vanished (deleted by the trainer's max_to_keep?)"
-  try:
-    source = formats.open_source(path)
-  except AveragingError as e:
-    return f"{e} (still being written?)"
-  try:
-    # An AveragingError here (--step_from naming no tensor) is the
-    # user's to fix, not a checkpoint's fault: it propagates.
-    members.append(naming.read_step(
-        source, averaging_options.step_from, names=naming.scheme_for(
-            path, averaging_options.name_pattern)))
-  except _READ_ERRORS as e:
-    source.close()
-    return f"cannot read checkpoint {path}: {error_text(e)}"
-  except BaseException:
-    source.close()
-    raise
-  return None
+  def open(self, window: tuple[Checkpoint, ...]) -> tuple[
+      Optional[list[Checkpoint]], str]:
+    """The window's checkpoints opened, or None and why one cannot be used
+    (then none is held)."""
+    keys = [(c.path, c.step) for c in window]
+    for key in [k for k in self._held if k not in keys]:
+      self._held.pop(key).opened.close()
+    try:
+      for listed, key in zip(window, keys):
+        if not checkpoints.exists(listed.path):
+          self.close()
+          return None, (f"checkpoint {listed.path} vanished (deleted by the "
+                        "trainer's max_to_keep?)")
+        if key not in self._held:
+          opened, problem = self._open_one(listed.path)
+          if opened is None:
+            self.close()
+            return None, problem
+          self._held[key] = opened
+    except BaseException:
+      self.close()
+      raise
+    return [self._held[key] for key in keys], ""
+
+  def _open_one(self, path: str) -> tuple[Optional[Checkpoint], str]:
+    """A checkpoint opened with its step, or None and why it cannot be used."""
+    try:
+      source = formats.open_source(path)
+    except AveragingError as e:
+      return None, f"{e} (still being written?)"
+    try:
+      # An AveragingError here (--step_from naming no tensor) is the
+      # user's to fix, not a checkpoint's fault: it propagates.
+      return naming.read_step(source, self._averaging.step_from,
+                              names=naming.scheme_for(
+                                  path, self._averaging.name_pattern)), ""
+    except _READ_ERRORS as e:
+      source.close()
+      return None, f"cannot read checkpoint {path}: {error_text(e)}"
+    except BaseException:
+      source.close()
+      raise
+
+  def close(self) -> None:
+    """Closes every checkpoint held (months of windows: handles go back)."""
+    held, self._held = self._held, {}
+    for checkpoint in held.values():
+      checkpoint.opened.close()
 
 
 class _MetricWait:
@@ -579,11 +598,6 @@ def _copy_with_times(source: str, target: str,
   times = filesystem.times(source)
   if times is not None:
     set_mtime(target, times[0])
-
-
-def _close(members: Sequence[Checkpoint]) -> None:
-  for member in members:
-    member.opened.close()
 
 
 def _unreadable_input(window: tuple[Checkpoint, ...],
