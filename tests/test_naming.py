@@ -291,3 +291,35 @@ def test_continuous_windows_open_each_checkpoint_once(tmp_path, monkeypatch):
                                                      step)
                      for step in (30, 40, 50)]
   assert opened == {prefix: 1 for prefix in prefixes}  # was 1, 2, 3, 2, 1
+
+
+def test_a_deflated_keras_file_is_extracted_once(tmp_path, monkeypatch):
+  import zipfile  # pylint: disable=import-outside-toplevel
+  import keras  # pylint: disable=import-outside-toplevel
+  from t2t_avg.formats import keras_zip  # pylint: disable=import-outside-toplevel
+  directory = tmp_path / "m"
+  directory.mkdir()
+  model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+  model.compile("adam", "mse")
+  for epoch in range(1, 4):
+    model.fit(_X, _Y, epochs=1, batch_size=8, verbose=0)
+    saved = str(tmp_path / f"m-{epoch:02d}.keras")
+    model.save(saved)
+    with zipfile.ZipFile(saved) as stored, zipfile.ZipFile(
+        directory / f"m-{epoch:02d}.keras", "w",
+        zipfile.ZIP_DEFLATED) as deflated:
+      for info in stored.infolist():
+        deflated.writestr(info.filename, stored.read(info))
+  extracted = collections.Counter()
+  real_extract = keras_zip._extract  # pylint: disable=protected-access
+
+  def extract(path, info):
+    extracted[os.path.basename(path)] += 1
+    return real_extract(path, info)
+
+  monkeypatch.setattr(keras_zip, "_extract", extract)
+  result = _one_shot(prefix=f"{directory}/", num_last_checkpoints=2,
+                     dry_run=True, output_path=str(tmp_path / "a.keras"))
+  assert [os.path.basename(r.path) for r in result.rows] == [
+      "m-02.keras", "m-03.keras"]
+  assert extracted == {f"m-{e:02d}.keras": 1 for e in (1, 2, 3)}
