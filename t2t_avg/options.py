@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shlex
+import string
 from typing import Optional, Union
 from re import Pattern
 from collections.abc import Sequence
@@ -313,16 +314,37 @@ class AveragingOptions:
       tensor key.
     weight_summaries: also write metric and weight as TensorBoard scalars in
       `<output dir>/t2t_avg/`.
+    name_pattern: the `ModelCheckpoint` filepath that named the Keras files
+      (`s-{epoch:02d}-{batch:03d}.weights.h5`): the number at `{epoch}` is a
+      file's epoch. Needed only where a name holds several numbers.
   """
   exclude_variables: str = ""
   allow_nonfinite: bool = False
   step_from: str = "auto"
   weight_summaries: bool = False
+  name_pattern: str = ""
 
   def __post_init__(self) -> None:
     compile_exclude(self.exclude_variables)
     if not self.step_from:
       raise ArgumentError("{step_from} must be auto, name or a tensor key")
+    if self.name_pattern:
+      check_name_pattern(self.name_pattern)
+
+
+def check_name_pattern(pattern: str) -> None:
+  """Refuses a name pattern that is no format string with one `{epoch}`."""
+  try:
+    fields = [f for _, f, _, _ in string.Formatter().parse(pattern)
+              if f is not None]
+  except ValueError as e:
+    raise ArgumentError("{name_pattern} {pattern!r} is not a format string "
+                        "like ModelCheckpoint's: {why}", pattern=pattern,
+                        why=str(e)) from e
+  if "epoch" not in fields:
+    raise ArgumentError("{name_pattern} {pattern!r} has no {{epoch}} field, "
+                        "e.g. 's-{{epoch:02d}}-{{batch:03d}}.weights.h5'",
+                        pattern=pattern)
 
 
 @dataclasses.dataclass(frozen=True)

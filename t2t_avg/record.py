@@ -11,6 +11,9 @@ from t2t_avg.files import paths
 
 # The one field that differs between two runs of the same average.
 TIMESTAMP_FIELD = "created"
+# The record written beside every output (`<output>.t2t_avg.json`); it
+# marks an output of this tool, never taken as an input.
+RECORD_SUFFIX = ".t2t_avg.json"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ from keras_runs import (assert_same_values, build_model, data, datasets,
 from keras_runs import keras_runs_fixture  # noqa: F401  (the fixture)
 from t2t_avg import AveragingError, average_checkpoints
 from t2t_avg.inputs import checkpoints
-from t2t_avg.inputs import keras_checkpoints
+from t2t_avg.inputs import naming
 from t2t_avg.engine import streaming
 from t2t_avg.jobs.compare import compare_checkpoints
 from t2t_avg.errors import ArgumentError
@@ -406,10 +406,10 @@ def test_files_without_a_counter_are_ordered_by_name_then_mtime(keras_runs,
                         os.path.join(directory, name),
                         lambda f: f.__delitem__("optimizer"))
     os.utime(path, ns=(10**18 - i * 10**9,) * 2)  # newest first by mtime
-  by_mtime = keras_checkpoints.list_directory(directory)
+  by_mtime = naming.KerasNames().find_all(directory)
   assert [os.path.basename(f.path) for f in by_mtime] == names[::-1]
   os.remove(os.path.join(directory, "b.weights.h5"))
-  by_name = keras_checkpoints.list_directory(directory)
+  by_name = naming.KerasNames().find_all(directory)
   assert [(os.path.basename(f.path), f.step, f.step_source)
           for f in by_name] == [("a-9.weights.h5", 9, "name"),
                                 ("a-10.weights.h5", 10, "name")]
@@ -436,7 +436,7 @@ def test_a_directory_of_tf_checkpoints_and_keras_files_is_refused(keras_runs,
     ("resnet50-07.weights.h5", 7), ("model_12.keras", 12),
     ("best.weights.h5", None), ("e1.5.keras", None)])
 def test_the_number_modelcheckpoint_put_in_a_name(name, number):
-  assert keras_checkpoints.name_number(f"/x/{name}") == number
+  assert naming.name_number(f"/x/{name}") == number
 
 
 # --- compare -----------------------------------------------------------------

@@ -21,6 +21,7 @@ from t2t_avg import options
 from t2t_avg.errors import ArgumentError
 from t2t_avg.engine import averaging
 from t2t_avg.inputs import checkpoints
+from t2t_avg.inputs import naming
 from t2t_avg.metrics import events
 from t2t_avg.jobs import oneshot
 from t2t_avg.jobs import continuous
@@ -179,7 +180,7 @@ def test_stepfiles_waits_for_a_directory_that_is_not_there_yet(tmp_path):
 
 
 def _step_file(step):
-  return continuous.StepFile(f"d/model.ckpt-{step}", step, 0, 0)
+  return naming.Checkpoint(f"d/model.ckpt-{step}", step, "name")
 
 
 @pytest.mark.parametrize("steps, n, expected", [
@@ -656,8 +657,8 @@ def test_explicit_weights_apply_per_window_position(tmp_path):
   assert [(o.step, o.status) for o in outcomes] == [(2, continuous.WRITTEN),
                                                     (3, continuous.WRITTEN)]
   for step in (2, 3):
-    value = read_checkpoint(continuous.output_prefix(str(tmp_path / "avg"),
-                                                step))["w"]
+    value = read_checkpoint(naming.OutputNames().build_name(
+        str(tmp_path / "avg"), step))["w"]
     np.testing.assert_array_equal(value, np.full(2, (step - 1 + 3 * step) / 4,
                                                  np.float32))
 

@@ -89,6 +89,11 @@ _EXCLUDE_VARIABLES = flags.DEFINE_string(
 _STEP_FROM = flags.DEFINE_string(
     "step_from", "auto", _BOTH + "Where a checkpoint's step comes from: auto, "
     "name, or a tensor key.")
+_NAME_PATTERN = flags.DEFINE_string(
+    "name_pattern", "", _BOTH + "The ModelCheckpoint filepath that named the "
+    "Keras files, e.g. 's-{epoch:02d}-{batch:03d}.weights.h5': the number at "
+    "{epoch} is a file's epoch (needed to pair files whose names hold "
+    "several numbers with a metric logged per epoch).")
 _MIN_STEP = flags.DEFINE_integer(
     "min_step", None, _ONE_SHOT + "Average no checkpoint below this step "
     "(inclusive bound, applied before any other choice).")
@@ -232,7 +237,8 @@ def averaging_options() -> options.AveragingOptions:
   return options.AveragingOptions(
       exclude_variables=_EXCLUDE_VARIABLES.value,
       allow_nonfinite=_ALLOW_NONFINITE.value, step_from=_STEP_FROM.value,
-      weight_summaries=_WEIGHT_SUMMARIES.value)
+      weight_summaries=_WEIGHT_SUMMARIES.value,
+      name_pattern=_NAME_PATTERN.value)
 
 
 def _run_once(argv: list[str]) -> None:

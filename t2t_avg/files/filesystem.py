@@ -11,7 +11,8 @@ import fnmatch
 import glob as _glob
 import os
 import re
-from typing import Any
+import shutil
+from typing import Any, Optional
 from collections.abc import Iterator
 
 from t2t_avg.files import paths
@@ -135,3 +136,46 @@ def write_bytes(path: str, data: bytes) -> None:
     return
   with gfile() as g, g.GFile(path, "wb") as f:
     f.write(data)
+
+
+def times(path: str) -> Optional[tuple[int, int]]:
+  """(mtime_ns, ctime_ns) of a file, or None when it is gone.
+
+  Not local: TF gives no ctime, so both are the mtime.
+  """
+  if paths.is_local(path):
+    # tf.io.gfile.stat truncates local mtimes to whole seconds.
+    try:
+      stat = os.stat(path)
+    except FileNotFoundError:
+      return None
+    return stat.st_mtime_ns, stat.st_ctime_ns
+  try:
+    with gfile() as g:
+      mtime = g.stat(path).mtime_nsec
+  except GFileNotFoundError:
+    return None
+  return mtime, mtime
+
+
+def read_text(path: str) -> str:
+  """A whole text file (UTF-8)."""
+  return read_bytes(path).decode("utf-8")
+
+
+def copy(source: str, target: str) -> None:
+  """Copies a file, replacing `target` (not local: through TF)."""
+  if paths.is_local(source) and paths.is_local(target):
+    shutil.copyfile(source, target)
+    return
+  with gfile() as g:
+    g.copy(source, target, overwrite=True)
+
+
+def rename(source: str, target: str) -> None:
+  """Renames a file, replacing `target`."""
+  if paths.is_local(source) and paths.is_local(target):
+    os.replace(source, target)
+    return
+  with gfile() as g:
+    g.rename(source, target, overwrite=True)

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional
 
-_NAME_STEP = re.compile(r"-(\d+)$")
 # TF finds a V2 checkpoint by globbing `<prefix>.index`: a name these
 # characters make a pattern of is written but never read back.
 _GLOB_CHARS = re.compile(r"[\[\]*?\\]")
@@ -14,12 +12,6 @@ _GLOB_CHARS = re.compile(r"[\[\]*?\\]")
 def is_local(path: str) -> bool:
   """Whether a path is on a local file system (not `gs://` and the like)."""
   return "://" not in path
-
-
-def name_step(path: str) -> Optional[int]:
-  """The trailing -N of a checkpoint prefix, or None."""
-  match = _NAME_STEP.search(path)
-  return int(match.group(1)) if match else None
 
 
 def strip_file_suffix(path: str) -> str:

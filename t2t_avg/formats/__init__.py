@@ -5,7 +5,7 @@ before numpy loads, so the kernel starts reading inputs sooner).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from t2t_avg.formats import detect
 
@@ -30,3 +30,34 @@ def open_source(path: str) -> Source:
     return keras_h5.open_path(path, kind=kind)
   from t2t_avg.formats import tf_bundle
   return tf_bundle.open_source(path)
+
+
+def missing_file(path: str) -> Optional[str]:
+  """The first missing file of a checkpoint kept in several (a TF bundle's
+  data shard), or None."""
+  # pylint: disable=import-outside-toplevel
+  from t2t_avg.formats import tf_bundle
+  if tf_bundle.is_v2(path):
+    return tf_bundle.missing_data_file(path)
+  return None
+
+
+def read_in_full(path: str) -> Optional[str]:
+  """None when every tensor of a checkpoint reads, checksums checked (TF
+  bundles by TF's own reader); else why not."""
+  # pylint: disable=import-outside-toplevel
+  from t2t_avg.errors import AveragingError, error_text
+  from t2t_avg.formats import base
+  try:
+    if detect.kind_of(path) == detect.TF:
+      from t2t_avg.formats import tf_bundle
+      return tf_bundle.read_in_full(path)
+    source = open_source(path)
+    try:
+      for tensor in source.tensors().values():
+        base.read_array(source, tensor)
+    finally:
+      source.close()
+  except (AveragingError, OSError, ValueError, IndexError) as e:
+    return error_text(e)
+  return None

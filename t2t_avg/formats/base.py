@@ -133,9 +133,8 @@ class Source(abc.ABC):
   def tensors(self) -> Mapping[str, Tensor]:
     """{name: Tensor} of every tensor in the checkpoint."""
 
-  def name_step(self) -> Optional[int]:
-    """The step number in the checkpoint's name (TF: a trailing -N), or None."""
-    return paths.name_step(self.path)
+  def verify(self) -> None:  # noqa: B027 (most formats check on opening)
+    """Checks what opening left unchecked (a `.keras` file's CRC)."""
 
   def read(self, part: Part, offset: int, out: memoryview) -> None:
     """Reads `len(out)` bytes of `part` from byte `offset` into `out`.

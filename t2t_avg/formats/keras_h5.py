@@ -37,7 +37,6 @@ from collections.abc import Iterator, Sequence
 import h5py
 import numpy as np
 
-from t2t_avg.inputs import keras_checkpoints
 from t2t_avg.errors import ArgumentError, AveragingError, error_text
 from t2t_avg.formats import base
 from t2t_avg.formats import detect
@@ -276,10 +275,12 @@ class KerasSource(base.Source):
 
   def __init__(self, path: str, fmt: KerasFormat, image: tuple[str, int,
                                                                   int],
-               member: Optional[keras_zip.WeightsMember] = None):
+               member: Optional[keras_zip.WeightsMember] = None, *,
+               crc_checked: bool = True):
     super().__init__(path)
     self._format = fmt
     self.member = member
+    self._crc_checked = crc_checked
     file, offset, size = image
     label = (path if member is None else
              f"{path} (its {keras_zip.WEIGHTS_MEMBER})")
@@ -312,9 +313,12 @@ class KerasSource(base.Source):
   def tensors(self) -> dict[str, base.Tensor]:
     return self._tensors
 
-  def name_step(self) -> Optional[int]:
-    """The number `ModelCheckpoint` put in the file name (`{epoch}`)."""
-    return keras_checkpoints.name_number(self.path)
+  def verify(self) -> None:
+    """Checks a `.keras` file's stored weights against their CRC-32, when
+    it was opened without (`open_path(check_crc=False)`); once."""
+    if self.member is not None and not self._crc_checked:
+      keras_zip.check_crc(self.member)
+      self._crc_checked = True
 
   def read(self, part: base.Part, offset: int, out: memoryview) -> None:
     if part.file is not None:
@@ -377,25 +381,9 @@ def open_path(path: str, *, check_crc: bool = True,
   if kind == detect.KERAS_ARCHIVE:
     member = keras_zip.open_weights(path, check_crc=check_crc)
     return KerasSource(path, ARCHIVE_FORMAT,
-                       (member.path, member.offset, member.size), member)
+                       (member.path, member.offset, member.size), member,
+                       crc_checked=check_crc or member.extracted is not None)
   raise AveragingError(f"{path} is not a Keras 3 .weights.h5 or .keras file")
-
-
-def read_counter(path: str) -> tuple[Optional[int], str]:
-  """(the optimizer's iteration count, its dataset path) of a Keras file, or
-  (None, '') when it has no counter; a `.keras` file's CRC is not checked.
-
-  Raises:
-    AveragingError: the file cannot be read (yet).
-  """
-  source = open_path(path, check_crc=False)
-  try:
-    if not source.step_keys:
-      return None, ""
-    key = source.step_keys[0]
-    return int(base.read_array(source, source.tensors()[key])), key
-  finally:
-    source.close()
 
 
 # --- writing -----------------------------------------------------------------

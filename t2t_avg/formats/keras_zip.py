@@ -97,6 +97,12 @@ def _data_offset(path: str, info: zipfile.ZipInfo) -> int:
   return offset
 
 
+def check_crc(member: WeightsMember) -> None:
+  """Checks a stored weights member (opened with `check_crc=False`)."""
+  info = next(m for m in member.members if m.filename == WEIGHTS_MEMBER)
+  _check_crc(member.path, member.offset, info)
+
+
 def _check_crc(path: str, offset: int, info: zipfile.ZipInfo) -> None:
   value, left = 0, info.file_size
   buffer = memoryview(bytearray(min(_COPY_BYTES, left)))

@@ -483,6 +483,19 @@ def _load_reader(prefix: str) -> Any:
                          f"{error_text(e)}") from e
 
 
+def read_in_full(prefix: str) -> Optional[str]:
+  """None when TF's own reader reads every tensor of a checkpoint (one at a
+  time, checksums verified); else why not."""
+  try:
+    with filesystem.tensorflow() as tf:
+      reader = tf.train.load_checkpoint(prefix)
+      for name in reader.get_variable_to_shape_map():
+        reader.get_tensor(name)
+  except (OSError, ValueError, IndexError) as e:
+    return error_text(e)
+  return None
+
+
 def missing_data_file(prefix: str) -> Optional[str]:
   """The first missing `.data-*` shard of a V2 checkpoint, or None."""
   shards = {}

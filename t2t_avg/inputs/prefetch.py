@@ -38,10 +38,11 @@ def input_prefixes(inputs: options.InputOptions) -> list[str]:
   if not listed and paths.is_local(directory) and os.path.isdir(directory):
     # Keras files (no state file): by the numbers in their names, a guess.
     # (Imported here: this module starts reading before numpy is imported.)
-    from t2t_avg.inputs import keras_checkpoints  # pylint: disable=import-outside-toplevel
-    listed = sorted(keras_checkpoints.candidates(
-        directory, os.path.basename(inputs.prefix)), key=lambda p: (
-            keras_checkpoints.name_number(p) or -1, p))
+    from t2t_avg.inputs import naming  # pylint: disable=import-outside-toplevel
+    listing = naming.look(directory)
+    listed = sorted((listing.path(n) for n in listing.keras_files(
+        os.path.basename(inputs.prefix))), key=lambda p: (
+            naming.name_number(p) or -1, p))
   return listed[-inputs.num_last_checkpoints:]
 
 

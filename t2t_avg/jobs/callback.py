@@ -35,7 +35,7 @@ from t2t_avg.engine.running_sum import RunningSum
 from t2t_avg.errors import ArgumentError, AveragingError
 from t2t_avg.files import publish
 from t2t_avg.files import shared_dir
-from t2t_avg.inputs import keras_checkpoints
+from t2t_avg.inputs import naming
 from t2t_avg.inputs.checkpoints import Checkpoint
 from t2t_avg.metrics import points as metric_points
 from t2t_avg.metrics import weighting
@@ -355,12 +355,12 @@ class _Run:
   def _listed(self, directory: str) -> list[Checkpoint]:
     """ModelCheckpoint's files of the chosen epochs, oldest first."""
     settings = self.settings
-    files = keras_checkpoints.list_directory(directory) if os.path.isdir(
+    files = naming.KerasNames().find_all(directory) if os.path.isdir(
         directory) else []
     start = settings.start_epoch or 1
     chosen = []
     for f in files:
-      epoch = keras_checkpoints.name_number(f.path)
+      epoch = f.epoch
       if settings.start_epoch is not None and (epoch is None or epoch < start):
         continue
       chosen.append(Checkpoint(f.path, f.step, f.step_source))
@@ -408,7 +408,7 @@ def _suffix(path: str) -> str:
 def _epoch_of(checkpoint: Checkpoint) -> Optional[int]:
   if checkpoint.step_source == _EPOCH:
     return checkpoint.step
-  return keras_checkpoints.name_number(checkpoint.path)
+  return checkpoint.epoch
 
 
 def _epochs_text(epochs: Sequence[Optional[int]]) -> str:

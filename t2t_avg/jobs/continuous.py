@@ -11,46 +11,37 @@ from typing import Optional
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from absl import logging
-import tensorflow as tf
 
-from t2t_avg.engine import averaging
-from t2t_avg.inputs import checkpoints
-from t2t_avg.metrics import events
-from t2t_avg.files import filesystem
 from t2t_avg import formats
-from t2t_avg.inputs import keras_checkpoints
+from t2t_avg import options
+from t2t_avg.engine import averaging
+from t2t_avg.errors import AveragingError, error_text
+from t2t_avg.files import filesystem
+from t2t_avg.files import publish
+from t2t_avg.files import shared_dir
+from t2t_avg.files.paths import is_local
+from t2t_avg.formats import state_file
+from t2t_avg.inputs import checkpoints
+from t2t_avg.inputs import naming
+from t2t_avg.inputs.naming import Checkpoint
+from t2t_avg.metrics import events
 from t2t_avg.metrics import keras_logs
 from t2t_avg.metrics import points as metric_points
-from t2t_avg import options
-from t2t_avg.files import shared_dir
 from t2t_avg.metrics import weighting
-from t2t_avg.files import publish
-from t2t_avg.formats import state_file
-from t2t_avg.errors import AveragingError, error_text
-from t2t_avg.formats import base
-from t2t_avg.formats import tf_bundle
 from t2t_avg.metrics.points import MetricPoint
-from t2t_avg.files.paths import is_local
-from t2t_avg.record import AveragingResult
+from t2t_avg.record import RECORD_SUFFIX, AveragingResult
 
-OUTPUT_BASENAME = "model.ckpt"
+OUTPUT_BASENAME = naming.OUTPUT_BASENAME
+OUTPUTS = naming.OutputNames()
 # Copied from the training directory for t2t-bleu and t2t-translate-all.
 RUN_FILES = ("flags.txt", "hparams.json", "flags_t2t.txt")
 WRITTEN, EXISTED, SKIPPED = "written", "existed", "skipped"
-# What reading a damaged checkpoint raises (IndexError: a truncated data file).
-_READ_ERRORS = (tf.errors.OpError, filesystem.GFileError, ValueError, IndexError)
+# What reading a damaged checkpoint raises (IndexError: a truncated data file;
+# TF's errors come as filesystem.GFileError, an OSError).
+_READ_ERRORS = (OSError, ValueError, IndexError)
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], None]
-
-
-@dataclasses.dataclass(frozen=True)
-class StepFile:
-  """A checkpoint found in the watched directory (T2T's `StepFile`)."""
-  path: str  # The checkpoint prefix.
-  step: int  # The trailing -N of its name.
-  mtime_ns: int  # Of its `.index` file.
-  ctime_ns: int  # Of its `.index` file; its mtime where there is no ctime.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +49,7 @@ class WindowOutcome:
   """What became of one window of n consecutive checkpoints."""
   step: int  # The newest checkpoint's name number: the output's.
   output_path: str  # `<output_dir>/model.ckpt-<step>`.
-  inputs: tuple  # The window's StepFiles, oldest first.
+  inputs: tuple  # The window's Checkpoints as listed, oldest first.
   status: str  # WRITTEN, EXISTED (left as it was) or SKIPPED.
   reason: str = ""  # Why it was skipped.
   result: Optional[AveragingResult] = None  # When written.
@@ -67,7 +58,7 @@ class WindowOutcome:
 def stepfiles(model_dir: str, *, min_steps: int = 0, wait_minutes: float = 0,
               poll_seconds: float = 10.0, clock: Clock = time.time,
               sleep: Sleep = time.sleep,
-              max_step: Optional[int] = None) -> Iterator[StepFile]:
+              max_step: Optional[int] = None) -> Iterator[Checkpoint]:
   """Yields the checkpoints of a directory as they appear, oldest first.
 
   As T2T's `bleu_hook.stepfiles_iterator`: files `<model_dir>/*-<N>.index`,
@@ -78,7 +69,7 @@ def stepfiles(model_dir: str, *, min_steps: int = 0, wait_minutes: float = 0,
   `max_to_keep`) after it was yielded: the caller checks.
 
   Args:
-    model_dir: the training directory (any `tf.io.gfile` path).
+    model_dir: the training directory (local, or any `tf.io.gfile` path).
     min_steps: ignore checkpoints with a lower step.
     wait_minutes: how long to wait for the next checkpoint.
     poll_seconds: how often to look while waiting.
@@ -87,7 +78,8 @@ def stepfiles(model_dir: str, *, min_steps: int = 0, wait_minutes: float = 0,
     max_step: end at the first checkpoint above this step.
 
   Yields:
-    StepFiles, by increasing step.
+    Checkpoints as listed (step from the name or, for Keras files, the
+    iteration counter; file times), by increasing step.
   """
   pattern = os.path.join(model_dir, "*-[0-9]*.index")
   found = _list_stepfiles(model_dir, min_steps)
@@ -108,77 +100,56 @@ def stepfiles(model_dir: str, *, min_steps: int = 0, wait_minutes: float = 0,
                    f" for {wait_minutes:g} minutes" if wait_minutes else "")
       return
     step_file = found.popleft()
-    if max_step is not None and step_file.step > max_step:
+    if max_step is not None and (step_file.step or 0) > max_step:
       logging.info("%s is above --max_step=%d; done", step_file.path,
                    max_step)
       return
     deadline = step_file.ctime_ns / 1e9 + wait_minutes * 60
-    min_steps = step_file.step + 1
+    min_steps = (step_file.step or 0) + 1
     yield step_file
 
 
 def _list_stepfiles(model_dir: str, min_steps: int) -> collections.deque:
-  """The checkpoints `<model_dir>/*-<N>` with N >= min_steps, by step.
-
-  A directory of Keras files is listed by `keras_checkpoints` instead.
-  """
-  if is_local(model_dir) and keras_checkpoints.holds_keras_files(model_dir):
-    return collections.deque(_keras_stepfiles(model_dir, min_steps))
+  """The training checkpoints of a directory with a step >= min_steps, by
+  step: `<model_dir>/*-<N>` (TF), or its Keras files (one listing)."""
+  listing = naming.look(model_dir)
+  if is_local(model_dir) and listing.keras_files():
+    return collections.deque(_keras_stepfiles(model_dir, listing, min_steps))
   found = []
-  for step, path in checkpoints.numbered(model_dir):
-    if step < min_steps:
+  for listed in naming.TFNames().find_all(model_dir, listing):
+    if (listed.step or 0) < min_steps:
       continue
-    times = _times(path + ".index")
+    times = filesystem.times(listed.path + naming.INDEX_SUFFIX)
     if times is None:
-      logging.info("%s was deleted, so skipping it", path)
+      logging.info("%s was deleted, so skipping it", listed.path)
       continue
-    if checkpoints.is_output_of_this_tool(path):
-      logging.debug("%s is an output of t2t_avg, not a training checkpoint",
-                    path)
-      continue
-    found.append(StepFile(path, step, *times))
-  found.sort(key=lambda s: (s.step, s.path))
+    found.append(dataclasses.replace(listed, mtime_ns=times[0],
+                                     ctime_ns=times[1]))
   return collections.deque(found)
 
 
 _UNORDERED: set[str] = set()  # Keras files without a step, warned about once.
 
 
-def _keras_stepfiles(model_dir: str, min_steps: int) -> list[StepFile]:
-  """The Keras files of a directory as StepFiles, their step being their
-  iteration counter (else the number in their name). A file that cannot be
-  read yet (still being written) is left for the next look."""
+def _keras_stepfiles(model_dir: str, listing: naming.Listing,
+                     min_steps: int) -> list[Checkpoint]:
+  """The Keras files of a directory, their step being their iteration
+  counter (else the number in their name). A file that cannot be read yet
+  (still being written) is left for the next look."""
   found = []
-  for keras_file in keras_checkpoints.list_directory(model_dir,
-                                                     warn_unreadable=False):
+  for keras_file in naming.KerasNames().find_all(model_dir, listing,
+                                                 warn_unreadable=False):
     if keras_file.step is None:
       if keras_file.path not in _UNORDERED:
         _UNORDERED.add(keras_file.path)
         logging.warning("Leaving out %s: it has no optimizer iteration "
                         "counter and no number in its name", keras_file.path)
     elif keras_file.step >= min_steps:
-      found.append(StepFile(keras_file.path, keras_file.step,
-                            keras_file.mtime_ns, keras_file.ctime_ns))
+      found.append(keras_file)
   return found
 
 
-def _times(path: str) -> Optional[tuple]:
-  """(mtime_ns, ctime_ns) of a file, or None when it is gone."""
-  if is_local(path):
-    # tf.io.gfile.stat truncates local mtimes to whole seconds.
-    try:
-      stat = os.stat(path)
-    except FileNotFoundError:
-      return None
-    return stat.st_mtime_ns, stat.st_ctime_ns
-  try:
-    mtime = tf.io.gfile.stat(path).mtime_nsec
-  except tf.errors.NotFoundError:
-    return None
-  return mtime, mtime
-
-
-def windows(step_files: Iterable[StepFile], n: int,
+def windows(step_files: Iterable[Checkpoint], n: int,
             stride: int = 1) -> Iterator[tuple]:
   """Yields each window of n checkpoints `stride` apart, once it is complete.
 
@@ -188,7 +159,7 @@ def windows(step_files: Iterable[StepFile], n: int,
     stride: take every k-th checkpoint, counting back from the newest.
 
   Yields:
-    Tuples of n StepFiles, oldest first; one per checkpoint from the
+    Tuples of n Checkpoints, oldest first; one per checkpoint from the
     ((n - 1) * stride + 1)-th.
 
   Raises:
@@ -197,24 +168,11 @@ def windows(step_files: Iterable[StepFile], n: int,
   if n < 1 or stride < 1:
     raise ValueError(f"--n and --stride must be >= 1, not {n}, {stride}")
   span = (n - 1) * stride + 1
-  window: collections.deque[StepFile] = collections.deque(maxlen=span)
+  window: collections.deque[Checkpoint] = collections.deque(maxlen=span)
   for step_file in step_files:
     window.append(step_file)
     if len(window) == span:
       yield tuple(window)[::-1][::stride][::-1]
-
-
-def output_prefix(output_dir: str, step: int) -> str:
-  """`<output_dir>/model.ckpt-<step>`, the name t2t-avg-all gave its outputs."""
-  return os.path.join(output_dir, f"{OUTPUT_BASENAME}-{step}")
-
-
-def output_for(output_dir: str, newest: StepFile) -> str:
-  """Where a window's average goes: `output_prefix`, or for Keras files
-  `<output_dir>/<the newest file's name>` (in the input's format)."""
-  if keras_checkpoints.is_keras_name(newest.path):
-    return os.path.join(output_dir, os.path.basename(newest.path))
-  return output_prefix(output_dir, newest.step)
 
 
 def average_all(settings: options.ContinuousOptions, *,
@@ -270,7 +228,7 @@ def average_all(settings: options.ContinuousOptions, *,
   output_dir = os.path.expanduser(settings.output_dir)
   if averaging_options.weight_summaries:
     events.summaries_directory(output_dir)
-  if not tf.io.gfile.isdir(model_dir) and not settings.wait_minutes:
+  if not filesystem.isdir(model_dir) and not settings.wait_minutes:
     raise AveragingError(f"--model_dir {model_dir} is not a directory (pass "
                          "--wait_minutes to wait for it)")
   settings = dataclasses.replace(settings, model_dir=model_dir,
@@ -285,7 +243,7 @@ def average_all(settings: options.ContinuousOptions, *,
 
 
 class _Averager:
-  """Turns windows into outputs; holds the settings and what was warned."""
+  """Turns windows into outputs: opens, weighs, averages, finishes each."""
 
   def __init__(self, settings: options.ContinuousOptions,
                weighting_options: options.WeightingOptions,
@@ -294,30 +252,29 @@ class _Averager:
     self._settings = settings
     self._weighting = weighting_options
     self._averaging = averaging_options
-    self._mode = mode
-    self._clock = clock
-    self._sleep = sleep
-    self._copied: set[str] = set()
-    self._warned_times = False
     self._recorded = numbers_settings(settings, weighting_options,
                                       averaging_options)
-    # One reader for the whole run: each poll reads only appended events.
-    self._metric = (keras_logs.MetricReader(
-        weighting_options.metrics_from_events, weighting_options.metric)
-                    if weighting_options.metrics_from_events else None)
+    self._outputs = _Outputs(settings, self._recorded, averaging_options,
+                             weighting_options.metric)
+    self._metric = _MetricWait(settings, weighting_options, mode,
+                               clock=clock, sleep=sleep)
+    self._open = _OpenWindow(averaging_options)
 
-  def run(self, found: Iterator[StepFile]) -> Iterator[WindowOutcome]:
+  def run(self, found: Iterator[Checkpoint]) -> Iterator[WindowOutcome]:
     """The generator behind `average_all`."""
     settings = self._settings
     publish.make_dirs(settings.output_dir)
     if not settings.recompute:
-      self._refuse_other_settings()
-    self._copy_run_files()
+      self._outputs.refuse_other_settings()
+    self._outputs.copy_run_files()
     counts: collections.Counter = collections.Counter()
-    for window in windows(found, settings.n, settings.stride):
-      outcome = self._process(window)
-      counts[outcome.status] += 1
-      yield outcome
+    try:
+      for window in windows(found, settings.n, settings.stride):
+        outcome = self._process(window)
+        counts[outcome.status] += 1
+        yield outcome
+    finally:
+      self._open.close()
     if not counts:
       logging.warning("No window of --n=%d checkpoints was formed in %s (with "
                       "--min_steps and --wait_minutes as given)", settings.n,
@@ -326,108 +283,145 @@ class _Averager:
                  "%d skipped", counts[WRITTEN], counts[EXISTED],
                  counts[SKIPPED])
 
-  def _process(self, window: tuple[StepFile, ...]) -> WindowOutcome:
+  def _process(self, window: tuple[Checkpoint, ...]) -> WindowOutcome:
     newest = window[-1]
-    prefix = output_for(self._settings.output_dir, newest)
+    step = newest.step or 0
+    prefix = OUTPUTS.name_for(self._settings.output_dir, newest)
 
     def skipped(reason: str) -> WindowOutcome:
       logging.warning("Skipping %s: %s", prefix, reason)
-      return WindowOutcome(newest.step, prefix, window, SKIPPED, reason)
+      return WindowOutcome(step, prefix, window, SKIPPED, reason)
 
-    if checkpoints.exists(prefix) and not self._differs(prefix):
+    if checkpoints.exists(prefix) and not self._outputs.differs(prefix):
       logging.info("%s exists; skipped, not recomputed", prefix)
-      return WindowOutcome(newest.step, prefix, window, EXISTED)
-    members, problem = self._open(window)
+      return WindowOutcome(step, prefix, window, EXISTED)
+    members, problem = self._open.open(window)
     if members is None:
-      return skipped(problem or "")
-    try:
-      return self._average_window(window, members, prefix, skipped)
-    finally:  # Months of windows: every file handle goes back at once.
-      _close(members)
-
-  def _average_window(self, window: tuple[StepFile, ...],
-                      members: list[checkpoints.Checkpoint], prefix: str,
-                      skipped: Callable[[str], WindowOutcome]) -> WindowOutcome:
-    """Weighs and averages an opened window (see `_process`)."""
-    newest = window[-1]
+      return skipped(problem)
     weighing = None
     if self._weighting.weighting != "uniform":
-      weighing, problem = self._weigh(members, newest)
+      weighing, problem = self._metric.weigh(members, newest)
       if weighing is None:
-        return skipped(problem or "")
+        return skipped(problem)
     try:
-      result = self._average(members, weighing, newest.step, prefix)
+      result = self._average(members, weighing, step, prefix)
     except (AveragingError,) + _READ_ERRORS as e:
-      problem = _unreadable_input(window, e)
-      if problem is None:
+      self._open.close()  # Read again, from the start, for the next window.
+      unreadable = _unreadable_input(window, e)
+      if unreadable is None:
         raise
-      return skipped(problem)
-    self._finish(result, newest, members)
-    return WindowOutcome(newest.step, prefix, window, WRITTEN, result=result)
+      return skipped(unreadable)
+    self._outputs.finish(result, newest, members)
+    return WindowOutcome(step, prefix, window, WRITTEN, result=result)
 
-  def _differs(self, prefix: str) -> dict[str, tuple]:
-    """{setting: (recorded, now)} where an output's record differs from now."""
-    recorded = _recorded_settings(prefix)
-    return {key: (recorded[key], value) for key, value in self._recorded.items()
-            if key in recorded and recorded[key] != value}
+  def _average(self, members: list[Checkpoint],
+               weighing: Optional[weighting.Weighing], step: int,
+               prefix: str) -> AveragingResult:
+    """Averages a window into `prefix` (TF: `<output_dir>/model.ckpt` with
+    the step appended by the format; Keras: the file name itself)."""
+    extra: dict = {"continuous": {"model_dir": self._settings.model_dir,
+                                  "n": self._settings.n},
+                   "settings": self._recorded}
+    chosen: Sequence[Checkpoint] = members
+    weights, values = None, None
+    if weighing is None:
+      extra["weighting"] = {"scheme": "uniform"}
+    else:
+      chosen, weights, values = (weighing.checkpoints, weighing.weights,
+                                 weighing.metrics)
+      extra.update(weighing.record)
+    output = prefix
+    if members[-1].opened.format.has_state_file:  # Named <path>-<step>.
+      output = os.path.join(self._settings.output_dir, OUTPUT_BASENAME)
+    return averaging.average_checkpoints(
+        chosen, output, weights=weights, metrics=values, output_step=step,
+        exclude_variables=self._averaging.exclude_variables,
+        allow_nonfinite=self._averaging.allow_nonfinite,
+        step_from=self._averaging.step_from, update_state_file=False,
+        record_extra=extra)
 
-  def _refuse_other_settings(self) -> None:
-    """Refuses existing outputs made with other settings, before any work."""
-    output_dir = self._settings.output_dir
-    for prefix in present_outputs(output_dir) + (
-        keras_checkpoints.outputs_in(output_dir) if is_local(output_dir)
-        else []):
-      differs = self._differs(prefix)
-      if differs:
-        then = ", ".join(f"{k}={v[0]!r}" for k, v in differs.items())
-        now = ", ".join(f"{k}={v[1]!r}" for k, v in differs.items())
-        raise AveragingError(
-            f"--output_dir {self._settings.output_dir} holds {prefix}, "
-            f"averaged with {then}; this run asks for {now} (pass "
-            "--recompute to replace such averages, or choose another "
-            "--output_dir)")
 
-  def _open(self, window: tuple[StepFile, ...]) -> tuple[
-      Optional[list[checkpoints.Checkpoint]], Optional[str]]:
-    """The window's Checkpoints, or None and why one cannot be used."""
-    members: list[checkpoints.Checkpoint] = []
+class _OpenWindow:
+  """The checkpoints of the current window, open: a checkpoint the next
+  window shares is not opened again (with n = 8, each is opened once for its
+  8 windows); one that left the window is closed."""
+
+  def __init__(self, averaging_options: options.AveragingOptions):
+    self._averaging = averaging_options
+    self._held: dict[tuple[str, Optional[int]], Checkpoint] = {}
+
+  def open(self, window: tuple[Checkpoint, ...]) -> tuple[
+      Optional[list[Checkpoint]], str]:
+    """The window's checkpoints opened, or None and why one cannot be used
+    (then none is held)."""
+    keys = [(c.path, c.step) for c in window]
+    for key in [k for k in self._held if k not in keys]:
+      self._held.pop(key).opened.close()
     try:
-      for step_file in window:
-        problem = self._open_one(step_file, members)
-        if problem:
-          _close(members)
-          return None, problem
+      for listed, key in zip(window, keys):
+        if not checkpoints.exists(listed.path):
+          self.close()
+          return None, (f"checkpoint {listed.path} vanished (deleted by the "
+                        "trainer's max_to_keep?)")
+        if key not in self._held:
+          opened, problem = self._open_one(listed.path)
+          if opened is None:
+            self.close()
+            return None, problem
+          self._held[key] = opened
     except BaseException:
-      _close(members)
+      self.close()
       raise
-    return members, None
+    return [self._held[key] for key in keys], ""
 
-  def _open_one(self, step_file: StepFile,
-                members: list[checkpoints.Checkpoint]) -> Optional[str]:
-    """Opens one checkpoint into `members`, or says why it cannot be used."""
-    path = step_file.path
-    if not checkpoints.exists(path):
-      return f"checkpoint {path} vanished (deleted by the trainer's max_to_keep?)"
+  def _open_one(self, path: str) -> tuple[Optional[Checkpoint], str]:
+    """A checkpoint opened with its step, or None and why it cannot be used."""
     try:
       source = formats.open_source(path)
     except AveragingError as e:
-      return f"{e} (still being written?)"
+      return None, f"{e} (still being written?)"
     try:
       # An AveragingError here (--step_from naming no tensor) is the
       # user's to fix, not a checkpoint's fault: it propagates.
-      members.append(checkpoints.read_step(source, self._averaging.step_from))
+      return naming.read_step(source, self._averaging.step_from,
+                              names=naming.scheme_for(
+                                  path, self._averaging.name_pattern)), ""
     except _READ_ERRORS as e:
       source.close()
-      return f"cannot read checkpoint {path}: {error_text(e)}"
-    return None
+      return None, f"cannot read checkpoint {path}: {error_text(e)}"
+    except BaseException:
+      source.close()
+      raise
 
-  def _weigh(self, members: list[checkpoints.Checkpoint],
-             newest: StepFile) -> tuple[Optional[weighting.Weighing],
-                                        Optional[str]]:
+  def close(self) -> None:
+    """Closes every checkpoint held (months of windows: handles go back)."""
+    held, self._held = self._held, {}
+    for checkpoint in held.values():
+      checkpoint.opened.close()
+
+
+class _MetricWait:
+  """Weighs a window once its newest checkpoint's metric is logged."""
+
+  def __init__(self, settings: options.ContinuousOptions,
+               weighting_options: options.WeightingOptions,
+               mode: Optional[str], *, clock: Clock, sleep: Sleep):
+    self._settings = settings
+    self._weighting = weighting_options
+    self._mode = mode
+    self._clock = clock
+    self._sleep = sleep
+    # One reader for the whole run: each poll reads only appended events.
+    self._reader = (keras_logs.MetricReader(
+        weighting_options.metrics_from_events, weighting_options.metric)
+                    if weighting_options.metrics_from_events else None)
+
+  def weigh(self, members: list[Checkpoint],
+            newest: Checkpoint) -> tuple[Optional[weighting.Weighing], str]:
     """A Weighing once the newest checkpoint's metric is in, or why not."""
     settings = self._weighting
     if not settings.metrics_from_events:  # Explicit, without metrics to show.
-      return weighting.weigh_checkpoints(members, None, settings), None
+      return weighting.weigh_checkpoints(members, None, settings), ""
     step = members[-1].step
     deadline = newest.ctime_ns / 1e9 + self._settings.wait_minutes * 60
     waiting = False
@@ -448,19 +442,19 @@ class _Averager:
       self._sleep(self._settings.poll_seconds)
     try:
       return weighting.weigh_checkpoints(members, points, settings,
-                                         mode=self._mode), None
+                                         mode=self._mode), ""
     except AveragingError as e:
       return None, f"cannot weigh its checkpoints: {e}"
 
-  def _metric_points(self, newest: checkpoints.Checkpoint) -> tuple[
+  def _metric_points(self, newest: Checkpoint) -> tuple[
       Optional[list[MetricPoint]], Optional[str]]:
     """(the metric's points, None) when `newest` has one; else (None, why)."""
     settings = self._weighting
     if newest.step is None:
       return None, "its step is unknown (see --step_from)"
-    assert self._metric is not None
+    assert self._reader is not None
     try:
-      points = self._metric.read()
+      points = self._reader.read()
       kind = points[0].kind
       at = keras_logs.checkpoint_positions([newest], kind)[0]
     except AveragingError as e:
@@ -473,57 +467,64 @@ class _Averager:
                     f"at {keras_logs.position_text(kind, points[-1].step)}")
     return points, None
 
-  def _average(self, members: list[checkpoints.Checkpoint],
-               weighing: Optional[weighting.Weighing], step: int,
-               output: str) -> AveragingResult:
-    extra: dict = {"continuous": {"model_dir": self._settings.model_dir,
-                                  "n": self._settings.n},
-                   "settings": self._recorded}
-    chosen: Sequence[checkpoints.Checkpoint] = members
-    weights, values = None, None
-    if weighing is None:
-      extra["weighting"] = {"scheme": "uniform"}
-    else:
-      chosen, weights, values = (weighing.checkpoints, weighing.weights,
-                                 weighing.metrics)
-      extra.update(weighing.record)
-    if not keras_checkpoints.is_keras_name(output):  # TF: <path>-<step>
-      output = os.path.join(self._settings.output_dir, OUTPUT_BASENAME)
-    return averaging.average_checkpoints(
-        chosen, output, weights=weights, metrics=values, output_step=step,
-        exclude_variables=self._averaging.exclude_variables,
-        allow_nonfinite=self._averaging.allow_nonfinite,
-        step_from=self._averaging.step_from, update_state_file=False,
-        record_extra=extra)
 
-  def _finish(self, result: AveragingResult, newest: StepFile,
-              members: list[checkpoints.Checkpoint]) -> None:
+class _Outputs:
+  """The output directory: earlier outputs and their settings; the times,
+  run files, state file and summaries that go with a new output."""
+
+  def __init__(self, settings: options.ContinuousOptions, recorded: dict,
+               averaging_options: options.AveragingOptions, metric: str):
+    self._settings = settings
+    self._recorded = recorded
+    self._summaries = averaging_options.weight_summaries
+    self._metric = metric
+    self._copied: set[str] = set()
+    self._warned_times = False
+
+  def differs(self, prefix: str) -> dict[str, tuple]:
+    """{setting: (recorded, now)} where an output's record differs from now."""
+    recorded = _recorded_settings(prefix)
+    return {key: (recorded[key], value) for key, value in self._recorded.items()
+            if key in recorded and recorded[key] != value}
+
+  def refuse_other_settings(self) -> None:
+    """Refuses existing outputs made with other settings, before any work."""
+    output_dir = self._settings.output_dir
+    for output in OUTPUTS.find_all(output_dir):
+      differs = self.differs(output.path)
+      if differs:
+        then = ", ".join(f"{k}={v[0]!r}" for k, v in differs.items())
+        now = ", ".join(f"{k}={v[1]!r}" for k, v in differs.items())
+        raise AveragingError(
+            f"--output_dir {output_dir} holds {output.path}, averaged with "
+            f"{then}; this run asks for {now} (pass --recompute to replace "
+            "such averages, or choose another --output_dir)")
+
+  def finish(self, result: AveragingResult, newest: Checkpoint,
+             members: list[Checkpoint]) -> None:
     """Times, run files and the state file, as downstream tools expect."""
     prefix = result.output_path
-    output_dir = self._settings.output_dir
-    if keras_checkpoints.is_keras_name(prefix):  # One file, no state file.
-      self._set_mtime(prefix, newest.mtime_ns)
-      self._write_summaries(result)
-      return
+    fmt = members[-1].opened.format
     # t2t-bleu and t2t-translate-all date an average by its index file.
-    for path in tf.io.gfile.glob(prefix + ".data-*") + [prefix + ".index"]:
+    for path in fmt.files(prefix):
       self._set_mtime(path, newest.mtime_ns)
-    self._copy_run_files()
+    if fmt.has_state_file:
+      self.copy_run_files()
+      self._list_in_state_file([c.path for c in members])
+    if self._summaries:
+      events.write_weight_summaries(
+          events.summaries_directory(self._settings.output_dir), result.rows,
+          self._metric)
+
+  def _list_in_state_file(self, input_paths: list[str]) -> None:
+    output_dir = self._settings.output_dir
     outputs = present_outputs(output_dir)
-    if checkpoints.holds_inputs(output_dir, [c.path for c in members],
-                                ignore=outputs):
+    if checkpoints.holds_inputs(output_dir, input_paths, ignore=outputs):
       logging.warning("Not touching %s: that directory holds input "
                       "checkpoints", os.path.join(output_dir,
                                                   state_file.STATE_FILE))
     else:
       state_file.write(output_dir, outputs[-1], outputs)
-    self._write_summaries(result)
-
-  def _write_summaries(self, result: AveragingResult) -> None:
-    if self._averaging.weight_summaries:
-      events.write_weight_summaries(
-          events.summaries_directory(self._settings.output_dir), result.rows,
-          self._weighting.metric)
 
   def _set_mtime(self, path: str, mtime_ns: int) -> None:
     if is_local(path):
@@ -534,7 +535,7 @@ class _Averager:
                       "times will be off)", path)
       self._warned_times = True
 
-  def _copy_run_files(self) -> None:
+  def copy_run_files(self) -> None:
     """Copies flags.txt etc. with their times, unless already there."""
     for name in RUN_FILES:
       if name in self._copied:
@@ -542,13 +543,13 @@ class _Averager:
       source = os.path.join(self._settings.model_dir, name)
       target = os.path.join(self._settings.output_dir, name)
       try:
-        if tf.io.gfile.exists(target):
+        if filesystem.exists(target):
           self._copied.add(name)
           continue
-        if not tf.io.gfile.exists(source):
+        if not filesystem.exists(source):
           continue
         _copy_with_times(source, target, self._set_mtime)
-      except (OSError, tf.errors.OpError) as e:
+      except OSError as e:
         logging.warning("Cannot copy %s to %s: %s", source, target,
                         error_text(e))
         continue
@@ -577,9 +578,8 @@ def _recorded_settings(prefix: str) -> dict:
   Records of earlier versions name only the weighting scheme and n.
   """
   try:
-    with tf.io.gfile.GFile(prefix + checkpoints.RECORD_SUFFIX) as f:
-      record = json.load(f)
-  except (tf.errors.OpError, ValueError):
+    record = json.loads(filesystem.read_text(prefix + RECORD_SUFFIX))
+  except (OSError, ValueError):
     return {}  # Not ours (legacy t2t-avg-all), or unreadable.
   if "settings" in record:
     return record["settings"]
@@ -593,76 +593,44 @@ def _copy_with_times(source: str, target: str,
     shared_dir.copy_atomically(source, target)
     return
   tmp = f"{target}.t2t_avg-tmp.{os.getpid()}"
-  tf.io.gfile.copy(source, tmp, overwrite=True)
-  tf.io.gfile.rename(tmp, target, overwrite=True)
-  set_mtime(target, tf.io.gfile.stat(source).mtime_nsec)
+  filesystem.copy(source, tmp)
+  filesystem.rename(tmp, target)
+  times = filesystem.times(source)
+  if times is not None:
+    set_mtime(target, times[0])
 
 
-def _close(members: Sequence[checkpoints.Checkpoint]) -> None:
-  for member in members:
-    member.opened.close()
-
-
-def _unreadable_input(window: tuple[StepFile, ...],
+def _unreadable_input(window: tuple[Checkpoint, ...],
                       error: Exception) -> Optional[str]:
   """Which input made averaging fail by vanishing or not reading; else None.
 
   The inputs are checked again rather than the error's wording trusted: any
-  that is gone or lacks a data shard, then any the error names that TF's
-  own reader cannot read in full (checksums included). When all of them
-  read, the error is the averaging's own (mismatched variables, NaN, the
-  output) and is not the inputs' fault.
+  that is gone or lacks a file (a TF data shard), then any the error names
+  that its format's reader cannot read in full (checksums included). When
+  all of them read, the error is the averaging's own (mismatched variables,
+  NaN, the output) and is not the inputs' fault.
   """
-  for step_file in window:
-    if not checkpoints.exists(step_file.path):
-      return f"checkpoint {step_file.path} vanished while being averaged"
-    if keras_checkpoints.is_keras_name(step_file.path):
-      continue  # One file: there when it exists.
-    missing = tf_bundle.missing_data_file(step_file.path)
+  for listed in window:
+    if not checkpoints.exists(listed.path):
+      return f"checkpoint {listed.path} vanished while being averaged"
+    missing = formats.missing_file(listed.path)
     if missing:
-      return (f"checkpoint {step_file.path} became incomplete while being "
+      return (f"checkpoint {listed.path} became incomplete while being "
               f"averaged: {missing} is missing")
   text = error_text(error)
-  for step_file in window:
-    if re.search(re.escape(step_file.path) + r"(?!\d)", text):
-      problem = _read_in_full(step_file.path)
+  for listed in window:
+    if re.search(re.escape(listed.path) + r"(?!\d)", text):
+      problem = formats.read_in_full(listed.path)
       if problem:
-        return (f"checkpoint {step_file.path} cannot be read ({problem}): "
+        return (f"checkpoint {listed.path} cannot be read ({problem}): "
                 f"{text}")
-  return None
-
-
-def _read_in_full(path: str) -> Optional[str]:
-  """None when TF's reader reads every tensor of a checkpoint; else why not."""
-  if keras_checkpoints.is_keras_name(path):
-    return _read_keras_in_full(path)
-  try:
-    reader = tf.train.load_checkpoint(path)
-    for name in reader.get_variable_to_shape_map():
-      reader.get_tensor(name)  # One tensor at a time, checksum verified.
-  except _READ_ERRORS as e:
-    return error_text(e)
-  return None
-
-
-def _read_keras_in_full(path: str) -> Optional[str]:
-  """None when every dataset of a Keras file reads; else why not."""
-  try:
-    source = formats.open_source(path)
-    try:
-      for tensor in source.tensors().values():
-        base.read_array(source, tensor)
-    finally:
-      source.close()
-  except (AveragingError, OSError) as e:
-    return str(e)
   return None
 
 
 def present_outputs(output_dir: str) -> list[str]:
   """The `model.ckpt-<N>` checkpoints in a directory, oldest first."""
-  return [path for _, path in checkpoints.numbered(output_dir,
-                                                   OUTPUT_BASENAME)]
+  return [c.path for c in naming.TFNames(OUTPUT_BASENAME, ours=None)
+          .find_all(output_dir)]
 
 
 def run(settings: options.ContinuousOptions, *,

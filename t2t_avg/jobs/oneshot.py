@@ -25,16 +25,18 @@ from t2t_avg.record import AveragingResult
 
 def choose(inputs: options.InputOptions,
            chooser: options.SelectionOptions = options.SelectionOptions(),
-           ) -> list[str]:
-  """The input prefixes: `checkpoints`, or from a state file's directory.
+           *, name_pattern: str = "") -> list[str | ckpts.Checkpoint]:
+  """The inputs: `checkpoints`' prefixes, or from a state file's directory.
 
   With the default selection, the last N of the state file (legacy); with
   selection flags, every checkpoint there, for `select_among` to choose from.
+  Keras files found in a directory come opened (the caller closes them).
   """
   if inputs.checkpoints:
-    return ckpts.from_list(inputs.checkpoints, inputs.prefix)
-  return ckpts.last_n(inputs.prefix, inputs.num_last_checkpoints
-                      if chooser.is_default else None)
+    return list(ckpts.from_list(inputs.checkpoints, inputs.prefix))
+  return list(ckpts.choose_last(inputs.prefix, inputs.num_last_checkpoints
+                                if chooser.is_default else None,
+                                name_pattern=name_pattern))
 
 
 def read_points(settings: options.WeightingOptions, *,
@@ -95,13 +97,19 @@ def run(settings: options.OneShotSettings) -> AveragingResult:
   summaries = (events.summaries_directory(os.path.dirname(output.output_path))
                if averaging_options.weight_summaries else None)
   pool: list[ckpts.Checkpoint] = []
+  found = choose(settings.inputs, settings.selection,
+                 name_pattern=averaging_options.name_pattern)
   try:
-    for path in choose(settings.inputs, settings.selection):
-      pool.append(ckpts.load(path, averaging_options.step_from))
+    for item in found:
+      pool.append(ckpts.load(item, averaging_options.step_from,
+                             name_pattern=averaging_options.name_pattern))
     result = _run_on(pool, settings)
   finally:
     for c in pool:
       c.opened.close()
+    for item in found[len(pool):]:  # Opened but not loaded (an error).
+      if isinstance(item, ckpts.Checkpoint) and item.source is not None:
+        item.source.close()
   if result.written and summaries:
     events.write_weight_summaries(summaries, result.rows,
                                   settings.weighting.metric)

@@ -24,8 +24,8 @@ from typing import Any, Optional
 from absl import logging
 
 from t2t_avg.metrics import events
-from t2t_avg.inputs import keras_checkpoints
 from t2t_avg.files import paths
+from t2t_avg.formats import detect
 from t2t_avg.errors import ArgumentError, AveragingError
 from t2t_avg.metrics.points import EPOCH, ITERATIONS, STEP, MetricPoint
 
@@ -193,7 +193,7 @@ def _is_keras(checkpoint: Any) -> bool:
   source = getattr(checkpoint, "source", None)
   if source is not None:
     return source.format.name.startswith("Keras")
-  return keras_checkpoints.is_keras_name(checkpoint.path)
+  return checkpoint.path.endswith(detect.KERAS_SUFFIXES)
 
 
 def checkpoint_positions(checkpoints: Sequence, kind: str, *,
@@ -241,7 +241,16 @@ def checkpoint_positions(checkpoints: Sequence, kind: str, *,
 def _epoch_positions(checkpoints: Sequence) -> list[int]:
   epochs = []
   for c in checkpoints:
-    epoch = keras_checkpoints.name_number(c.path) if _is_keras(c) else None
+    epoch = c.epoch if _is_keras(c) else None
+    numbers = getattr(c, "name_numbers", ())
+    if epoch is None and len(numbers) > 1:
+      raise ArgumentError(
+          "checkpoint {path} has several numbers in its name ({numbers}), so "
+          "its epoch is not known for sure and a metric logged per epoch "
+          "cannot be matched to it; give the ModelCheckpoint filepath that "
+          "named it as {name_pattern} (e.g. {example})", path=c.path,
+          numbers=", ".join(str(n) for n in numbers),
+          example=_example_pattern(c.path))
     if epoch is None or epoch < 1:
       raise AveragingError(
           f"checkpoint {c.path} has no epoch in its name (only Keras files "
@@ -268,6 +277,19 @@ def _epoch_positions(checkpoints: Sequence) -> list[int]:
           f"({first.step}, {second.step}), so they are not epochs; weigh by "
           "an evaluation_*_vs_iterations tag")
   return [epoch - 1 for epoch in epochs]
+
+
+def _example_pattern(path: str) -> str:
+  """A name pattern for a file, its first number taken as the epoch (numbers
+  glued to a letter only when there are no others)."""
+  name = os.path.basename(path)
+  suffix = next((s for s in detect.KERAS_SUFFIXES if name.endswith(s)), "")
+  stem = name[:len(name) - len(suffix)]
+  whole = r"(?<!\d)(?<!\d\.)\d+(?!\d|\.\d)"
+  alone = r"(?<![A-Za-z])" + whole
+  fields = iter(("{epoch}", "{batch}"))
+  return repr(re.sub(alone if re.search(alone, stem) else whole,
+                     lambda m: next(fields, m.group()), stem) + suffix)
 
 
 def position_text(kind: str, position: int) -> str:
