@@ -1,9 +1,18 @@
 """Shared test helpers: real checkpoints from TF's own savers, the legacy T2T oracle, the CLI."""
+import contextlib
+import gc
+import glob
 import hashlib
 import importlib.util
+import json
+import logging as std_logging
 import os
+import re
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
 
 import numpy as np
 import pytest
@@ -148,6 +157,100 @@ def tree_fingerprint(directory):
   return result
 
 
+def read_record(output_prefix):
+  """The `.t2t_avg.json` record written beside an output."""
+  with open(output_prefix + ".t2t_avg.json", encoding="utf-8") as f:
+    return json.load(f)
+
+
+def assert_same_values(found, expected):
+  """The same names, and each the same dtype and bytes."""
+  assert sorted(found) == sorted(expected)
+  for name, value in expected.items():
+    got = np.asarray(found[name])
+    assert got.dtype == np.asarray(value).dtype, name
+    assert got.tobytes() == np.asarray(value).tobytes(), name
+
+
+def float64_mean(values, dtype, weights=None):
+  """The contract's average of same-shaped values: the float64 sum in input
+  order (each times its weight, or the sum / n), cast once to `dtype`.
+  Complex values are summed in complex128."""
+  wide = np.complex128 if np.dtype(dtype).kind == "c" else np.float64
+  total = np.zeros(np.shape(values[0]), wide)
+  for i, value in enumerate(values):
+    wide_value = np.asarray(value).astype(wide)
+    total += wide_value if weights is None else wide_value * weights[i]
+  if weights is None:
+    total /= len(values)
+  return total.astype(dtype)
+
+
+def one_shot(**flags):
+  """`oneshot.run` from flag-named keywords with the CLI's defaults, as
+  `python -m t2t_avg` calls it."""
+  # pylint: disable=import-outside-toplevel
+  from t2t_avg import options
+  from t2t_avg.jobs import oneshot
+  built = options_from_flags(**flags)
+  return oneshot.run(options.OneShotSettings(
+      built[options.InputOptions], built[options.OutputOptions],
+      built[options.AveragingOptions], built[options.WeightingOptions]))
+
+
+def average_all(model_dir, output_dir="avg/", *, clock=None, sleep=None,
+                **flags):
+  """`continuous.average_all` with flag-named keyword arguments, as the CLI builds.
+
+  Each keyword goes to the options dataclass that has a field of its name.
+  """
+  # pylint: disable=import-outside-toplevel
+  import dataclasses
+  from t2t_avg import options
+  from t2t_avg.jobs import continuous
+  groups = {}
+  for cls in (options.ContinuousOptions, options.WeightingOptions,
+              options.AveragingOptions):
+    names = {f.name for f in dataclasses.fields(cls)}
+    groups[cls] = {k: v for k, v in flags.items() if k in names}
+  unknown = set(flags) - {k for g in groups.values() for k in g}
+  assert not unknown, unknown
+  for key in ("metrics_from_events", "weights"):
+    if key in groups[options.WeightingOptions]:
+      groups[options.WeightingOptions][key] = tuple(
+          groups[options.WeightingOptions][key])
+  timing = {k: v for k, v in (("clock", clock), ("sleep", sleep)) if v}
+  return continuous.average_all(
+      options.ContinuousOptions(model_dir, output_dir,
+                                **groups[options.ContinuousOptions]),
+      weighting_options=options.WeightingOptions(
+          **groups[options.WeightingOptions]),
+      averaging_options=options.AveragingOptions(
+          **groups[options.AveragingOptions]), **timing)
+
+
+def wait_for_first_save(trainer, pattern, timeout=120):
+  """Waits until a file matching the glob `pattern` exists; fails if the
+  trainer process exits first or saves nothing in `timeout` seconds."""
+  deadline = time.time() + timeout
+  while not glob.glob(pattern):
+    assert trainer.poll() is None, trainer.stderr.read()[-2000:]
+    assert time.time() < deadline, "the trainer saved nothing"
+    time.sleep(0.05)
+
+
+def logged(caplog, level=std_logging.WARNING):
+  """The messages of the records caplog caught at `level` or above."""
+  return [r.getMessage() for r in caplog.records if r.levelno >= level]
+
+
+def absl_messages(stderr, levels="IWEF"):
+  """The messages of absl's log lines (`I1130 01:02:03.4 1 file.py:9] ...`)
+  of those levels in a run's stderr."""
+  return [line.split("] ", 1)[1] for line in stderr.splitlines()
+          if re.match(rf"[{levels}]\d{{4}} ", line) and "] " in line]
+
+
 def _env(**extra):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   env.update(extra)
@@ -161,9 +264,115 @@ def run_cli(*args, module="t2t_avg", timeout=300):
                         env=_env(), cwd=REPO, check=False)
 
 
+@contextlib.contextmanager
+def _fds_to_files(directory):
+  """fd 1 and 2 (and sys.stdout, sys.stderr, absl's log handler) go to two
+  files for the duration, as a child process's would; yields their paths."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  handler = absl_logging.get_absl_handler()
+  root = std_logging.getLogger()
+  saved = (sys.stdout, sys.stderr, handler.python_handler.stream,
+           root.handlers[:])
+  paths = [os.path.join(directory, name) for name in ("stdout", "stderr")]
+  sys.stdout.flush()
+  sys.stderr.flush()
+  kept = [os.dup(1), os.dup(2)]
+  streams = []
+  try:
+    for fd, path in zip((1, 2), paths):
+      target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+      os.dup2(target, fd)
+      os.close(target)
+      streams.append(open(os.dup(fd), "w", encoding="utf-8",
+                          buffering=1, closefd=True))
+    sys.stdout, sys.stderr = streams
+    handler.python_handler.stream = sys.stderr
+    if handler not in root.handlers:
+      root.addHandler(handler)  # As absl's app.run does.
+    yield paths
+  finally:
+    for stream in streams:
+      stream.flush()
+    sys.stdout, sys.stderr, handler.python_handler.stream, handlers = saved
+    root.handlers[:] = handlers
+    for fd, old in zip((1, 2), kept):
+      os.dup2(old, fd)
+      os.close(old)
+    for stream in streams:
+      stream.close()
+
+
+def _absl_main(module):
+  """(flags parser, main) of a command line module, as its `app.run` uses."""
+  # pylint: disable=import-outside-toplevel,protected-access
+  if module == "t2t_avg":
+    from t2t_avg.cli import average
+    return average._parse_flags, average.main
+  assert module == "t2t_avg.compare", module
+  from t2t_avg.cli import compare
+  return compare._parse_flags, compare.main
+
+
+def _exit_status(parse, main, argv):
+  """What `app.run(main, flags_parser=parse)` exits with, as a number."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  try:
+    args = parse(argv)
+    if flags.FLAGS["verbosity"].using_default_value:
+      flags.FLAGS.verbosity = 0  # app.run's default: INFO lines are shown.
+    status = main(args)
+  except SystemExit as e:
+    status = e.code
+  except Exception:  # pylint: disable=broad-except
+    traceback.print_exc()  # As the interpreter would, exit status 1.
+    return 1
+  if status is None or isinstance(status, int):
+    return status or 0
+  sys.stderr.write(f"{status}\n")
+  return 1
+
+
+def call_cli(*args, module="t2t_avg", cwd=REPO):
+  """`python -m <module> args...` in this process, as `run_cli` runs it in a
+  child: the exit status, stdout and stderr (absl's log lines included) of
+  one call, with absl's flags, logging, the cycle collector and the working
+  directory as they were before. For what a test checks of a command's
+  output; process behaviour (TensorFlow's start-up, signals, imports,
+  `--help`) is `run_cli`'s.
+  """
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  parse, main = _absl_main(module)
+  own_flags = set(flags.FLAGS)
+  argv = [module, *(str(a) for a in args)]
+  collecting, here = gc.isenabled(), os.getcwd()
+  levels = (std_logging.getLogger().level,
+            absl_logging.get_absl_logger().level)
+  flags.FLAGS.unparse_flags()
+  with tempfile.TemporaryDirectory() as directory:
+    try:
+      os.chdir(cwd)
+      with _fds_to_files(directory) as (out, err):
+        status = _exit_status(parse, main, argv)
+    finally:
+      os.chdir(here)
+      flags.FLAGS.unparse_flags()
+      for name in set(flags.FLAGS) - own_flags:
+        delattr(flags.FLAGS, name)  # The compare tool's, added per run.
+      std_logging.getLogger().setLevel(levels[0])  # (--verbosity sets them)
+      absl_logging.get_absl_logger().setLevel(levels[1])
+      gc.unfreeze()  # The CLI freezes and stops the collector for its run.
+      if collecting:
+        gc.enable()
+    with open(out, encoding="utf-8") as f_out, open(err,
+                                                   encoding="utf-8") as f_err:
+      return subprocess.CompletedProcess(argv, status, f_out.read(),
+                                         f_err.read())
+
+
 _WITHOUT_TF = """
 import builtins, sys
-import t2t_avg  # (its check that TensorFlow is installed)
+import t2t_avg
 sys.modules["tensorflow"] = None  # Any import of TensorFlow fails.
 tried = []  # ... and is recorded, even where the failure is caught.
 _import = builtins.__import__

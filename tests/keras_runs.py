@@ -9,7 +9,6 @@ t2t_avg.
 import contextlib
 import csv
 import glob
-import importlib.util
 import io
 import os
 import zipfile
@@ -18,11 +17,9 @@ import h5py
 import numpy as np
 import pytest
 
-_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))), "scripts", "make_keras_run.py")
-_spec = importlib.util.spec_from_file_location("make_keras_run", _SCRIPT)
-make_keras_run = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_keras_run)
+from conftest import float64_mean, load_script
+
+make_keras_run = load_script("make_keras_run")
 EPOCHS = make_keras_run.EPOCHS
 data, policy_scope = make_keras_run.data, make_keras_run.policy_scope
 build_model, train = make_keras_run.build_model, make_keras_run.train
@@ -78,22 +75,9 @@ def expected_average(paths, weights=None):
     if np.asarray(newest).dtype.kind != "f":
       expected[name] = newest
       continue
-    total = np.zeros(np.shape(newest), np.float64)
-    for i, values in enumerate(inputs):
-      value = np.asarray(values[name], np.float64)
-      total += value if weights is None else value * weights[i]
-    if weights is None:
-      total /= len(inputs)
-    expected[name] = total.astype(np.asarray(newest).dtype)
+    expected[name] = float64_mean([values[name] for values in inputs],
+                                  np.asarray(newest).dtype, weights)
   return expected
-
-
-def assert_same_values(found, expected):
-  assert sorted(found) == sorted(expected)
-  for name, value in expected.items():
-    got = np.asarray(found[name])
-    assert got.dtype == np.asarray(value).dtype, name
-    assert got.tobytes() == np.asarray(value).tobytes(), name
 
 
 def tensorboard_scalars(log_dir, tag):

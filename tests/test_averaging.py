@@ -10,8 +10,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import (REPO, mixed_series, read_checkpoint, run_cli,
-                      run_legacy, step_valued, tree_fingerprint,
+from conftest import (REPO, call_cli, mixed_series, read_checkpoint,
+                      run_cli, run_legacy, step_valued, tree_fingerprint,
                       write_tf1_series)
 
 
@@ -33,7 +33,7 @@ def _average_with_both(tmp_path, *flags):
   """Runs legacy avg_checkpoints and t2t_avg on the same flags; their outputs."""
   run_legacy("avg_checkpoints", *flags,
              f"--output_path={tmp_path}/legacy/avg.ckpt")
-  result = run_cli(*flags, f"--output_path={tmp_path}/ours/avg.ckpt")
+  result = call_cli(*flags, f"--output_path={tmp_path}/ours/avg.ckpt")
   assert result.returncode == 0, result.stderr[-2000:]
   return (read_checkpoint(f"{tmp_path}/ours/avg.ckpt-0"),
           read_checkpoint(f"{tmp_path}/legacy/avg.ckpt-0"), result)
@@ -176,8 +176,8 @@ def test_tf2_state_file_listing_only_newest_uses_unlisted_older_saves(
   average_checkpoints([f"{directory}/ckpt-1"], str(directory / "ckpt"),
                       output_step=2)
   assert open(directory / "checkpoint").read() == state
-  result = run_cli(f"--prefix={directory}/ckpt", "--num_last_checkpoints=4",
-                   f"--output_path={tmp_path}/out/avg")
+  result = call_cli(f"--prefix={directory}/ckpt", "--num_last_checkpoints=4",
+                    f"--output_path={tmp_path}/out/avg")
   assert result.returncode == 0, result.stderr[-2000:]
   record = json.loads(open(f"{tmp_path}/out/avg-0.t2t_avg.json").read())
   used = [os.path.basename(r["path"]) for r in record["inputs"]]
@@ -192,9 +192,9 @@ def test_moved_training_directory_uses_same_basenames(tmp_path):
   state = open(tmp_path / "old/train/checkpoint").read()
   assert str(tmp_path / "old/train") in state  # Absolute paths, as TF1 wrote.
   shutil.move(str(tmp_path / "old/train"), str(tmp_path / "new"))
-  result = run_cli(f"--prefix={tmp_path}/new/model.ckpt",
-                   "--num_last_checkpoints=2",
-                   f"--output_path={tmp_path}/out/avg")
+  result = call_cli(f"--prefix={tmp_path}/new/model.ckpt",
+                    "--num_last_checkpoints=2",
+                    f"--output_path={tmp_path}/out/avg")
   assert result.returncode == 0, result.stderr[-2000:]
   assert "was moved" in result.stderr
   record = json.loads(open(f"{tmp_path}/out/avg-0.t2t_avg.json").read())
@@ -206,9 +206,9 @@ def test_output_in_training_directory_leaves_its_state_file(tmp_path):
   prefixes = write_tf1_series(str(tmp_path / "t"), [1, 2],
                               step_valued({"w": (2,)}))
   state = open(tmp_path / "t/checkpoint").read()
-  result = run_cli(f"--checkpoints={','.join(prefixes)}",
-                   f"--output_path={tmp_path}/t/averaged.ckpt",
-                   "--write_meta", "--exclude_variables=^global_step$")
+  result = call_cli(f"--checkpoints={','.join(prefixes)}",
+                    f"--output_path={tmp_path}/t/averaged.ckpt",
+                    "--write_meta", "--exclude_variables=^global_step$")
   assert result.returncode == 0, result.stderr[-2000:]
   assert open(tmp_path / "t/checkpoint").read() == state
   assert "Not touching" in result.stderr
@@ -228,8 +228,8 @@ def test_output_in_training_directory_leaves_its_state_file(tmp_path):
 def test_dry_run_prints_the_table_and_writes_nothing(tmp_path):
   prefixes = write_tf1_series(str(tmp_path / "t"), [10, 20],
                               step_valued({"w": (2,)}))
-  result = run_cli(f"--checkpoints={','.join(prefixes)}",
-                   f"--output_path={tmp_path}/out/avg", "--dry_run")
+  result = call_cli(f"--checkpoints={','.join(prefixes)}",
+                    f"--output_path={tmp_path}/out/avg", "--dry_run")
   assert result.returncode == 0, result.stderr[-2000:]
   assert not os.path.exists(tmp_path / "out")
   lines = result.stdout.strip().splitlines()
@@ -242,12 +242,12 @@ def test_dry_run_prints_the_table_and_writes_nothing(tmp_path):
 def test_warns_when_num_last_is_ignored_and_when_fewer_are_found(tmp_path):
   prefixes = write_tf1_series(str(tmp_path / "t"), [1, 2],
                               step_valued({"w": (2,)}))
-  result = run_cli(f"--checkpoints={prefixes[0]}", "--num_last_checkpoints=5",
-                   f"--output_path={tmp_path}/a/avg")
+  result = call_cli(f"--checkpoints={prefixes[0]}", "--num_last_checkpoints=5",
+                    f"--output_path={tmp_path}/a/avg")
   assert result.returncode == 0 and "is ignored" in result.stderr
-  result = run_cli(f"--prefix={tmp_path}/t/model.ckpt",
-                   "--num_last_checkpoints=5",
-                   f"--output_path={tmp_path}/b/avg")
+  result = call_cli(f"--prefix={tmp_path}/t/model.ckpt",
+                    "--num_last_checkpoints=5",
+                    f"--output_path={tmp_path}/b/avg")
   assert result.returncode == 0, result.stderr[-2000:]
   assert "only 2 checkpoints were found" in result.stderr
 

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
+from conftest import logged
 from t2t_avg.formats import tf_events
 from t2t_avg.metrics import events
 from t2t_avg.metrics.points import MetricPoint
@@ -54,10 +55,6 @@ def _record_spans(data):
     spans.append((offset, 16 + length))
     offset += 16 + length
   return spans
-
-
-def _messages(caplog, level=logging.WARNING):
-  return [r.getMessage() for r in caplog.records if r.levelno >= level]
 
 
 def _steps_values(points):
@@ -166,7 +163,7 @@ def test_restart_in_two_files_latest_wall_time_wins(tmp_path, caplog):
   assert _steps_values(points) == [(0, 10.0), (1, 9.0), (2, 8.0), (3, 17.0),
                                    (4, 16.0), (5, 5.0), (6, 14.0), (7, 13.0)]
   assert points[3].wall_time == 203.0
-  warnings = _messages(caplog)
+  warnings = logged(caplog)
   assert len(warnings) == 2  # step 5 was logged twice with the same value
   assert "'loss'" in warnings[0] and "step 3" in warnings[0]
   assert "17.0" in warnings[0] and "7.0" in warnings[0]
@@ -230,8 +227,8 @@ def test_truncated_last_record_ends_the_file_quietly(tmp_path, caplog, keep):
     points = events.read_metric([path], "loss")
 
   assert _steps_values(points) == [(s, float(s)) for s in range(9)]
-  assert not _messages(caplog)
-  assert any("truncated" in m for m in _messages(caplog, logging.DEBUG))
+  assert not logged(caplog)
+  assert any("truncated" in m for m in logged(caplog, logging.DEBUG))
 
 
 @pytest.mark.parametrize("where", ["length", "length_crc", "data", "data_crc"])
@@ -249,7 +246,7 @@ def test_corrupted_record_warns_with_file_and_offset(tmp_path, caplog, where):
     points = events.read_metric([path], "loss")
 
   assert _steps_values(points) == [(s, float(s)) for s in range(5)]
-  [warning] = _messages(caplog)
+  [warning] = logged(caplog)
   assert path in warning and f"byte {start}" in warning
 
 
@@ -266,7 +263,7 @@ def test_record_that_is_not_an_event_warns_with_offset(tmp_path, caplog):
     points = events.read_metric([path], "loss")
 
   assert _steps_values(points) == [(s, float(s)) for s in range(10)]
-  [warning] = _messages(caplog)
+  [warning] = logged(caplog)
   assert path in warning and f"byte {len(data)}" in warning
 
 
@@ -282,7 +279,7 @@ def test_empty_and_garbage_files_contribute_nothing(tmp_path, caplog):
 
   assert points == events.read_metric([good], "loss")
   assert _steps_values(points) == [(0, 0.0), (1, 0.5), (2, 1.0)]
-  [warning] = _messages(caplog)
+  [warning] = logged(caplog)
   assert str(garbage) in warning and "byte 0" in warning
 
 
@@ -333,7 +330,7 @@ def test_directory_with_checkpoints_warns_training_loss(tmp_path, caplog,
     points = events.read_metric([str(tmp_path)], "loss")
 
   assert len(points) == 1
-  [warning] = _messages(caplog)
+  [warning] = logged(caplog)
   assert str(tmp_path) in warning
   assert "usually training loss, not eval" in warning
 
@@ -343,7 +340,7 @@ def test_eval_directory_alone_does_not_warn(tmp_path, caplog):
              [_scalars_event(1, 1.0, {"loss": 1.0})])
   with caplog.at_level(logging.WARNING):
     events.read_metric([str(tmp_path)], "loss")
-  assert not _messages(caplog)
+  assert not logged(caplog)
 
 
 def test_several_sources_are_merged(tmp_path):

@@ -19,8 +19,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import (REPO, error_line, read_checkpoint, run_cli,
-                      tree_fingerprint, write_tf1_series)
+from conftest import (REPO, call_cli, error_line, float64_mean,
+                      read_checkpoint, tree_fingerprint, write_tf1_series)
 
 STEPS = (10, 20, 30)
 _TMP_MARK = ".t2t_avg-tmp"
@@ -84,79 +84,13 @@ def series(tmp_path_factory):
   return paths
 
 
-_FORK_SERVER = r"""
-import json, os, sys, time, traceback
-import tensorflow as tf  # pylint: disable=unused-import
-from t2t_avg.cli import average  # pylint: disable=unused-import
-from t2t_avg.jobs import oneshot
-
-for line in sys.stdin:
-  request = json.loads(line)
-  pid = os.fork()
-  if pid == 0:
-    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-      os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-    sys.argv = ["t2t_avg"] + request["args"]
-    code = 0
-    try:
-      average.run_main()
-    except SystemExit as e:
-      code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    except BaseException:  # pylint: disable=broad-except
-      traceback.print_exc()  # As the interpreter would, exit status 1.
-      code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-  deadline = time.monotonic() + request["timeout"]
-  while True:
-    done, status = os.waitpid(pid, os.WNOHANG)
-    if done:
-      reply = {"returncode": os.waitstatus_to_exitcode(status)}
-      break
-    if time.monotonic() > deadline:
-      os.kill(pid, 9)
-      os.waitpid(pid, 0)
-      reply = {"returncode": None}
-      break
-    time.sleep(0.002)
-  print(json.dumps(reply), flush=True)
-"""
-
-
 @pytest.fixture(scope="module")
-def cli(tmp_path_factory):
-  """Runs `python -m t2t_avg args...` in a child forked from a warm process.
-
-  The server imports TensorFlow once; each run is a fresh child process with
-  its own flags, stdout, stderr and exit status, costing ~0.2 s instead of
-  the ~3 s of a TensorFlow import. (Whether flags are refused before
-  TensorFlow is imported is tested with real interpreters, below.)
-  """
-  logs = tmp_path_factory.mktemp("cli_logs")
-  server = subprocess.Popen(
-      [sys.executable, "-c", _FORK_SERVER], stdin=subprocess.PIPE,
-      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-  count = [0]
-
-  def run(*args, timeout=120):
-    count[0] += 1
-    stdout, stderr = logs / f"{count[0]}.out", logs / f"{count[0]}.err"
-    server.stdin.write(json.dumps({
-        "args": [str(a) for a in args], "stdout": str(stdout),
-        "stderr": str(stderr), "timeout": timeout}) + "\n")
-    server.stdin.flush()
-    reply = server.stdout.readline()
-    assert reply, "the fork server died"
-    returncode = json.loads(reply)["returncode"]
-    assert returncode is not None, f"timed out: {args}"
-    return subprocess.CompletedProcess(args, returncode, stdout.read_text(),
-                                       stderr.read_text())
-
-  yield run
-  server.stdin.close()
-  server.wait(timeout=60)
+def cli():
+  """Runs `python -m t2t_avg args...` in this process (`call_cli`): what these
+  tests check is the error line and the files, not the process. (Whether
+  flags are refused before TensorFlow is imported is tested with real
+  interpreters, below.)"""
+  return call_cli
 
 
 def _assert_no_output(out_dir):
@@ -581,8 +515,7 @@ def _float_tensors(values):
 def _mean(prefixes):
   """The uniform average as the contract defines it, from the inputs."""
   inputs = [read_checkpoint(p) for p in prefixes]
-  return {name: (sum(x[name].astype(np.float64) for x in inputs) /
-                 len(inputs)).astype(value.dtype)
+  return {name: float64_mean([x[name] for x in inputs], value.dtype)
           for name, value in _float_tensors(inputs[0]).items()}
 
 
@@ -768,8 +701,8 @@ def test_sigkill_while_replacing_a_large_average_then_next_run_cleans_up(
   assert killed_while_writing >= 2
   assert states[0] == "old", states  # Killed while streaming: untouched.
 
-  result = run_cli(f"--checkpoints={','.join(prefixes)}",
-                   f"--output_path={out}/avg")
+  result = call_cli(f"--checkpoints={','.join(prefixes)}",
+                    f"--output_path={out}/avg")
   assert result.returncode == 0, result.stderr[-2000:]
   assert _output_state(out, "avg-0", {"new": expected}) == "new"
   assert _temporaries(out) == [], os.listdir(out)

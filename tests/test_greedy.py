@@ -42,8 +42,9 @@ from t2t_avg import options
 from t2t_avg.metrics import weighting
 from t2t_avg.errors import ArgumentError, AveragingError
 
-from conftest import (REPO, error_line, load_script, read_checkpoint,
-                      tree_fingerprint)
+from conftest import (REPO, absl_messages, assert_same_values, call_cli,
+                      error_line, float64_mean, load_script, read_checkpoint,
+                      read_record, tree_fingerprint)
 
 # 6 checkpoints at steps 100..600 (files ckpt-1..ckpt-6: TF2 numbers files by
 # save count); the learning rate x10 after step 400.
@@ -105,13 +106,8 @@ class Run:
 
   def mean(self, prefixes):
     """float64 sum in the given order, divided by n, cast once."""
-    means = []
-    for variable in zip(*(self.weights(p) for p in prefixes)):
-      total = np.zeros(variable[0].shape, np.float64)
-      for value in variable:
-        total += value
-      means.append((total / len(prefixes)).astype(variable[0].dtype))
-    return means
+    return [float64_mean(variable, variable[0].dtype)
+            for variable in zip(*(self.weights(p) for p in prefixes))]
 
   def soup_score(self, prefixes):
     """The validation loss of the uniform average of `prefixes`."""
@@ -196,12 +192,8 @@ def scorer(run, tmp_path_factory):
 # --- Helpers --------------------------------------------------------------
 
 def _cli(*args, cwd):
-  """`python -m t2t_avg` of this worktree, run in `cwd`."""
-  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3",
-             TF_ENABLE_ONEDNN_OPTS="0")
-  return subprocess.run([sys.executable, "-m", "t2t_avg", *args], cwd=cwd,
-                        env=env, capture_output=True, text=True, timeout=300,
-                        check=False)
+  """`python -m t2t_avg` of this worktree, run in `cwd` (in this process)."""
+  return call_cli(*args, cwd=cwd)
 
 
 def _settings(output_path, *, checkpoints=(), prefix="", num_last=0,
@@ -236,17 +228,6 @@ def _leftovers(directory):
           for name in dirs + files if name.startswith(TMP_MARK)]
 
 
-def _messages(stderr):
-  """The messages of absl's log lines (`I1130 01:02:03.4 1 file.py:9] ...`)."""
-  return [line.split("] ", 1)[1] for line in stderr.splitlines()
-          if re.match(r"[IWEF]\d{4} ", line) and "] " in line]
-
-
-def _record(output_prefix):
-  with open(output_prefix + ".t2t_avg.json", encoding="utf-8") as f:
-    return json.load(f)
-
-
 def _best_first(scores, steps):
   """Indices, best (lowest) score first; ties to the newer step."""
   return sorted(range(len(scores)), key=lambda i: (scores[i], -steps[i]))
@@ -269,15 +250,6 @@ def _replay(prefixes, own, soup_score, start_score, tolerance=0.0):
       score = with_it
     rows.append((i, with_it, kept))
   return rows
-
-
-def _assert_same_tensors(got_prefix, want_prefix):
-  got, want = read_checkpoint(got_prefix), read_checkpoint(want_prefix)
-  assert sorted(got) == sorted(want)
-  for name in want:
-    got_value, want_value = np.asarray(got[name]), np.asarray(want[name])
-    assert got_value.dtype == want_value.dtype, name
-    assert got_value.tobytes() == want_value.tobytes(), name
 
 
 def _soup_log_line(name, own, soup, kept):
@@ -311,7 +283,7 @@ def test_greedy_soup_follows_the_rule_step_by_step_and_averages_the_kept(
 
   # The record: every step, in trial order, with both scores.
   output = f"{out}/soup.ckpt-0"
-  record = _record(output)
+  record = read_record(output)
   rows = record["weighting"]["soup"]
   assert record["weighting"]["scheme"] == "greedy"
   assert record["weighting"]["mode"] == "min"
@@ -334,13 +306,14 @@ def test_greedy_soup_follows_the_rule_step_by_step_and_averages_the_kept(
   assert [r["path"] for r in record["inputs"]] == kept_prefixes
   reference = t2t_avg.average_checkpoints(kept_prefixes,
                                           str(tmp_path / "ref" / "ref.ckpt"))
-  _assert_same_tensors(output, reference.output_path)
+  assert_same_values(read_checkpoint(output),
+                     read_checkpoint(reference.output_path))
   restored = run.weights(output)
   for got, want in zip(restored, run.mean(kept_prefixes)):
     assert got.tobytes() == want.tobytes()
 
   # Every step a line in the log, then the outcome.
-  messages = _messages(result.stderr)
+  messages = absl_messages(result.stderr)
   for r in rows:
     line = _soup_log_line(os.path.basename(r["candidate"]), r["own_score"],
                           r["soup_score"], r["kept"])
@@ -397,7 +370,8 @@ def test_own_scores_from_events_order_the_soup_and_score_the_best_once(
   assert [r.path for r in result.rows] == [candidates[best]]
   reference = t2t_avg.average_checkpoints([candidates[best]],
                                           str(tmp_path / "ref" / "ref.ckpt"))
-  _assert_same_tensors(result.output_path, reference.output_path)
+  assert_same_values(read_checkpoint(result.output_path),
+                     read_checkpoint(reference.output_path))
   # And, independently of t2t_avg: what TF restores is the best checkpoint's.
   for got, want in zip(run.weights(result.output_path),
                        run.weights(candidates[best]), strict=True):
@@ -471,7 +445,7 @@ def test_dry_run_prints_the_order_only_runs_no_command_writes_nothing(
       ", ".join(candidates[i] for i in order)]
   assert _calls(log) == []
   assert not out.exists()
-  assert not any(m.startswith("Eval score") for m in _messages(result.stderr))
+  assert not any(m.startswith("Eval score") for m in absl_messages(result.stderr))
 
 
 def test_dry_run_without_events_says_each_checkpoint_is_scored_first(
@@ -524,7 +498,7 @@ def test_a_failing_command_is_one_line_its_stderr_logged_no_candidates_left(
   assert error_line(result) == (
       "t2t_avg: error: eval command 'sh fail.sh {checkpoint}' failed on "
       f"{average} (exit status 3)")
-  messages = _messages(result.stderr)
+  messages = absl_messages(result.stderr)
   assert (f"Last 2 lines of the eval command's stderr on {average}:" in
           messages)
   assert "RuntimeError: out of memory" in result.stderr.splitlines()
@@ -725,7 +699,7 @@ def test_selection_flags_choose_these_checkpoints(run, tmp_path, flags,
     flags = dict(flags, prefix=f"{run.directory}/ckpt")
   result = oneshot.run(_settings(tmp_path / "avg.ckpt", **flags))
 
-  record = _record(result.output_path)
+  record = read_record(result.output_path)
   assert [r["path"] for r in record["inputs"]] == [run.prefix(s)
                                                    for s in expected]
   assert [r["step"] for r in record["inputs"]] == expected
@@ -753,10 +727,10 @@ def test_selection_flags_on_the_command_line(run, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   strided = [500, 300, 100][::-1]  # <= 500, every 2nd back from the newest
   expected = _best_window_steps(run, strided, 2)
-  record = _record(f"{out}/avg.ckpt-0")
+  record = read_record(f"{out}/avg.ckpt-0")
   assert [r["path"] for r in record["inputs"]] == [run.prefix(s)
                                                    for s in expected]
-  messages = _messages(result.stderr)
+  messages = absl_messages(result.stderr)
   assert "--max_step=500 leaves 5 of 6 checkpoints" in messages
   assert "--stride=2 leaves 3 of 5 checkpoints" in messages
 
@@ -774,11 +748,11 @@ def test_continuous_max_step_and_stride_average_windows_k_apart(run,
                    if n.endswith(".index"))
   assert written == ["model.ckpt-3", "model.ckpt-4", "model.ckpt-5"]
   for newest in (3, 4, 5):
-    record = _record(f"{out}/model.ckpt-{newest}")
+    record = read_record(f"{out}/model.ckpt-{newest}")
     assert [r["path"] for r in record["inputs"]] == [
         f"{run.directory}/ckpt-{newest - 2}", f"{run.directory}/ckpt-{newest}"]
     assert record["output_step"] == newest
-  assert f"{run.directory}/ckpt-6 is above --max_step=5; done" in _messages(
+  assert f"{run.directory}/ckpt-6 is above --max_step=5; done" in absl_messages(
       result.stderr)
 
 
@@ -803,7 +777,7 @@ def test_readme_selection_commands_average_what_the_readme_says(
   result = _cli(*[a.format(out=tmp_path) for a in args], cwd=REPO)
 
   assert result.returncode == 0, result.stderr[-3000:]
-  record = _record(str(tmp_path / output))
+  record = read_record(str(tmp_path / output))
   assert [r["path"] for r in record["inputs"]] == [
       os.path.join(TESTDATA_TRAIN, f"model.ckpt-{s}") for s in steps]
   assert tree_fingerprint(TESTDATA_TRAIN) == before
@@ -817,7 +791,7 @@ def test_readme_continuous_stride_command_averages_what_the_readme_says(
 
   assert result.returncode == 0, result.stderr[-3000:]
   for newest, older in ((3000, 1000), (4000, 2000)):
-    record = _record(f"{out}/model.ckpt-{newest}")
+    record = read_record(f"{out}/model.ckpt-{newest}")
     assert [r["step"] for r in record["inputs"]] == [older, newest]
   assert not (out / "model.ckpt-5000.index").exists()
 

@@ -10,9 +10,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import error_line, run_cli, run_cli_without_tensorflow
-from keras_runs import (assert_same_values, build_model, data, datasets,
-                        expected_average, open_weights, policy_scope)
+from conftest import (assert_same_values, call_cli, error_line,
+                      run_cli_without_tensorflow)
+from keras_runs import (build_model, data, datasets, expected_average,
+                        open_weights, policy_scope)
 from keras_runs import keras_runs_fixture  # noqa: F401  (the fixture)
 from t2t_avg import AveragingError, average_checkpoints
 from t2t_avg.inputs import checkpoints
@@ -284,8 +285,8 @@ def test_command_line_refuses_mixing_formats_in_one_line(keras_runs,
                                                          tmp_path):
   weights = keras_runs["float32"].weights[0]
   archive = keras_runs["float32"].archives[1]
-  result = run_cli(f"--checkpoints={weights},{archive}",
-                   f"--output_path={tmp_path}/o.weights.h5")
+  result = call_cli(f"--checkpoints={weights},{archive}",
+                    f"--output_path={tmp_path}/o.weights.h5")
   assert error_line(result) == (
       f"t2t_avg: error: {weights} is a Keras .weights.h5 file but {archive} "
       "is a Keras .keras file; average one format at a time")
@@ -305,8 +306,8 @@ def test_command_line_names_what_a_file_is(keras_runs, tmp_path, make,
   weights = keras_runs["float32"].weights[0]
   path = make(str(tmp_path), weights)
   size = os.path.getsize(weights)
-  result = run_cli(f"--checkpoints={path},{weights}",
-                   f"--output_path={tmp_path}/o.weights.h5")
+  result = call_cli(f"--checkpoints={path},{weights}",
+                    f"--output_path={tmp_path}/o.weights.h5")
   assert error_line(result) == "t2t_avg: error: " + expected.format(
       path=path, size=size, half=size // 2)
 
@@ -328,8 +329,8 @@ def test_command_line_names_a_saved_model_directory(keras_runs, tmp_path):
   finally:
     absl_logger.setLevel(level)  # TF's saver sets it to WARNING for good.
   weights = keras_runs["float32"].weights[0]
-  result = run_cli(f"--checkpoints={saved},{weights}",
-                   f"--output_path={tmp_path}/o.weights.h5")
+  result = call_cli(f"--checkpoints={saved},{weights}",
+                    f"--output_path={tmp_path}/o.weights.h5")
   assert error_line(result) == (
       f"t2t_avg: error: {saved} is a TensorFlow SavedModel directory "
       f"(saved_model.pb), not a checkpoint; its variables are a TF "

@@ -5,7 +5,6 @@ expectations are computed from those files with h5py (`keras_runs`), and the
 model's weights are read back through Keras' own `save_weights`.
 """
 import glob
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from keras_runs import assert_same_values, datasets, expected_average
+from conftest import assert_same_values, read_record
+from keras_runs import datasets, expected_average
 from keras_runs import softmax_weights
 
 keras = pytest.importorskip("keras")
@@ -94,11 +94,6 @@ def _model_values(model, tmp_path):
   return datasets(path)
 
 
-def _record(output):
-  with open(output + ".t2t_avg.json", encoding="utf-8") as f:
-    return json.load(f)
-
-
 def _left_beside(output):
   return sorted(os.listdir(os.path.dirname(output)))
 
@@ -115,7 +110,7 @@ def test_uniform_last_n_is_the_float64_mean_of_the_last_epochs(tmp_path):
                                   "avg.weights.h5.t2t_avg.json"]
   assert max(files for _, files in watch.seen) == 3
   assert all(dirs == 1 for dirs, _ in watch.seen)
-  record = _record(output)
+  record = read_record(output)
   assert record["training"]["epochs"] == [4, 5, 6]
   assert record["weighting"]["scheme"] == "uniform"
   assert np.isfinite(model.evaluate(*_data(seed=2, n=32), verbose=0))
@@ -163,7 +158,7 @@ def test_top_k_takes_the_best_epochs_by_fits_own_history(tmp_path):
   expected = _expected(tmp_path, sorted(best))
   assert_same_values(datasets(output), expected)
   assert_same_values(_model_values(model, tmp_path), expected)
-  assert _record(output)["weighting"]["selected"] == sorted(
+  assert read_record(output)["weighting"]["selected"] == sorted(
       window.index(e) for e in best)
 
 
@@ -179,7 +174,7 @@ def test_softmax_weights_by_the_temperature_rule(tmp_path):
   expected = _expected(tmp_path, window, weights)
   assert_same_values(datasets(output), expected)
   assert_same_values(_model_values(model, tmp_path), expected)
-  record = _record(output)
+  record = read_record(output)
   assert [row["metric"] for row in record["inputs"]] == losses
   assert record["weighting"]["temperature"] == float(np.std(losses))
 
@@ -195,7 +190,7 @@ def test_start_epoch_alone_averages_every_epoch_from_k_without_files(tmp_path):
   assert all(files == 0 for _, files in watch.seen)  # A sum in memory.
   assert _left_beside(output) == ["swa.weights.h5",
                                   "swa.weights.h5.t2t_avg.json"]
-  record = _record(output)
+  record = read_record(output)
   assert record["training"]["epochs"] == [3, 4, 5, 6, 7]
   assert record["effective_count"] == pytest.approx(5)
   assert [row["step"] for row in record["inputs"]] == [3, 4, 5, 6, 7]
@@ -212,7 +207,7 @@ def test_early_stopping_averages_the_epochs_that_ran(tmp_path):
   expected = _expected(tmp_path, [1, 2])
   assert_same_values(datasets(output), expected)
   assert_same_values(_model_values(model, tmp_path), expected)
-  assert "stopped after epoch 2 of 10" in _record(output)["training"][
+  assert "stopped after epoch 2 of 10" in read_record(output)["training"][
       "ending"]
 
 
@@ -233,7 +228,7 @@ def test_keyboard_interrupt_then_on_train_end_averages_what_ended(tmp_path):
   expected = _expected(tmp_path, [2, 3])
   assert_same_values(datasets(output), expected)
   assert_same_values(_model_values(model, tmp_path), expected)
-  assert "after epoch 3 of 6 (interrupted)" in _record(output)["training"][
+  assert "after epoch 3 of 6 (interrupted)" in read_record(output)["training"][
       "ending"]
   assert _left_beside(output) == ["avg.weights.h5",
                                   "avg.weights.h5.t2t_avg.json"]
@@ -306,7 +301,7 @@ def test_bn_data_recomputes_the_statistics_of_the_average(tmp_path):
       assert found[name].tobytes() == expected[name].tobytes(), name
   assert_same_values(_model_values(model, tmp_path), found)
   assert model.layers[1].momentum == 0.99  # Put back.
-  record = _record(output)
+  record = read_record(output)
   assert record["training"]["bn_data"] == {
       "layers": 1, "batches": 4, "examples": 96}
   assert record["effective_count"] == pytest.approx(2)

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, load_script, options_from_flags
-from keras_runs import (EPOCHS, assert_same_values, build_model, csv_column,
-                        data, datasets, expected_average, policy_scope,
-                        softmax_weights, tensorboard_scalars)
+from conftest import REPO, assert_same_values, load_script, one_shot
+from keras_runs import (EPOCHS, build_model, csv_column, data, datasets,
+                        expected_average, policy_scope, softmax_weights,
+                        tensorboard_scalars)
 from keras_runs import keras_runs_fixture  # noqa: F401  (the fixture)
 from t2t_avg import AveragingError
 from t2t_avg.metrics import keras_logs
@@ -21,13 +21,6 @@ from t2t_avg import options
 from t2t_avg.inputs.checkpoints import Checkpoint
 from t2t_avg.errors import ArgumentError
 from t2t_avg.metrics.points import EPOCH, ITERATIONS, STEP, MetricPoint
-
-
-def _one_shot(**flags):
-  built = options_from_flags(**flags)
-  return oneshot.run(options.OneShotSettings(
-      built[options.InputOptions], built[options.OutputOptions],
-      built[options.AveragingOptions], built[options.WeightingOptions]))
 
 
 def _readme_keras_commands():
@@ -122,9 +115,9 @@ def test_softmax_by_csvlogger_val_loss_into_a_keras_file(keras_runs,
   import keras  # pylint: disable=import-outside-toplevel
   run = keras_runs["mixed_float16"]
   output = str(tmp_path / "avg.keras")
-  result = _one_shot(checkpoints=run.archives, output_path=output,
-                     weighting="softmax", metrics_from_events=[run.csv_log],
-                     metric="val_loss")
+  result = one_shot(checkpoints=run.archives, output_path=output,
+                    weighting="softmax", metrics_from_events=[run.csv_log],
+                    metric="val_loss")
   logged = csv_column(run.csv_log, "val_loss")
   values = [logged[epoch] for epoch in range(EPOCHS)]
   weights = softmax_weights(values)
@@ -144,10 +137,10 @@ def test_iterations_tags_align_with_the_counter_in_each_file(keras_runs,
                                                              tmp_path):
   run = keras_runs["mixed_float16"]
   validation = os.path.join(run.tensorboard, "validation")
-  result = _one_shot(checkpoints=run.weights, output_path=str(
+  result = one_shot(checkpoints=run.weights, output_path=str(
       tmp_path / "avg.weights.h5"), weighting="rank",
-                     metrics_from_events=[validation],
-                     metric="evaluation_loss_vs_iterations")
+                    metrics_from_events=[validation],
+                    metric="evaluation_loss_vs_iterations")
   logged = tensorboard_scalars(validation, "evaluation_loss_vs_iterations")
   assert sorted(logged) == [4, 8, 12, 16]
   assert [(r.step, r.metric) for r in result.rows] == sorted(logged.items())
@@ -166,12 +159,12 @@ def test_a_checkpoint_is_never_paired_with_the_next_epochs_metric(
                metric="val_loss", weighting="softmax", step_from="name",
                output_path=str(tmp_path / "avg.weights.h5"))
   with pytest.raises(AveragingError) as error:
-    _one_shot(**flags)
+    one_shot(**flags)
   assert str(error.value) == (
       f"no val_loss metric at epoch 3 (0-based, as logged: the file of epoch "
       f"4) (checkpoint {run.weights[-1]}, --max_step_gap=0); epochs (0-based) "
       "with one: 0, 1, 2 (or pass --missing_metric=skip)")
-  result = _one_shot(missing_metric="skip", **flags)
+  result = one_shot(missing_metric="skip", **flags)
   logged = csv_column(run.csv_log, "val_loss")
   assert [(os.path.basename(r.path), r.step, r.metric)
           for r in result.rows] == [(f"w-0{e}.weights.h5", e, logged[e - 1])
@@ -186,11 +179,11 @@ def test_an_iterations_metric_needs_an_iteration_counter(keras_runs,
       r"step 1 is the number in its name, an epoch\), so a metric logged by "
       r"iterations cannot be matched to it; weigh by an epoch_\* tag or a "
       r"CSVLogger file$")):
-    _one_shot(checkpoints=run.weights, step_from="name", weighting="softmax",
-              metrics_from_events=[os.path.join(run.tensorboard,
-                                                "validation")],
-              metric="evaluation_loss_vs_iterations",
-              output_path=str(tmp_path / "avg.weights.h5"))
+    one_shot(checkpoints=run.weights, step_from="name", weighting="softmax",
+             metrics_from_events=[os.path.join(run.tensorboard,
+                                               "validation")],
+             metric="evaluation_loss_vs_iterations",
+             output_path=str(tmp_path / "avg.weights.h5"))
 
 
 def test_csv_and_event_files_are_not_mixed(keras_runs):

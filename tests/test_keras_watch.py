@@ -5,21 +5,18 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
-from conftest import REPO
-from keras_runs import (assert_same_values, csv_column, datasets,
-                        expected_average, softmax_weights)
+from conftest import REPO, assert_same_values, average_all, wait_for_first_save
+from keras_runs import (csv_column, datasets, expected_average,
+                        softmax_weights)
 from keras_runs import keras_runs_fixture  # noqa: F401  (the fixture)
-from t2t_avg import options
 from t2t_avg.jobs import continuous
 
 
 def _average_all(model_dir, output_dir, wait_minutes=0, **weighting):
-  return list(continuous.average_all(
-      options.ContinuousOptions(model_dir, output_dir, n=3,
-                                wait_minutes=wait_minutes, poll_seconds=0.1),
-      weighting_options=options.WeightingOptions(**weighting)))
+  return list(average_all(model_dir, output_dir, n=3,
+                          wait_minutes=wait_minutes, poll_seconds=0.1,
+                          **weighting))
 
 
 def _check_uniform(outcomes):
@@ -98,11 +95,7 @@ def test_beside_a_live_modelcheckpoint_run(tmp_path, caplog):
       env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), stderr=subprocess.PIPE,
       text=True)
   try:
-    deadline = time.time() + 120
-    while not glob.glob(os.path.join(train, "*.weights.h5")):
-      assert trainer.poll() is None, trainer.stderr.read()[-2000:]
-      assert time.time() < deadline, "the trainer saved nothing"
-      time.sleep(0.05)
+    wait_for_first_save(trainer, os.path.join(train, "*.weights.h5"))
     with caplog.at_level(std_logging.INFO):
       outcomes = _average_all(train, output_dir, wait_minutes=0.05)
   finally:

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from conftest import (REPO, error_line, run_cli, step_valued,
-                      write_tf1_events, write_tf1_series)
+from conftest import (REPO, absl_messages, call_cli, error_line, run_cli,
+                      step_valued, write_tf1_events, write_tf1_series)
 
 STEPS = (100, 200, 300)
 LOSSES = {100: 3.0, 200: 2.0, 300: 2.5}
@@ -31,42 +31,37 @@ def run(tmp_path_factory):
           "eval": str(train / "eval")}
 
 
-def _warnings(result):
-  return [line.split("] ", 1)[1] for line in result.stderr.splitlines()
-          if line.startswith("W") and "] " in line]
-
-
 def test_metric_read_but_not_used_is_said(run, tmp_path):
-  result = run_cli(f"--checkpoints={','.join(run['prefixes'])}",
-                   f"--metrics_from_events={run['eval']}",
-                   f"--output_path={tmp_path}/avg")
+  result = call_cli(f"--checkpoints={','.join(run['prefixes'])}",
+                    f"--metrics_from_events={run['eval']}",
+                    f"--output_path={tmp_path}/avg")
   assert result.returncode == 0, result.stderr[-2000:]
   assert ("--metrics_from_events is read and shown, but --weighting=uniform "
           "does not use it; pass --weighting=softmax, rank, top_k or "
-          "proportional to weigh by loss") in _warnings(result)
+          "proportional to weigh by loss") in absl_messages(result.stderr, "W")
 
 
 def test_continuous_rerun_with_other_settings_is_refused(run, tmp_path):
   out = tmp_path / "avg"
-  first = run_cli(f"--model_dir={run['train']}", f"--output_dir={out}",
-                  "--n=2")
+  first = call_cli(f"--model_dir={run['train']}", f"--output_dir={out}",
+                   "--n=2")
   assert first.returncode == 0, first.stderr[-2000:]
   before = {n: os.path.getmtime(out / n) for n in os.listdir(out)}
   softmax = (f"--model_dir={run['train']}", f"--output_dir={out}", "--n=2",
              "--weighting=softmax", f"--metrics_from_events={run['eval']}")
-  line = error_line(run_cli(*softmax))
+  line = error_line(call_cli(*softmax))
   assert line == (
       f"t2t_avg: error: --output_dir {out} holds {out}/model.ckpt-200, "
       "averaged with weighting='uniform'; this run asks for "
       "weighting='softmax' (pass --recompute to replace such averages, or "
       "choose another --output_dir)")
   assert {n: os.path.getmtime(out / n) for n in os.listdir(out)} == before
-  again = run_cli(*softmax, "--recompute")
+  again = call_cli(*softmax, "--recompute")
   assert again.returncode == 0, again.stderr[-2000:]
   with open(out / "model.ckpt-300.t2t_avg.json", encoding="utf-8") as f:
     assert json.load(f)["settings"]["weighting"] == "softmax"
   # Now the same settings again: left as they are.
-  same = run_cli(*softmax)
+  same = call_cli(*softmax)
   assert same.returncode == 0 and "exists; skipped, not recomputed" in (
       same.stderr)
 
@@ -86,11 +81,8 @@ def test_state_file_naming_a_deleted_checkpoint_says_so(tmp_path):
 
 
 def test_prefix_without_slash_suggests_the_directory(run):
-  result = subprocess.run(
-      [sys.executable, "-m", "t2t_avg", "--prefix=train",
-       "--num_last_checkpoints=2", "--output_path=out/avg"],
-      capture_output=True, text=True, timeout=300, cwd=run["root"],
-      env=dict(os.environ, PYTHONPATH=REPO), check=False)
+  result = call_cli("--prefix=train", "--num_last_checkpoints=2",
+                    "--output_path=out/avg", cwd=run["root"])
   assert error_line(result) == (
       "t2t_avg: error: no checkpoint state file ./checkpoint (the directory "
       "of --prefix); did you mean --prefix=train/?")
@@ -100,27 +92,28 @@ def test_unknown_metric_is_named_before_its_direction(run, tmp_path):
   args = (f"--checkpoints={','.join(run['prefixes'])}", "--weighting=softmax",
           f"--metrics_from_events={run['eval']}",
           f"--output_path={tmp_path}/avg")
-  assert error_line(run_cli(*args, "--metric=los")) == (
+  assert error_line(call_cli(*args, "--metric=los")) == (
       f"t2t_avg: error: Metric tag 'los' not found in {run['eval']}; scalar "
       "tags there: learning_rate, loss")
-  assert error_line(run_cli(*args, "--metric=learning_rate")) == (
+  assert error_line(call_cli(*args, "--metric=learning_rate")) == (
       "t2t_avg: error: cannot tell whether a lower or a higher "
       "'learning_rate' is better; pass --metric_mode=min|max")
 
 
 def test_directory_without_events_is_only_that(run, tmp_path):
-  result = run_cli(f"--checkpoints={','.join(run['prefixes'])}",
-                   "--weighting=softmax", f"--metrics_from_events={run['train']}",
-                   f"--output_path={tmp_path}/avg")
+  result = call_cli(f"--checkpoints={','.join(run['prefixes'])}",
+                    "--weighting=softmax", f"--metrics_from_events={run['train']}",
+                    f"--output_path={tmp_path}/avg")
   assert error_line(result) == (
       "t2t_avg: error: No TensorBoard event files (*tfevents*) in directory "
       f"{run['train']}")
-  assert not [w for w in _warnings(result) if "holds checkpoints" in w]
+  assert not [w for w in absl_messages(result.stderr, "W")
+              if "holds checkpoints" in w]
 
 
 def test_dry_run_prints_the_table_once_on_stdout(run, tmp_path):
-  result = run_cli(f"--checkpoints={','.join(run['prefixes'])}", "--dry_run",
-                   f"--output_path={tmp_path}/avg")
+  result = call_cli(f"--checkpoints={','.join(run['prefixes'])}", "--dry_run",
+                    f"--output_path={tmp_path}/avg")
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.count(run["prefixes"][0]) == 1
   assert run["prefixes"][0] not in result.stderr
@@ -139,28 +132,28 @@ def test_help_says_prepended_and_groups_flags_by_mode():
 
 
 def test_top_k_without_k_says_it_is_required(run, tmp_path):
-  line = error_line(run_cli(f"--checkpoints={','.join(run['prefixes'])}",
-                            "--weighting=top_k",
-                            f"--metrics_from_events={run['eval']}",
-                            f"--output_path={tmp_path}/avg"))
+  line = error_line(call_cli(f"--checkpoints={','.join(run['prefixes'])}",
+                             "--weighting=top_k",
+                             f"--metrics_from_events={run['eval']}",
+                             f"--output_path={tmp_path}/avg"))
   assert line == ("t2t_avg: error: --weighting=top_k needs --top_k=k, the "
                   "number of best checkpoints to average (k >= 1), not 0")
 
 
 def test_checkpoints_with_num_last_is_a_warning_and_a_run(run, tmp_path):
-  result = run_cli(f"--checkpoints={','.join(run['prefixes'][:2])}",
-                   "--num_last_checkpoints=3",
-                   f"--output_path={tmp_path}/avg")
+  result = call_cli(f"--checkpoints={','.join(run['prefixes'][:2])}",
+                    "--num_last_checkpoints=3",
+                    f"--output_path={tmp_path}/avg")
   assert result.returncode == 0, result.stderr[-2000:]
   assert ("--num_last_checkpoints is ignored because --checkpoints is set"
-          in _warnings(result))
+          in absl_messages(result.stderr, "W"))
 
 
 def test_state_file_keeps_earlier_outputs_newest_last(run, tmp_path):
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   for step in ("100", "200"):
-    result = run_cli(f"--checkpoints={','.join(run['prefixes'])}",
-                     f"--output_step={step}", f"--output_path={tmp_path}/avg")
+    result = call_cli(f"--checkpoints={','.join(run['prefixes'])}",
+                      f"--output_step={step}", f"--output_path={tmp_path}/avg")
     assert result.returncode == 0, result.stderr[-2000:]
   state = tf.train.get_checkpoint_state(str(tmp_path))
   assert list(state.all_model_checkpoint_paths) == [
@@ -170,11 +163,8 @@ def test_state_file_keeps_earlier_outputs_newest_last(run, tmp_path):
 
 def test_record_holds_absolute_paths(run, tmp_path):
   train = os.path.relpath(run["train"], tmp_path)
-  result = subprocess.run(
-      [sys.executable, "-m", "t2t_avg", f"--prefix={train}/",
-       "--num_last_checkpoints=2", "--output_path=out/avg"],
-      capture_output=True, text=True, timeout=300, cwd=tmp_path,
-      env=dict(os.environ, PYTHONPATH=REPO), check=False)
+  result = call_cli(f"--prefix={train}/", "--num_last_checkpoints=2",
+                    "--output_path=out/avg", cwd=tmp_path)
   assert result.returncode == 0, result.stderr[-2000:]
   with open(tmp_path / "out/avg-0.t2t_avg.json", encoding="utf-8") as f:
     record = json.load(f)
@@ -207,8 +197,8 @@ def test_no_tensorflow_start_up_noise(run, tmp_path):
 
 
 def test_output_data_is_one_file(run, tmp_path):
-  result = run_cli(f"--checkpoints={','.join(run['prefixes'])}",
-                   f"--output_path={tmp_path}/avg")
+  result = call_cli(f"--checkpoints={','.join(run['prefixes'])}",
+                    f"--output_path={tmp_path}/avg")
   assert result.returncode == 0
   assert sorted(os.listdir(tmp_path)) == [
       "avg-0.data-00000-of-00001", "avg-0.index", "avg-0.t2t_avg.json",

@@ -7,26 +7,17 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import (options_from_flags, run_cli_without_tensorflow,
+from conftest import (assert_same_values, one_shot, run_cli_without_tensorflow,
                       step_valued, write_tf1_series)
-from keras_runs import assert_same_values, csv_column, datasets
+from keras_runs import csv_column, datasets
 from keras_runs import expected_average, softmax_weights
 from t2t_avg import options
 from t2t_avg.errors import ArgumentError, AveragingError
 from t2t_avg.inputs import naming
-from t2t_avg.jobs import oneshot
 
 # Windows in this file are small: every training below is a few seconds.
 _X = np.random.RandomState(0).rand(32, 4).astype(np.float32)
 _Y = _X.sum(axis=1, keepdims=True)
-
-
-def _one_shot(**flags):
-  built = options_from_flags(**flags)
-  return oneshot.run(options.OneShotSettings(
-      inputs=built[options.InputOptions], output=built[options.OutputOptions],
-      averaging=built[options.AveragingOptions],
-      weighting=built[options.WeightingOptions]))
 
 
 def _tf_mean(prefixes):
@@ -69,7 +60,7 @@ def test_zero_padded_tf_names_are_all_found(tf_keras_run, tmp_path):
   state = tf.train.get_checkpoint_state(tf_keras_run)
   assert list(state.all_model_checkpoint_paths) == [
       os.path.join(tf_keras_run, "ckpt-06")]  # TF lists only the newest.
-  result = _one_shot(prefix=tf_keras_run + "/", num_last_checkpoints=5,
+  result = one_shot(prefix=tf_keras_run + "/", num_last_checkpoints=5,
                      output_path=str(tmp_path / "avg.ckpt"))
   inputs = [os.path.join(tf_keras_run, f"ckpt-{e:02d}") for e in range(2, 7)]
   assert [row.path for row in result.rows] == inputs
@@ -124,7 +115,7 @@ def test_an_epoch_is_never_guessed_between_two_numbers(epoch_batch_run,
                                                        tmp_path):
   directory, csv_log = epoch_batch_run
   with pytest.raises(ArgumentError) as error:
-    _one_shot(prefix=directory + "/", num_last_checkpoints=2,
+    one_shot(prefix=directory + "/", num_last_checkpoints=2,
               weighting="softmax", metrics_from_events=[csv_log],
               metric="val_loss", output_path=str(tmp_path / "a.weights.h5"))
   assert error.value.message(as_flags=True) == (
@@ -136,7 +127,7 @@ def test_an_epoch_is_never_guessed_between_two_numbers(epoch_batch_run,
   assert not os.path.exists(tmp_path / "a.weights.h5")
   # Named by the pattern, the last two are both of epoch 6: refused too.
   with pytest.raises(AveragingError, match=r"both have epoch 6 in their "):
-    _one_shot(prefix=directory + "/", num_last_checkpoints=2,
+    one_shot(prefix=directory + "/", num_last_checkpoints=2,
               weighting="softmax", metrics_from_events=[csv_log],
               metric="val_loss", name_pattern=_PATTERN,
               output_path=str(tmp_path / "b.weights.h5"))
@@ -148,7 +139,7 @@ def test_the_name_pattern_pairs_files_with_their_epochs_rows(epoch_batch_run,
   names = ["s-03-004.weights.h5", "s-04-002.weights.h5",
            "s-06-004.weights.h5"]
   output = str(tmp_path / "avg.weights.h5")
-  result = _one_shot(prefix=directory + "/", checkpoints=names,
+  result = one_shot(prefix=directory + "/", checkpoints=names,
                      weighting="softmax", metrics_from_events=[csv_log],
                      metric="val_loss", name_pattern=_PATTERN,
                      output_path=output)
@@ -215,7 +206,7 @@ def test_last_2_of_10_keras_files_list_once_and_open_each_once(
   monkeypatch.setattr(os, "scandir", scandir)
   monkeypatch.setattr(os, "listdir", listdir)
   monkeypatch.setattr(h5py.File, "__init__", init)
-  result = _one_shot(prefix=f"{directory}/", num_last_checkpoints=2,
+  result = one_shot(prefix=f"{directory}/", num_last_checkpoints=2,
                      dry_run=True, output_path=str(tmp_path / "a.weights.h5"))
   monkeypatch.undo()
   assert [os.path.basename(r.path) for r in result.rows] == [
@@ -318,7 +309,7 @@ def test_a_deflated_keras_file_is_extracted_once(tmp_path, monkeypatch):
     return real_extract(path, info)
 
   monkeypatch.setattr(keras_zip, "_extract", extract)
-  result = _one_shot(prefix=f"{directory}/", num_last_checkpoints=2,
+  result = one_shot(prefix=f"{directory}/", num_last_checkpoints=2,
                      dry_run=True, output_path=str(tmp_path / "a.keras"))
   assert [os.path.basename(r.path) for r in result.rows] == [
       "m-02.keras", "m-03.keras"]

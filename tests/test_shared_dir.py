@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import (REPO, error_line, read_checkpoint, run_cli,
+from conftest import (REPO, call_cli, error_line, read_checkpoint, run_cli,
                       step_valued, tree_fingerprint, write_tf1_series)
 
 OUTPUT = "averaged.ckpt"  # The legacy default's basename.
@@ -85,8 +85,10 @@ def test_planted_link_is_never_followed(inputs, victim, tmp_path, case,
   victim_before = tree_fingerprint(victim)
   inputs_before = tree_fingerprint(os.path.dirname(inputs[0]))
 
-  result = run_cli(f"--checkpoints={','.join(inputs)}",
-                   f"--output_path={out}/{OUTPUT}", "--weight_summaries")
+  # Temporaries under the next pids: a real process, to get one of them.
+  run = run_cli if case == "temporaries_under_next_pids" else call_cli
+  result = run(f"--checkpoints={','.join(inputs)}",
+               f"--output_path={out}/{OUTPUT}", "--weight_summaries")
 
   assert tree_fingerprint(victim) == victim_before
   assert tree_fingerprint(os.path.dirname(inputs[0])) == inputs_before
@@ -112,15 +114,15 @@ def test_planted_link_refusals_say_what_is_wrong(inputs, victim, tmp_path):
   out = tmp_path / "shared"
   out.mkdir()
   os.symlink(victim / "precious.txt", out / f"{PRODUCT}.index")
-  line = error_line(run_cli(f"--checkpoints={','.join(inputs)}",
-                            f"--output_path={out}/{OUTPUT}"))
+  line = error_line(call_cli(f"--checkpoints={','.join(inputs)}",
+                             f"--output_path={out}/{OUTPUT}"))
   assert line == (f"t2t_avg: error: output file {out}/{PRODUCT}.index is a "
                   "symbolic link; t2t_avg will not replace it: remove it or "
                   "choose another --output_path")
   os.remove(out / f"{PRODUCT}.index")
   os.symlink(victim / "precious.txt", out / f".t2t_avg-writing.{PRODUCT}")
-  line = error_line(run_cli(f"--checkpoints={','.join(inputs)}",
-                            f"--output_path={out}/{OUTPUT}"))
+  line = error_line(call_cli(f"--checkpoints={','.join(inputs)}",
+                             f"--output_path={out}/{OUTPUT}"))
   assert line == (f"t2t_avg: error: {out}/.t2t_avg-writing.{PRODUCT} is a "
                   "symbolic link, not a mark t2t_avg left; remove it or "
                   "choose another output")
@@ -178,12 +180,12 @@ def test_owner_file_not_yet_written_is_a_run_starting(inputs, tmp_path):
   mark.write_text("")
   args = (f"--checkpoints={','.join(inputs)}", f"--output_path={out}/{OUTPUT}")
 
-  line = error_line(run_cli(*args))
+  line = error_line(call_cli(*args))
   assert line == (f"t2t_avg: error: another t2t_avg run (just started) is "
                   f"writing {out}/{PRODUCT}; wait for it to finish or choose "
                   "another output")
   os.utime(mark, (long_ago, long_ago))
-  result = run_cli(*args)
+  result = call_cli(*args)
 
   assert result.returncode == 0, result.stderr[-2000:]
   assert starting.exists()
@@ -204,8 +206,8 @@ def test_stale_looking_temporary_of_another_user_is_left_alone(
   os.chown(theirs, nobody, -1)
   before = tree_fingerprint(theirs)
 
-  result = run_cli(f"--checkpoints={','.join(inputs)}",
-                   f"--output_path={out}/{OUTPUT}")
+  result = call_cli(f"--checkpoints={','.join(inputs)}",
+                    f"--output_path={out}/{OUTPUT}")
 
   assert result.returncode == 0, result.stderr[-2000:]
   assert tree_fingerprint(theirs) == before
@@ -222,8 +224,8 @@ def test_claim_mark_of_another_user_is_refused_not_taken_over(inputs,
   mark.write_text(f"999999 {socket.gethostname()}\n")
   nobody = pwd.getpwnam("nobody").pw_uid
   os.chown(mark, nobody, -1)
-  line = error_line(run_cli(f"--checkpoints={','.join(inputs)}",
-                            f"--output_path={out}/{OUTPUT}"))
+  line = error_line(call_cli(f"--checkpoints={','.join(inputs)}",
+                             f"--output_path={out}/{OUTPUT}"))
   assert line == (f"t2t_avg: error: {mark} marks {out}/{PRODUCT} as being "
                   f"written by another user (uid {nobody}); choose another "
                   "output")

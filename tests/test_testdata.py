@@ -1,5 +1,4 @@
 """testdata/: what scripts/make_testdata.py writes, small, and the README's commands work on it."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +11,8 @@ from tensorflow.core.util import event_pb2
 
 from t2t_avg.metrics import events
 
-from conftest import REPO, read_checkpoint, run_cli, tree_fingerprint
+from conftest import (REPO, call_cli, load_script, read_checkpoint,
+                      tree_fingerprint)
 
 TESTDATA = os.path.join(REPO, "testdata")
 TRAIN = os.path.join(TESTDATA, "train")
@@ -22,14 +22,6 @@ BLEU = "metrics-translate_ende_wmt32k/targets/approx_bleu_score"
 SCALAR_TAGS = ["loss", "metrics-translate_ende_wmt32k/targets/accuracy", BLEU,
                "metrics-translate_ende_wmt32k/targets/neg_log_perplexity"]
 TEXT_FILES = ["flags.txt", "flags_t2t.txt", "hparams.json"]
-
-
-def _load_script(name):
-  path = os.path.join(REPO, "scripts", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _files(directory):
@@ -59,7 +51,7 @@ def _event_values(eval_dir):
 
 @pytest.fixture(scope="module")
 def regenerated(tmp_path_factory):
-  make_testdata = _load_script("make_testdata")
+  make_testdata = load_script("make_testdata")
   return make_testdata.write_testdata(str(tmp_path_factory.mktemp("td")))
 
 
@@ -134,7 +126,7 @@ def _readme_command(args, where, tmp_path):
   out = tmp_path / "t2t_avg_demo"
   if where == "repo":
     paths = dict(train="testdata/train", eval="testdata/train/eval", out=out)
-    result = run_cli(*[a.format(**paths) for a in args])
+    result = call_cli(*[a.format(**paths) for a in args])
   else:
     paths = dict(train=TRAIN, eval=EVAL, out=out)
     cwd = tmp_path / "elsewhere"

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (error_line, read_checkpoint, run_cli, run_legacy,
-                      write_tf1_series)
+from conftest import (call_cli, error_line, float64_mean, read_checkpoint,
+                      run_cli, run_legacy, write_tf1_series)
 from t2t_avg import average_checkpoints
 from t2t_avg.errors import AveragingError
 
@@ -31,15 +31,6 @@ def _bytes(value):
   """What a tensor holds, comparable (strings by value, not by pointer)."""
   value = np.asarray(value)
   return value.tolist() if value.dtype == object else value.tobytes()
-
-
-def _mean(values, dtype):
-  """The contract's uniform average: float64 sum in order, / n, cast once."""
-  wide = np.complex128 if np.dtype(dtype).kind == "c" else np.float64
-  total = np.zeros(np.shape(values[0]), wide)
-  for value in values:
-    total += np.asarray(value).astype(wide)
-  return (total / len(values)).astype(dtype)
 
 
 # --- quantized, complex, float8 and other dtypes -----------------------------
@@ -105,7 +96,7 @@ def test_every_dtype_keeps_its_dtype_and_restores(raw_series, tmp_path):
   for name, dtype in zip(names, dtypes):
     if dtype.is_floating or dtype.is_complex:
       values = [np.asarray(i[name].numpy()) for i in inputs]
-      expected = _mean(values, dtype.as_numpy_dtype)
+      expected = float64_mean(values, dtype.as_numpy_dtype)
     else:  # Copied from the newest, bytes as stored.
       expected = inputs[-1][name].numpy()
     got = ours[name].numpy()
@@ -205,14 +196,14 @@ def test_sliced_variables_of_every_dtype_restore_into_the_partitioned_graph(
   # supported"): the engine reads them slice by slice instead.
   with pytest.raises(Exception, match="not supported"):
     tf.train.load_checkpoint(partitioned[0]).get_tensor("f16")
-  result = run_cli(f"--checkpoints={','.join(partitioned)}",
-                   f"--output_path={tmp_path}/avg")
+  result = call_cli(f"--checkpoints={','.join(partitioned)}",
+                    f"--output_path={tmp_path}/avg")
   assert result.returncode == 0, result.stderr[-2000:]
   ours = _restored(f"{tmp_path}/avg-0")
   inputs = [_restored(p) for p in partitioned]
   for name, dtype in _SLICED_DTYPES.items():
     if dtype.is_floating:
-      expected = _mean([i[name] for i in inputs], dtype.as_numpy_dtype)
+      expected = float64_mean([i[name] for i in inputs], dtype.as_numpy_dtype)
     else:
       expected = inputs[-1][name]
     assert ours[name].dtype == expected.dtype, name
@@ -257,14 +248,14 @@ def test_max_shard_size_policy_and_sharded_variables_restore(tmp_path):
   tf.train.Checkpoint(model=restored).read(
       result.output_path).assert_consumed()
   for attribute in ("big", "bias"):
-    expected = _mean([getattr(m, attribute).numpy() for m in models],
-                     getattr(models[0], attribute).dtype.as_numpy_dtype)
+    expected = float64_mean([getattr(m, attribute).numpy() for m in models],
+                            getattr(models[0], attribute).dtype.as_numpy_dtype)
     assert getattr(restored, attribute).numpy().tobytes() == (
         expected.tobytes()), attribute
   np.testing.assert_array_equal(restored.table.numpy(), models[-1].table)
   got = np.concatenate([v.numpy() for v in restored.sharded.variables])
-  expected = _mean([np.concatenate([v.numpy() for v in m.sharded.variables])
-                    for m in models], np.float32)
+  expected = float64_mean([np.concatenate([v.numpy() for v in m.sharded.variables])
+                           for m in models], np.float32)
   assert got.tobytes() == expected.tobytes()
 
 
@@ -330,12 +321,12 @@ def test_excluded_variables_may_be_missing_or_differ(tmp_path):
   for step in STEPS:
     prefixes += write_tf1_series(str(tmp_path / f"t{step}"), [step],
                                  make)
-  refused = run_cli(f"--checkpoints={','.join(prefixes)}",
-                    f"--output_path={tmp_path}/bad/avg")
+  refused = call_cli(f"--checkpoints={','.join(prefixes)}",
+                     f"--output_path={tmp_path}/bad/avg")
   assert "extra/" in error_line(refused)
-  result = run_cli(f"--checkpoints={','.join(prefixes)}",
-                   "--exclude_variables=^extra/",
-                   f"--output_path={tmp_path}/out/avg")
+  result = call_cli(f"--checkpoints={','.join(prefixes)}",
+                    "--exclude_variables=^extra/",
+                    f"--output_path={tmp_path}/out/avg")
   assert result.returncode == 0, result.stderr[-2000:]
   out = read_checkpoint(f"{tmp_path}/out/avg-0")
   assert sorted(out) == ["body/w", "global_step"]
@@ -345,9 +336,9 @@ def test_excluded_variables_may_be_missing_or_differ(tmp_path):
 def test_excluding_every_variable_is_one_clear_line(tmp_path):
   prefixes = write_tf1_series(str(tmp_path / "t"), [1, 2],
                               lambda s: {"w": np.full(2, s, np.float32)})
-  line = error_line(run_cli(f"--checkpoints={','.join(prefixes)}",
-                            "--exclude_variables=.",
-                            f"--output_path={tmp_path}/out/avg"))
+  line = error_line(call_cli(f"--checkpoints={','.join(prefixes)}",
+                             "--exclude_variables=.",
+                             f"--output_path={tmp_path}/out/avg"))
   assert line == (f"t2t_avg: error: --exclude_variables='.' matches every "
                   f"variable of {prefixes[-1]}: nothing would be written")
   assert not os.path.exists(tmp_path / "out")
@@ -426,9 +417,9 @@ def test_v1_checkpoints_average_like_legacy_into_v2(tmp_path):
   assert not os.path.exists(prefixes[0] + ".index")
   run_legacy("avg_checkpoints", f"--checkpoints={','.join(prefixes)}",
              f"--output_path={tmp_path}/legacy/avg")
-  result = run_cli("--prefix=" + str(tmp_path / "v1") + "/",
-                   "--num_last_checkpoints=3",
-                   f"--output_path={tmp_path}/ours/avg")
+  result = call_cli("--prefix=" + str(tmp_path / "v1") + "/",
+                    "--num_last_checkpoints=3",
+                    f"--output_path={tmp_path}/ours/avg")
   assert result.returncode == 0, result.stderr[-2000:]
   assert os.path.exists(f"{tmp_path}/ours/avg-0.index")  # V2
   ours = read_checkpoint(f"{tmp_path}/ours/avg-0")
@@ -443,8 +434,8 @@ def test_v1_checkpoints_average_like_legacy_into_v2(tmp_path):
 @pytest.mark.parametrize("name", ["avg[1]", "a*b", "what?", "sub[dir]/avg"])
 def test_output_path_tf_cannot_read_back_is_refused_before_any_work(
     tmp_path, name):
-  result = run_cli("--checkpoints=never_read", f"--output_path={tmp_path}/"
-                   f"{name}")
+  result = call_cli("--checkpoints=never_read", f"--output_path={tmp_path}/"
+                    f"{name}")
   line = error_line(result)
   assert line.startswith(f"t2t_avg: error: --output_path '{tmp_path}/{name}'"
                          " contains"), line
@@ -462,8 +453,8 @@ def test_write_meta_with_keys_that_collide_as_op_names(tmp_path):
                       tensors=[tf.constant([float(step + i)] * 2)
                                for i in range(len(names))])
     prefixes.append(prefix)
-  result = run_cli(f"--checkpoints={','.join(prefixes)}", "--write_meta",
-                   f"--output_path={tmp_path}/out/avg")
+  result = call_cli(f"--checkpoints={','.join(prefixes)}", "--write_meta",
+                    f"--output_path={tmp_path}/out/avg")
   assert result.returncode == 0, result.stderr[-2000:]
   with tf.Graph().as_default(), tf1.Session() as sess:
     saver = tf1.train.import_meta_graph(f"{tmp_path}/out/avg-0.meta")
@@ -483,9 +474,9 @@ def test_output_step_that_does_not_fit_global_step_is_refused(tmp_path):
                       tensors=[tf.constant(step, tf.int32),
                                tf.constant([1.0])])
     prefixes.append(prefix)
-  line = error_line(run_cli(f"--checkpoints={','.join(prefixes)}",
-                            "--output_step=3000000000",
-                            f"--output_path={tmp_path}/out/avg"))
+  line = error_line(call_cli(f"--checkpoints={','.join(prefixes)}",
+                             "--output_step=3000000000",
+                             f"--output_path={tmp_path}/out/avg"))
   assert line == ("t2t_avg: error: --output_step=3000000000 does not fit the "
                   "global_step tensor's dtype int32 (at most 2147483647)")
   assert not os.path.exists(tmp_path / "out")
@@ -559,7 +550,7 @@ def test_random_checkpoints_average_as_tf_reads_them(tmp_path, specs,
     got = reader.get_tensor(key)
     values = [x[f"v{j}"] for x in inputs]
     if np.dtype(dtype).kind == "f" or dtype is ml_dtypes.bfloat16:
-      expected = _mean(values, dtype)
+      expected = float64_mean(values, dtype)
     else:
       expected = values[-1]
     assert got.dtype == np.dtype(dtype)

@@ -20,7 +20,7 @@ from google.protobuf import text_format
 from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import tensor_bundle_pb2
 
-from conftest import (REPO, error_line, run_cli, run_cli_without_tensorflow,
+from conftest import (REPO, call_cli, error_line, run_cli_without_tensorflow,
                       step_valued, write_tf1_series)
 from t2t_avg.formats import state_file
 from t2t_avg.files import tf_loader
@@ -318,7 +318,7 @@ def test_the_engine_averages_local_checkpoints_without_tensorflow(tmp_path):
       "tf_bundle.verify_readable = lambda prefix, tensors: None")
   assert without.returncode == 0, without.stderr[-3000:]
   assert "tensorflow never imported" in without.stdout
-  normal = run_cli(*flags, f"--output_path={tmp_path}/normal/avg")
+  normal = call_cli(*flags, f"--output_path={tmp_path}/normal/avg")
   assert normal.returncode == 0, normal.stderr[-3000:]
   files = _output_files(tmp_path / "without")
   assert sorted(files) == ["avg-0.data-00000-of-00001", "avg-0.index",

@@ -1,5 +1,4 @@
 """Continuous mode (t2t-avg-all): windows, outputs, robustness, vs legacy."""
-import dataclasses
 import glob
 import json
 import logging as std_logging
@@ -13,8 +12,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import (error_line, mixed_series, read_checkpoint, run_cli,
-                      run_legacy, step_valued, tree_fingerprint,
+from conftest import (assert_same_values, average_all, call_cli, error_line,
+                      logged, mixed_series, read_checkpoint, run_legacy,
+                      step_valued, tree_fingerprint, wait_for_first_save,
                       write_tf1_series)
 from t2t_avg import AveragingError
 from t2t_avg import options
@@ -51,33 +51,6 @@ class FakeTime:
       self._on_sleep(len(self.sleeps))
 
 
-
-def _average_all(model_dir, output_dir="avg/", *, clock=None, sleep=None,
-                 **flags):
-  """`continuous.average_all` with flag-named keyword arguments, as the CLI builds.
-
-  Each keyword goes to the options dataclass that has a field of its name.
-  """
-  groups = {}
-  for cls in (options.ContinuousOptions, options.WeightingOptions,
-              options.AveragingOptions):
-    names = {f.name for f in dataclasses.fields(cls)}
-    groups[cls] = {k: v for k, v in flags.items() if k in names}
-  unknown = set(flags) - {k for g in groups.values() for k in g}
-  assert not unknown, unknown
-  for key in ("metrics_from_events", "weights"):
-    if key in groups[options.WeightingOptions]:
-      groups[options.WeightingOptions][key] = tuple(
-          groups[options.WeightingOptions][key])
-  timing = {k: v for k, v in (("clock", clock), ("sleep", sleep)) if v}
-  return continuous.average_all(
-      options.ContinuousOptions(model_dir, output_dir,
-                                **groups[options.ContinuousOptions]),
-      weighting_options=options.WeightingOptions(
-          **groups[options.WeightingOptions]),
-      averaging_options=options.AveragingOptions(
-          **groups[options.AveragingOptions]), **timing)
-
 def _run_files(model_dir):
   """flags.txt and hparams.json, dated well before the checkpoints."""
   times = {}
@@ -98,13 +71,6 @@ def _one_shot(window, output_dir, step, **kwargs):
   return read_checkpoint(result.output_path)
 
 
-def _assert_same_tensors(ours, expected):
-  assert sorted(ours) == sorted(expected)
-  for name, value in expected.items():
-    assert ours[name].dtype == value.dtype, name
-    assert np.asarray(ours[name]).tobytes() == np.asarray(value).tobytes(), name
-
-
 def _files_of(prefix):
   return glob.glob(glob.escape(prefix) + ".*")
 
@@ -112,11 +78,6 @@ def _files_of(prefix):
 def _delete_checkpoint(prefix):
   for path in _files_of(prefix):
     os.remove(path)
-
-
-def _warnings(caplog):
-  return [r.getMessage() for r in caplog.records
-          if r.levelno == std_logging.WARNING]
 
 
 def _write_metric(directory, values, tag="loss"):
@@ -202,7 +163,7 @@ def test_outputs_equal_one_shot_average_of_each_window(tmp_path):
   prefixes = mixed_series(train, STEPS)
   run_file_times = _run_files(train)
 
-  outcomes = list(_average_all(train, out, n=3))
+  outcomes = list(average_all(train, out, n=3))
 
   assert [(o.step, o.status) for o in outcomes] == [
       (300, continuous.WRITTEN), (400, continuous.WRITTEN), (500, continuous.WRITTEN)]
@@ -212,7 +173,7 @@ def test_outputs_equal_one_shot_average_of_each_window(tmp_path):
     window = prefixes[i:i + 3]
     ours = read_checkpoint(os.path.join(out, f"model.ckpt-{step}"))
     expected = _one_shot(window, str(tmp_path / f"oneshot{step}"), step)
-    _assert_same_tensors(ours, expected)
+    assert_same_values(ours, expected)
     # dtypes kept (legacy forced float32), global_step = step, and the
     # non-float counter from the newest checkpoint, not averaged.
     assert ours["transformer/body/decoder/layer_0/layer_prepostprocess/scale"].dtype == np.float16
@@ -264,7 +225,7 @@ def test_same_files_as_legacy_t2t_avg_all(tmp_path):
 
   run_legacy("t2t_avg_all", f"--model_dir={train}", f"--output_dir={legacy}",
              "--n=3")
-  list(_average_all(train, ours, n=3))
+  list(average_all(train, ours, n=3))
 
   def indexes(directory):
     return sorted(f for f in os.listdir(directory) if f.endswith(".index"))
@@ -347,14 +308,10 @@ def _average_beside_trainer(train, steps, bursts, caplog, *, evals=None,
                              env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
                              stderr=subprocess.PIPE, text=True)
   try:
-    deadline = time.time() + 120
-    while not glob.glob(os.path.join(train, "*.index")):
-      assert trainer.poll() is None, trainer.stderr.read()[-2000:]
-      assert time.time() < deadline, "the trainer saved nothing"
-      time.sleep(0.05)
+    wait_for_first_save(trainer, os.path.join(train, "*.index"))
     with caplog.at_level(std_logging.INFO):
-      outcomes = list(_average_all(train, wait_minutes=0.1,
-                                        poll_seconds=0.1, **kwargs))
+      outcomes = list(average_all(train, wait_minutes=0.1,
+                                  poll_seconds=0.1, **kwargs))
   finally:
     _, stderr = trainer.communicate(timeout=120)
   assert trainer.returncode == 0, stderr[-2000:]
@@ -371,7 +328,7 @@ def test_beside_a_training_process_that_deletes_old_checkpoints(
   steps = list(range(10, 170, 10))
   outcomes = _average_beside_trainer(train, steps, [60, 70, 110, 120], caplog,
                                      output_dir=out, n=3)
-  warnings = "\n".join(_warnings(caplog))
+  warnings = "\n".join(logged(caplog))
   written = 0
   for outcome in outcomes:
     if outcome.status == continuous.WRITTEN:
@@ -398,12 +355,12 @@ def test_restart_skips_existing_outputs_but_builds_windows_from_before(
     tmp_path, caplog):
   train, out = str(tmp_path / "train"), str(tmp_path / "avg")
   prefixes = mixed_series(train, STEPS)
-  list(_average_all(train, out, n=3))
+  list(average_all(train, out, n=3))
   before = tree_fingerprint(out)
   inodes = {f: os.stat(os.path.join(out, f)).st_ino for f in os.listdir(out)}
 
   with caplog.at_level(std_logging.INFO):
-    again = list(_average_all(train, out, n=3))
+    again = list(average_all(train, out, n=3))
   assert [o.status for o in again] == [continuous.EXISTED] * 3
   assert tree_fingerprint(out) == before
   assert {f: os.stat(os.path.join(out, f)).st_ino
@@ -414,11 +371,11 @@ def test_restart_skips_existing_outputs_but_builds_windows_from_before(
 
   # Only the missing output is computed, from the checkpoints before it.
   _delete_checkpoint(os.path.join(out, "model.ckpt-500"))
-  third = list(_average_all(train, out, n=3))
+  third = list(average_all(train, out, n=3))
   assert [o.status for o in third] == [continuous.EXISTED, continuous.EXISTED,
                                        continuous.WRITTEN]
-  _assert_same_tensors(read_checkpoint(os.path.join(out, "model.ckpt-500")),
-                       _one_shot(prefixes[2:], str(tmp_path / "one"), 500))
+  assert_same_values(read_checkpoint(os.path.join(out, "model.ckpt-500")),
+                     _one_shot(prefixes[2:], str(tmp_path / "one"), 500))
   after = tree_fingerprint(out)
   for name, fingerprint in before.items():
     if "model.ckpt-500" not in name and name != "checkpoint":
@@ -431,14 +388,14 @@ def test_checkpoint_vanishing_after_discovery_skips_its_windows(
   prefixes = write_tf1_series(train, STEPS + [600], step_valued({"w": (3,)}))
   outcomes = []
   with caplog.at_level(std_logging.WARNING):
-    for outcome in _average_all(train, out, n=3):
+    for outcome in average_all(train, out, n=3):
       outcomes.append(outcome)
       if outcome.step == 300:  # the trainer's max_to_keep deletes step 300
         _delete_checkpoint(prefixes[2])
   assert [(o.step, o.status) for o in outcomes] == [
       (300, continuous.WRITTEN), (400, continuous.SKIPPED), (500, continuous.SKIPPED),
       (600, continuous.WRITTEN)]
-  warnings = _warnings(caplog)
+  warnings = logged(caplog)
   assert len(warnings) == 2
   for step, warning in zip((400, 500), warnings):
     assert f"model.ckpt-{step}" in warning
@@ -463,12 +420,12 @@ def test_checkpoint_vanishing_while_averaging_skips_that_window(
 
   monkeypatch.setattr(continuous.averaging, "average_checkpoints", deleting_first)
   with caplog.at_level(std_logging.WARNING):
-    outcomes = list(_average_all(train, out, n=3))
+    outcomes = list(average_all(train, out, n=3))
   assert [o.status for o in outcomes] == [continuous.WRITTEN, continuous.SKIPPED,
                                           continuous.WRITTEN]
   assert f"{prefixes[1]} vanished while being averaged" in outcomes[1].reason
   assert any("model.ckpt-400" in w and prefixes[1] in w
-             for w in _warnings(caplog))
+             for w in logged(caplog))
   assert not glob.glob(os.path.join(out, "*400*"))
   assert not glob.glob(os.path.join(out, "*tmp*"))
 
@@ -494,14 +451,14 @@ def test_half_written_checkpoint_skips_its_windows(tmp_path, caplog, damage,
       f.seek(40)
       f.write(b"\x7f" * 64)
   with caplog.at_level(std_logging.WARNING):
-    outcomes = list(_average_all(train, out, n=3))
+    outcomes = list(average_all(train, out, n=3))
   assert [(o.step, o.status) for o in outcomes] == [
       (300, continuous.WRITTEN), (400, continuous.SKIPPED), (500, continuous.SKIPPED),
       (600, continuous.SKIPPED), (700, continuous.WRITTEN)]
   expected = says.format(prefix=prefixes[3])
   for outcome in outcomes[1:4]:
     assert expected in outcome.reason
-  warnings = _warnings(caplog)
+  warnings = logged(caplog)
   assert len(warnings) == 3 and all(expected in w for w in warnings)
 
 
@@ -517,13 +474,13 @@ def test_nan_in_a_window_stops_the_run_unless_allowed(tmp_path):
   prefixes = write_tf1_series(train, STEPS, make)
   outcomes = []
   with pytest.raises(AveragingError, match=f"checkpoint {prefixes[3]} holds"):
-    for outcome in _average_all(train, out, n=3):
+    for outcome in average_all(train, out, n=3):
       outcomes.append(outcome)
   # Not a vanished input: the trainer diverged, and saying so beats
   # skipping every window from now on.
   assert [o.step for o in outcomes] == [300]
-  allowed = list(_average_all(train, str(tmp_path / "nan"), n=3,
-                                   allow_nonfinite=True))
+  allowed = list(average_all(train, str(tmp_path / "nan"), n=3,
+                                  allow_nonfinite=True))
   assert [o.status for o in allowed] == [continuous.WRITTEN] * 3
 
 
@@ -536,10 +493,10 @@ def test_output_dir_equal_to_model_dir_is_refused(tmp_path):
   before = tree_fingerprint(train)
   same = os.path.join(train, "..", "train") + "/"
   with pytest.raises(ArgumentError) as raised:
-    _average_all(train, same, n=1)
+    average_all(train, same, n=1)
   assert train in str(raised.value) and same in str(raised.value)
 
-  result = run_cli(f"--model_dir={train}", f"--output_dir={train}", "--n=1")
+  result = call_cli(f"--model_dir={train}", f"--output_dir={train}", "--n=1")
   line = error_line(result)
   assert f"--output_dir {train} is the training directory" in line
   script = os.path.join(os.path.dirname(sys.executable), "t2t-avg-all")
@@ -562,13 +519,13 @@ def test_output_dir_equal_to_model_dir_is_refused(tmp_path):
 def test_bad_arguments_are_refused_before_anything_happens(tmp_path, kwargs,
                                                            match):
   with pytest.raises(ArgumentError, match=match):
-    _average_all(str(tmp_path), str(tmp_path / "avg"), **kwargs)
+    average_all(str(tmp_path), str(tmp_path / "avg"), **kwargs)
   assert not os.path.exists(tmp_path / "avg")
 
 
 def test_missing_model_dir_without_waiting_is_an_error(tmp_path):
   with pytest.raises(AveragingError, match="is not a directory"):
-    _average_all(str(tmp_path / "nope"), str(tmp_path / "avg"))
+    average_all(str(tmp_path / "nope"), str(tmp_path / "avg"))
 
 
 def test_run_fails_when_every_window_is_skipped(tmp_path):
@@ -591,9 +548,9 @@ def test_softmax_window_matches_one_shot_weighted_average(tmp_path):
   eval_dir = str(tmp_path / "train" / "eval")
   _write_metric(eval_dir, {100: 2.0, 200: 1.5, 300: 1.0, 400: 1.25})
 
-  outcomes = list(_average_all(train, out, n=3, weighting="softmax",
-                                    metrics_from_events=[eval_dir], metric="loss",
-                                    weight_summaries=True))
+  outcomes = list(average_all(train, out, n=3, weighting="softmax",
+                                   metrics_from_events=[eval_dir], metric="loss",
+                                   weight_summaries=True))
   assert [(o.step, o.status) for o in outcomes] == [(300, continuous.WRITTEN),
                                                     (400, continuous.WRITTEN)]
   for i, step in enumerate([300, 400]):
@@ -602,9 +559,9 @@ def test_softmax_window_matches_one_shot_weighted_average(tmp_path):
         weighting="softmax", metrics_from_events=(eval_dir,), metric="loss",
         metric_mode="min"))
     ours = read_checkpoint(os.path.join(out, f"model.ckpt-{step}"))
-    _assert_same_tensors(ours, _one_shot(
-        weighing.checkpoints, str(tmp_path / f"weighted{step}"), step,
-        weights=weighing.weights))
+    assert_same_values(ours, _one_shot(
+      weighing.checkpoints, str(tmp_path / f"weighted{step}"), step,
+      weights=weighing.weights))
     uniform = _one_shot(prefixes[i:i + 3], str(tmp_path / f"uniform{step}"),
                         step)
     name = "transformer/body/encoder/layer_0/self_attention/q/kernel"
@@ -631,7 +588,7 @@ def test_window_waits_for_its_newest_metric_then_is_skipped(tmp_path, caplog):
 
   fake = FakeTime(eval_of_400_arrives)
   with caplog.at_level(std_logging.WARNING):
-    outcomes = list(_average_all(
+    outcomes = list(average_all(
         train, out, n=3, wait_minutes=1, poll_seconds=10, clock=fake.clock,
         sleep=fake.sleep, weighting="rank", metrics_from_events=[eval_dir], metric="loss"))
 
@@ -643,7 +600,7 @@ def test_window_waits_for_its_newest_metric_then_is_skipped(tmp_path, caplog):
   assert fake.now > deadline_500
   assert len(fake.sleeps) >= 6
   assert "step 500" in outcomes[2].reason and "loss" in outcomes[2].reason
-  assert [w for w in _warnings(caplog) if "model.ckpt-500" in w]
+  assert [w for w in logged(caplog) if "model.ckpt-500" in w]
   rank_weights = [r.weight for r in outcomes[1].result.rows]
   assert rank_weights == pytest.approx([1 / 6, 2 / 6, 3 / 6])
   assert not os.path.exists(os.path.join(out, "model.ckpt-500.index"))
@@ -652,8 +609,8 @@ def test_window_waits_for_its_newest_metric_then_is_skipped(tmp_path, caplog):
 def test_explicit_weights_apply_per_window_position(tmp_path):
   train = str(tmp_path / "train")
   write_tf1_series(train, [1, 2, 3], step_valued({"w": (2,)}))
-  outcomes = list(_average_all(train, str(tmp_path / "avg"), n=2,
-                                    weighting="explicit", weights=[1, 3]))
+  outcomes = list(average_all(train, str(tmp_path / "avg"), n=2,
+                                   weighting="explicit", weights=[1, 3]))
   assert [(o.step, o.status) for o in outcomes] == [(2, continuous.WRITTEN),
                                                     (3, continuous.WRITTEN)]
   for step in (2, 3):

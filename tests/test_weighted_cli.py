@@ -3,8 +3,6 @@
 Expected weights are computed here from the formulas in SPEC.md ("Numbers",
 "One-shot flags"), not by calling t2t_avg.metrics.weighting.
 """
-import json
-import logging
 import math
 import os
 import statistics
@@ -17,13 +15,11 @@ import tensorflow as tf
 
 import t2t_avg
 from t2t_avg.metrics import events
-from t2t_avg.jobs import oneshot
-from t2t_avg import options
 from t2t_avg.errors import AveragingError
 
-from conftest import (error_line, load_script, options_from_flags,
-                      read_checkpoint, run_cli,
-                      write_tf1_events, write_tf2_events,
+from conftest import (call_cli, error_line, float64_mean, load_script,
+                      logged, one_shot, read_checkpoint,
+                      read_record, write_tf1_events, write_tf2_events,
                       write_tf1_series)
 
 tf1 = tf.compat.v1
@@ -82,15 +78,8 @@ def expected_top_k(values, mode, k, steps):
 def expected_average(weights, steps, dtype, uniform_over_selected=False):
   """The float64 sum of w_i * x_i in checkpoint order, cast once."""
   if uniform_over_selected:
-    chosen = [s for w, s in zip(weights, steps) if w > 0]
-    total = 0.0
-    for s in chosen:
-      total += np.float64(s)
-    return np.float64(total / len(chosen)).astype(dtype)
-  total = np.float64(0.0)
-  for w, s in zip(weights, steps):
-    total += np.float64(w) * np.float64(s)
-  return total.astype(dtype)
+    return float64_mean([s for w, s in zip(weights, steps) if w > 0], dtype)
+  return float64_mean(steps, dtype, [np.float64(w) for w in weights])
 
 
 def assert_step_valued_average(output_prefix, weights, steps=STEPS,
@@ -132,21 +121,7 @@ def series(tmp_path_factory):
 
 def run_oneshot(prefixes, output_path, **flags):
   """`oneshot.run` with the CLI's defaults, as `python -m t2t_avg` calls it."""
-  built = options_from_flags(checkpoints=prefixes,
-                             output_path=str(output_path), **flags)
-  return oneshot.run(options.OneShotSettings(
-      built[options.InputOptions], built[options.OutputOptions],
-      built[options.AveragingOptions], built[options.WeightingOptions]))
-
-
-def _record(output_prefix):
-  with open(output_prefix + ".t2t_avg.json", encoding="utf-8") as f:
-    return json.load(f)
-
-
-def _warnings(caplog):
-  return "\n".join(r.getMessage() for r in caplog.records
-                   if r.levelno >= logging.WARNING)
+  return one_shot(checkpoints=prefixes, output_path=str(output_path), **flags)
 
 
 # --- Each scheme: float64 weighted sum, cast once ---------------------------
@@ -205,14 +180,14 @@ def test_sanity_expected_weights_prefer_the_better_metric():
 
 def test_softmax_cli_writes_weighted_average_and_json_record(series, tmp_path):
   out = tmp_path / "out" / "avg.ckpt"
-  result = run_cli(f"--checkpoints={','.join(series['prefixes'])}",
-                   "--weighting=softmax", f"--metrics_from_events={series['bleu']}",
-                   f"--metric={BLEU}", f"--output_path={out}")
+  result = call_cli(f"--checkpoints={','.join(series['prefixes'])}",
+                    "--weighting=softmax", f"--metrics_from_events={series['bleu']}",
+                    f"--metric={BLEU}", f"--output_path={out}")
 
   assert result.returncode == 0, result.stderr[-2000:]
   weights = expected_softmax(_BLEU_VALUES, "max")
   assert_step_valued_average(f"{out}-0", weights)
-  record = _record(f"{out}-0")
+  record = read_record(f"{out}-0")
   assert record["t2t_avg_version"] == t2t_avg.__version__
   assert [r["path"] for r in record["inputs"]] == series["prefixes"]
   assert [r["step"] for r in record["inputs"]] == list(STEPS)
@@ -257,10 +232,10 @@ def test_top_k_is_bit_identical_to_uniform_over_the_selected(mixed_checkpoints,
 
 def test_dry_run_prints_the_table_and_writes_nothing(series, tmp_path):
   out_dir = tmp_path / "never"
-  result = run_cli(f"--checkpoints={','.join(series['prefixes'])}",
-                   "--weighting=rank", f"--metrics_from_events={series['loss']}",
-                   f"--metric={LOSS}", f"--output_path={out_dir}/avg.ckpt",
-                   "--dry_run", "--weight_summaries")
+  result = call_cli(f"--checkpoints={','.join(series['prefixes'])}",
+                    "--weighting=rank", f"--metrics_from_events={series['loss']}",
+                    f"--metric={LOSS}", f"--output_path={out_dir}/avg.ckpt",
+                    "--dry_run", "--weight_summaries")
 
   assert result.returncode == 0, result.stderr[-2000:]
   assert not out_dir.exists()
@@ -306,15 +281,15 @@ def test_missing_metric_skip_leaves_the_checkpoint_out_with_a_warning(
                        weighting="proportional", metrics_from_events=[eval_dir],
                        missing_metric="skip")
 
-  assert series["prefixes"][2] in _warnings(caplog)
+  assert series["prefixes"][2] in "\n".join(logged(caplog))
   kept = (100, 200, 400)
   weights = expected_proportional([LOSSES[s] for s in kept], "min")
   assert [r.step for r in result.rows] == list(kept)
   assert_step_valued_average(result.output_path, weights, steps=kept)
-  assert [r["step"] for r in _record(result.output_path)["inputs"]] == [
+  assert [r["step"] for r in read_record(result.output_path)["inputs"]] == [
       100, 200, 400]
   # The dry-run table and the record say which checkpoint was left out.
-  assert _record(result.output_path)["left_out"] == [
+  assert read_record(result.output_path)["left_out"] == [
       {"path": series["prefixes"][2], "step": 300}]
   from t2t_avg.cli import average  # pylint: disable=import-outside-toplevel
   table = average.format_table(result).splitlines()
@@ -327,9 +302,9 @@ def test_missing_metric_skip_leaves_the_checkpoint_out_with_a_warning(
 def test_missing_metric_error_lists_the_steps_that_have_one(series, tmp_path):
   eval_dir = write_tf1_events(tmp_path / "eval", "loss",
                               {s: LOSSES[s] for s in (100, 200, 400)})
-  result = run_cli(f"--checkpoints={','.join(series['prefixes'])}",
-                   "--weighting=softmax", f"--metrics_from_events={eval_dir}",
-                   f"--output_path={tmp_path}/out/avg.ckpt")
+  result = call_cli(f"--checkpoints={','.join(series['prefixes'])}",
+                    "--weighting=softmax", f"--metrics_from_events={eval_dir}",
+                    f"--output_path={tmp_path}/out/avg.ckpt")
 
   line = error_line(result)
   assert "step 300" in line and "100, 200, 400" in line, line
@@ -347,17 +322,17 @@ def test_nan_metric_gives_weight_zero_with_a_warning(series, tmp_path, caplog):
   weights = expected_softmax([values[s] for s in STEPS], "min")
   assert weights[1] == 0.0
   assert [r.weight for r in result.rows] == pytest.approx(weights, abs=1e-12)
-  assert "nan" in _warnings(caplog).lower()
-  assert "200" in _warnings(caplog)
+  assert "nan" in "\n".join(logged(caplog)).lower()
+  assert "200" in "\n".join(logged(caplog))
   assert_step_valued_average(result.output_path, weights)
 
 
 def test_all_nan_metrics_are_an_error(series, tmp_path):
   eval_dir = write_tf1_events(tmp_path / "eval", "loss",
                               {s: float("nan") for s in STEPS})
-  result = run_cli(f"--checkpoints={','.join(series['prefixes'])}",
-                   "--weighting=softmax", f"--metrics_from_events={eval_dir}",
-                   f"--output_path={tmp_path}/out/avg.ckpt")
+  result = call_cli(f"--checkpoints={','.join(series['prefixes'])}",
+                    "--weighting=softmax", f"--metrics_from_events={eval_dir}",
+                    f"--output_path={tmp_path}/out/avg.ckpt")
 
   line = error_line(result)
   assert "nan" in line.lower(), line

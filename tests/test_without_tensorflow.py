@@ -14,9 +14,9 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, error_line
-from keras_runs import (assert_same_values, csv_column, datasets,
-                        expected_average, keras_runs_fixture, softmax_weights)
+from conftest import REPO, assert_same_values, error_line
+from keras_runs import (csv_column, datasets, expected_average,
+                        keras_runs_fixture, softmax_weights)
 
 assert keras_runs_fixture  # A fixture, used by name.
 
