@@ -98,7 +98,12 @@ ROW_LABELS = {
     "cat_inputs": "floor: `cat` inputs > /dev/null",
     "write_output": "floor: write the output's bytes once, no fsync",
     "write_output_fsync": "floor: write them, fsync file + directory",
+    "uniform": "t2t_avg, uniform",
+    "softmax_tf1": "t2t_avg, softmax from TF1 events (simple_value)",
+    "softmax_tf2": "t2t_avg, softmax from TF2 events (tensors)",
+    "continuous": "t2t-avg-all, one pass (one window of all)",
 }
+MODES_TARGET = 1.25  # weighted / uniform wall (issue: "as light as uniform")
 
 LEGACY_MAIN = ("import tensorflow.compat.v1 as tf; tf.disable_v2_behavior(); "
                "from absl import app; "
@@ -151,8 +156,11 @@ WORKER_MAIN = ("import json, sys; sys.path.insert(0, sys.argv[1]); "
                "getattr(bench_series, sys.argv[2])(**json.loads(sys.argv[3]))")
 
 _CASE = flags.DEFINE_enum(
-    "case", "sizes", ["sizes", "small_tensors", "max_shard", "import_limit"],
-    "What to benchmark: sizes (the --sizes presets), small_tensors (8 x "
+    "case", "sizes",
+    ["sizes", "small_tensors", "max_shard", "import_limit", "modes"],
+    "What to benchmark: sizes (the --sizes presets), modes (t2t_avg uniform, "
+    "softmax-weighted from TF1 and from TF2 event files, and one continuous "
+    "pass, on the same default series), small_tensors (8 x "
     "--small_tensors tensors of 1 KB), max_shard (TF2 checkpoints sliced by "
     "MaxShardSizePolicy vs unsliced), import_limit (the least memory limit a "
     "bare `import tensorflow` survives, for choosing --memory_limit_mb).")
@@ -1264,6 +1272,73 @@ def run_sizes(session: Session, tools: Sequence[str]) -> list[SizeResult]:
   return results
 
 
+def _modes_argv(row: str, series: Series, events: dict[str, str],
+                out_dir: str) -> list[str]:
+  if row == "continuous":
+    return [_PYTHON.value, "-m", "t2t_avg", f"--model_dir={series.directory}",
+            f"--output_dir={out_dir}", f"--n={len(series.prefixes)}"]
+  argv = _tool_argv("t2t_avg", series.prefixes, _output_prefix(out_dir, row))
+  if row != "uniform":
+    argv += ["--weighting=softmax", "--metric=loss",
+             f"--metrics_from_events={events[row]}"]
+  return argv
+
+
+def bench_modes(session: Session, runs: int, preset: Preset,
+                checkpoints: int, seed: int) -> CaseResult:
+  """Uniform, weighted from events and continuous runs on the same series."""
+  name = "modes"
+  print(f"\n=== {name} ===", flush=True)
+  series = ensure_series(preset, checkpoints, seed)
+  events = {}
+  for row, tf2 in (("softmax_tf1", False), ("softmax_tf2", True)):
+    events[row] = _series_dir(f"events-{row}-{checkpoints}x")
+    if not glob.glob(os.path.join(events[row], "*tfevents*")):
+      _run_worker("generate_events", f"writing {row} events",
+                  directory=events[row], checkpoints=checkpoints, tf2=tf2)
+  result = CaseResult(name, Runs(name, runs), series.total_bytes,
+                      load_before=_load())
+  if not session.cold:
+    result.warm_s = warm_page_cache(series.files, result.input_bytes)
+  out_dir = os.path.join(_CACHE_DIR.value, f"out-{name}")
+  rows = ("uniform", "softmax_tf1", "softmax_tf2", "continuous")
+  try:
+    for index in range(runs):
+      for row in rows:
+        _clear(out_dir)
+        run = session.measure(_modes_argv(row, series, events, out_dir),
+                              what=f"{row} ({name}, run {index + 1})")
+        result.runs.add(row, run, index)
+  finally:
+    shutil.rmtree(out_dir, ignore_errors=True)
+  result.load_after = _load()
+  print_modes_report(session, result, preset, checkpoints)
+  return result
+
+
+def print_modes_report(session: Session, result: CaseResult, preset: Preset,
+                       checkpoints: int) -> None:
+  """Markdown: each mode's medians, and its wall over the uniform run's."""
+  runs = result.runs
+  print(f"\n### Case `modes`: {checkpoints} checkpoints of preset "
+        f"'{preset.name}' ({_mb(result.input_bytes)} of input)\n")
+  _print_condition_lines(session, result.warm_s)
+  _print_load(result.load_before, result.load_after)
+  print()
+  rows = list(runs.by_row)
+  print_runs_table(runs, rows, session)
+  uniform = runs.median("uniform", "wall_s")
+  _print_ratio_header()
+  for row in rows[1:]:
+    wall = runs.median(row, "wall_s")
+    ratio = None if wall is None or not uniform else wall / uniform
+    if row == "continuous":
+      print(f"| wall: {_label(row)} / uniform | {_fmt(ratio, '.3f')} | | |")
+    else:
+      _print_target_row(f"wall: {_label(row)} / uniform", ratio, MODES_TARGET)
+  print_raw_runs(runs, rows, "case `modes`")
+
+
 def run_case(session: Session, tools: Sequence[str]) -> bool:
   """Runs the chosen case; False if an output was wrong."""
   if _CASE.value == "sizes":
@@ -1272,6 +1347,10 @@ def run_case(session: Session, tools: Sequence[str]) -> bool:
       print("\nOUTPUTS DIFFER for at least one size: see above.",
             file=sys.stderr)
       return False
+    return True
+  if _CASE.value == "modes":
+    bench_modes(session, _RUNS.value, PRESETS[_SIZE.value or "default"],
+                _CHECKPOINTS.value, _SEED.value)
     return True
   if _CASE.value == "small_tensors":
     result = bench_small_tensors(session, tools, _RUNS.value,

@@ -614,3 +614,25 @@ def ensure(directory: str, manifest: dict, prefixes: Sequence[str],
   if series is None:
     raise RuntimeError(f"generated series in {directory} does not check out")
   return series
+
+
+def generate_events(*, directory: str, checkpoints: int, tf2: bool) -> None:
+  """A `loss` per checkpoint step as an eval job writes it: TF1 `FileWriter`
+  `simple_value`s, or TF2 `tf.summary.scalar` tensors."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  os.makedirs(directory, exist_ok=True)
+  losses = {step_of(i): 2.0 + math.sin(i) for i in range(checkpoints)}
+  if tf2:
+    writer = tf.summary.create_file_writer(directory)
+    with writer.as_default():
+      for step, loss in losses.items():
+        tf.summary.scalar("loss", loss, step=step)
+    writer.close()
+    return
+  with tf.Graph().as_default():  # FileWriter refuses eager mode.
+    writer = tf.compat.v1.summary.FileWriter(directory)
+    for step, loss in losses.items():
+      summary = tf.compat.v1.Summary(
+          value=[tf.compat.v1.Summary.Value(tag="loss", simple_value=loss)])
+      writer.add_summary(summary, step)
+    writer.close()
