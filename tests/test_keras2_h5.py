@@ -1,4 +1,4 @@
-"""Keras 2 (tf_keras) `.h5` files: weights and full models, averaged in their layout, loaded back by tf_keras."""
+"""Keras 2 (tf_keras) `.h5` weights and full models: averaged in their layout, loaded back."""
 import os
 
 import h5py

@@ -1,4 +1,4 @@
-"""Sharded Keras 3 weights (`.weights.json` index + shards): averaged, sharded as the newest, loaded by Keras."""
+"""Sharded Keras 3 weights (`.weights.json` + shards): averaged, sharded as the newest, loaded."""
 import glob
 import json
 import os

@@ -1,4 +1,4 @@
-"""Sharded Keras 3 weights: a `.weights.json` index and its `.weights.h5` shards, as one checkpoint.
+"""Sharded Keras 3 weights: a `.weights.json` index and its `.weights.h5` shards.
 
 `model.save_weights("m.weights.json", max_shard_size=...)` (Keras'
 `ShardedH5IOStore`) writes shards `m_00000.weights.h5`, `m_00001...` beside
