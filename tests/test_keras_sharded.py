@@ -2,13 +2,17 @@
 import glob
 import json
 import os
+import resource
+import signal
+import subprocess
+import sys
 
 import h5py
 import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import error_line, run_cli
+from conftest import REPO, error_line, run_cli
 from t2t_avg import average_checkpoints
 from t2t_avg.errors import ArgumentError
 
@@ -238,3 +242,24 @@ def test_names_and_missing_shards_are_one_line(runs, tmp_path):
   assert error_line(result) == (
       f"t2t_avg: error: shard {shards[-1]} of the sharded Keras weights "
       f"{copied} does not exist")
+
+
+def test_a_full_disk_is_one_line_naming_the_output(runs, tmp_path):
+  inputs = runs["float32"]
+  limit = max(os.path.getsize(s) for s in _shards(inputs[-1])) // 2
+
+  def limit_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+  output = str(tmp_path / "out" / "avg.weights.json")
+  result = subprocess.run(
+      [sys.executable, "-m", "t2t_avg", f"--checkpoints={','.join(inputs)}",
+       f"--output_path={output}"], capture_output=True, text=True,
+      timeout=300, cwd=REPO, check=False, preexec_fn=limit_file_size,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+  line = error_line(result)
+  assert line == f"t2t_avg: error: cannot write {output}: File too large"
+  assert all(x == line or x[:1] in "IWE" and x[1:5].isdigit()
+             for x in result.stderr.splitlines()), result.stderr
+  assert os.listdir(tmp_path / "out") == []
