@@ -298,3 +298,33 @@ def test_output_name_and_kinds_are_checked(runs, tmp_path):
     average_checkpoints([str(tmp_path / "config.h5"), weights[0]],
                         str(tmp_path / "avg.h5"))
   assert not os.path.exists(tmp_path / "avg.h5")
+
+
+def test_keras3_models_saved_to_h5_count_steps_by_the_inner_optimizer(
+    tmp_path):
+  """Keras 3 writes `.h5` models in the Keras 2 layout; under
+  mixed_float16 its LossScaleOptimizer's own counter stays 0."""
+  import keras  # pylint: disable=import-outside-toplevel
+  keras.utils.set_random_seed(2)
+  keras.mixed_precision.set_global_policy("mixed_float16")
+  try:
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
+                              keras.layers.Dense(2, dtype="float32")])
+    # (SGD: its counter's name sorts after the wrapper's.)
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), "mse")
+    inputs = []
+    for epoch in (1, 2):
+      model.fit(*_data(), batch_size=8, epochs=1, verbose=0, shuffle=False)
+      inputs.append(str(tmp_path / f"k3-{epoch}.h5"))
+      model.save(inputs[-1])
+    output = str(tmp_path / "avg.h5")
+    result = average_checkpoints(inputs, output)
+    loaded = keras.models.load_model(output, compile=False)
+  finally:
+    keras.mixed_precision.set_global_policy("float32")
+  assert [(r.step, r.step_source) for r in result.rows] == [
+      (e * BATCHES, "optimizer_weights/sgd/iteration") for e in (1, 2)]
+  expected = _expected(inputs)
+  _assert_values(_datasets(output), expected)
+  assert [w.numpy().tobytes() for w in loaded.weights] == [
+      value for _, value in _in_load_order(output, expected)[:4]]

@@ -47,16 +47,6 @@ def shard_name(index: str, number: int) -> str:
   return f"{shard_base(index)}_{number:05}{SHARD_SUFFIX}"
 
 
-def _listed(weight_map: dict) -> list[str]:
-  """The shard names an index's weight map gives, in order of appearance."""
-  names: list[str] = []
-  for value in weight_map.values():
-    for name in [value] if isinstance(value, str) else value:
-      if name not in names:
-        names.append(name)
-  return names
-
-
 def shard_files(index_path: str, index: dict) -> list[str]:
   """The shard files of an index, its first shard first, then by name.
 
@@ -64,7 +54,9 @@ def shard_files(index_path: str, index: dict) -> list[str]:
     AveragingError: the index names something that is not a file name.
   """
   first = shard_name(index_path, 0)
-  others = sorted(set(_listed(index[detect.SHARD_MAP])) - {first})
+  listed = {name for value in index[detect.SHARD_MAP].values()
+            for name in ([value] if isinstance(value, str) else value)}
+  others = sorted(listed - {first})
   for name in others:
     if os.path.basename(name) != name or name in (".", ".."):
       raise AveragingError(f"{index_path} names shard {name!r}, which is "
