@@ -295,8 +295,9 @@ def test_command_line_refuses_mixing_formats_in_one_line(keras_runs,
 @pytest.mark.parametrize("make, expected", [
     (lambda d, w: _torch_like_zip(os.path.join(d, "model.pt")),
      "{path} is a PyTorch checkpoint (a torch.save zip), not a TensorFlow or "
-     "Keras one: t2t_avg averages TensorFlow checkpoints and Keras 3 "
-     ".weights.h5 and .keras files"),
+     "Keras one: t2t_avg averages TensorFlow checkpoints (tf_keras' "
+     "TF-format weights too) and Keras .weights.h5, .weights.json, .keras "
+     "and .h5 files"),
     (lambda d, w: _truncated(w, os.path.join(d, "cut.weights.h5")),
      "{path} is truncated: its HDF5 superblock says it ends at byte {size}, "
      "but it has {half} bytes"),
@@ -343,9 +344,10 @@ def test_other_files_are_named_too(keras_runs, tmp_path):
   legacy = str(tmp_path / "legacy.h5")
   model.save(legacy)
   cases = {
-      legacy: f"{legacy} is a Keras 2 (legacy) HDF5 file (keras_version), "
-              "not Keras 3 weights; load it with Keras 3 and save_weights() "
-              "to a .weights.h5 file",
+      # Keras 2 files are averaged, but not with Keras 3 ones.
+      legacy: f"{legacy} is a Keras 2 .h5 model file but "
+              f"{keras_runs['float32'].weights[0]} is a Keras .weights.h5 "
+              "file; average one format at a time",
       str(tmp_path / "notes.txt"): None,
       str(tmp_path / "plain.h5"): None,
       str(tmp_path / "other.zip"): None,
@@ -357,11 +359,13 @@ def test_other_files_are_named_too(keras_runs, tmp_path):
     f.writestr("readme.md", "x")
   cases[str(tmp_path / "notes.txt")] = (
       f"{tmp_path}/notes.txt is not a checkpoint: not a TensorFlow checkpoint "
-      f"(no {tmp_path}/notes.txt.index), not an HDF5 file (.weights.h5), not "
-      "a zip (.keras); it starts with b'hello'")
+      f"(no {tmp_path}/notes.txt.index), not an HDF5 file (.weights.h5, "
+      ".h5), not a zip (.keras), not a JSON index (.weights.json); it starts "
+      "with b'hello'")
   cases[str(tmp_path / "plain.h5")] = (
-      f"{tmp_path}/plain.h5 is an HDF5 file but not Keras 3 weights (no "
-      "layers/, optimizer/ or vars/ group at its root; it holds data)")
+      f"{tmp_path}/plain.h5 is an HDF5 file but not Keras weights (no "
+      "layers/, optimizer/ or vars/ group at its root as Keras 3 writes, no "
+      "layer_names attribute as Keras 2 writes; it holds data)")
   cases[str(tmp_path / "other.zip")] = (
       f"{tmp_path}/other.zip is a zip file but not a .keras file (no "
       "config.json and model.weights.h5 at its root; it holds readme.md)")

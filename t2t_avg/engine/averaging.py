@@ -220,8 +220,9 @@ def _write(plan: planning.Plan, inputs: Sequence[Checkpoint],
   fmt = inputs[newest].opened.format
   try:
     with publish.Output(output) as out:
-      sink = fmt.make_sink(out.temporary_path("out"), plan.tensors,
-                           inputs[newest].opened)
+      # The output's own name, in a private directory (see make_sink).
+      sink = fmt.make_sink(out.temporary_path(os.path.basename(output)),
+                           plan.tensors, inputs[newest].opened)
       try:
         streaming.write_all(plan, inputs, weights, newest, sink,
                             allow_nonfinite=allow_nonfinite)

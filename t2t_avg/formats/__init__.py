@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 def open_source(path: str) -> Source:
   """A source for the checkpoint at `path` (a resolved prefix or file).
 
-  Keras 3 files (`.weights.h5`, `.keras`) are told from TF checkpoints by
-  their content.
+  Keras files (`.weights.h5`, `.keras`, sharded `.weights.json`, Keras 2
+  `.h5`) are told from TF checkpoints by their content.
 
   Raises:
     AveragingError: it is incomplete or cannot be read, or it is no
@@ -25,6 +25,9 @@ def open_source(path: str) -> Source:
   """
   # pylint: disable=import-outside-toplevel
   kind = detect.kind_of(path)
+  if kind == detect.KERAS_SHARDED:
+    from t2t_avg.formats import keras_sharded
+    return keras_sharded.open_path(path)
   if kind != detect.TF:
     from t2t_avg.formats import keras_h5
     return keras_h5.open_path(path, kind=kind)

@@ -251,7 +251,11 @@ class Format(abc.ABC):
   def make_sink(self, temporary: str, tensors: Sequence[Tensor],
                 newest: Source) -> Sink:
     """A sink writing `tensors` under the temporary path `temporary`;
-    format metadata (e.g. a `.keras` file's config) comes from `newest`."""
+    format metadata (e.g. a `.keras` file's config) comes from `newest`.
+
+    `temporary` has the output's file name, in a private directory, so an
+    output of several files that name each other (sharded Keras weights)
+    is written as it will be published."""
 
   def how_to_load(self, output: str) -> str:
     """What the log says to do with a written output."""

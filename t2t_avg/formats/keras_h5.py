@@ -1,8 +1,14 @@
-"""Keras 3 `.weights.h5` and `.keras` files, read in place and written in chunks.
+"""Keras weights in HDF5 (`.weights.h5`, `.keras`; Keras 2 `.h5`), read in place, written in chunks.
 
 A Keras 3 weights file is HDF5: groups `layers/<class>[_N]/vars`,
 `optimizer/vars`, `vars` (nested models nest `layers/`), holding datasets
-`0`, `1`, ... Tensor names here are the datasets' paths
+`0`, `1`, ... A Keras 2 (tf_keras, legacy) `.h5` file has root attributes
+`layer_names`, `backend`, `keras_version` and a group per layer whose
+`weight_names` attribute lists its datasets (`dense/dense/kernel:0`); a
+full model (`model.save("m.h5")`) holds those in `model_weights/`, its
+optimizer's in `optimizer_weights/`, and its `model_config` and
+`training_config` as root attributes. Which Keras wrote a file is read from
+its root group. Tensor names here are the datasets' paths
 (`layers/dense/vars/0`). Keras writes every dataset contiguous and
 uncompressed, so its bytes are one run of the file at the offset HDF5
 reports: they are read with positioned reads, in chunks, as TF bundles are
@@ -11,11 +17,14 @@ reports: they are read with positioned reads, in chunks, as TF bundles are
 
 bfloat16 (Keras' pure `bfloat16` policy) is stored as 2-byte opaque data
 marked by a `dtype="bfloat16"` attribute; it is averaged as bfloat16 and
-written back the same way.
+written back the same way. tf_keras stores bfloat16 as 2-byte opaque data
+with no mark: in a Keras 2 file that can only be bfloat16 (TF's one 2-byte
+type numpy has no kind for), so it is read as bfloat16.
 
 The output is a new HDF5 file whose layout is fixed before any data byte is
-written: every group, attribute and dataset of the newest input, in name
-order, datasets contiguous and allocated at creation, with h5py's default
+written: every group, attribute and dataset of the newest input (a Keras 2
+model's `optimizer_weights/` left out when none of its datasets is), in
+name order, datasets contiguous and allocated at creation, with h5py's default
 (earliest) file format, which stores no times. The parts' bytes are then
 written at their datasets' offsets, so the same inputs give the same bytes
 whichever thread writes what. A `.keras` output zips that file with the
@@ -53,6 +62,13 @@ _KERAS3_GROUPS = ("layers", "optimizer", "vars",
                   "_layer_checkpoint_dependencies")
 # Root attributes of Keras 2 (legacy) `.h5` models and weights.
 _LEGACY_ATTRS = ("keras_version", "model_config", "layer_names", "backend")
+# A Keras 2 full model's groups: the weights, and what `load_model` restores
+# into the optimizer only when the group is there.
+KERAS2_MODEL_WEIGHTS, KERAS2_OPTIMIZER = "model_weights", "optimizer_weights"
+# Keras 2 optimizers' iteration counters, by dataset name: `iteration:0`
+# (tf_keras' optimizers), `<name>/iter:0` (its legacy ones), `iteration`
+# (Keras 3 saving to `.h5`).
+_KERAS2_COUNTERS = ("iteration", "iter")
 _DTYPE_ATTR = "dtype"  # Marks ml_dtypes data (bfloat16) stored as opaque.
 _MAX_DEPTH = 64
 
@@ -151,8 +167,10 @@ def open_hdf5(path: str, offset: int, size: int, label: str) -> h5py.File:
                          f"{error_text(e)}") from e
 
 
-def dtype_of(dataset: h5py.Dataset, where: str) -> base.DType:
-  """The engine's view of a dataset's type.
+def dtype_of(dataset: h5py.Dataset, where: str, *,
+             unmarked_bfloat16: bool = False) -> base.DType:
+  """The engine's view of a dataset's type (`unmarked_bfloat16`: 2-byte
+  opaque data without a `dtype` attribute is bfloat16, as tf_keras writes it).
 
   Raises:
     AveragingError: a type that is not numbers of a fixed size.
@@ -161,6 +179,9 @@ def dtype_of(dataset: h5py.Dataset, where: str) -> base.DType:
   marked = dataset.attrs.get(_DTYPE_ATTR)
   if isinstance(marked, bytes):
     marked = marked.decode("utf-8", "replace")
+  if unmarked_bfloat16 and dtype.kind == "V" and dtype.fields is None and (
+      dtype.itemsize == 2 and marked is None):
+    marked = "bfloat16"
   if (dtype.kind == "V" and dtype.fields is None and isinstance(marked, str)
       and marked.startswith(("bfloat16", "float8"))):
     looked_up = extra_dtypes.lookup(marked)
@@ -222,13 +243,14 @@ def _raw_offset(dataset: h5py.Dataset, size: int) -> Optional[int]:
   return offset
 
 
-def _tensor(name: str, dataset: h5py.Dataset, label: str, file: str,
-            offset: int, size: int) -> base.Tensor:
+def _tensor(name: str, dataset: h5py.Dataset, label: str, image: tuple[
+    str, int, int], unmarked_bfloat16: bool) -> base.Tensor:
   """One dataset as a Tensor whose part points at its bytes, if it can."""
   if dataset.shape is None or dataset.is_virtual:
     state = "empty (no shape)" if dataset.shape is None else "virtual"
     raise AveragingError(f"{label}: dataset {name} is {state}")
-  dtype = dtype_of(dataset, label)
+  file, offset, size = image
+  dtype = dtype_of(dataset, label, unmarked_bfloat16=unmarked_bfloat16)
   shape = tuple(int(d) for d in dataset.shape)
   nbytes = math.prod(shape) * dataset.dtype.itemsize
   where = _raw_offset(dataset, nbytes)
@@ -271,29 +293,39 @@ def _read_block(dataset: h5py.Dataset, index: tuple, shape: tuple, start: int,
 
 
 class KerasSource(base.Source):
-  """A Keras 3 weights file, or the weights of a `.keras` file."""
+  """A Keras weights file (Keras 3 `.weights.h5`, Keras 2 `.h5`), or the
+  weights of a `.keras` file."""
 
-  def __init__(self, path: str, fmt: KerasFormat, image: tuple[str, int,
-                                                                  int],
+  def __init__(self, path: str, fmt: Optional[KerasFormat],
+               image: tuple[str, int, int],
                member: Optional[keras_zip.WeightsMember] = None, *,
                crc_checked: bool = True):
+    """Opens the HDF5 image (file, offset, size) of `path`.
+
+    Args:
+      path: the checkpoint's path, for messages and its name's number.
+      fmt: what it must be; None: a Keras 3 or Keras 2 weights file, read
+        from its root group.
+      image: where its HDF5 bytes are.
+      member: a `.keras` file's weights member, for `.keras` files.
+      crc_checked: whether the member's CRC-32 was checked (else `verify`).
+    """
     super().__init__(path)
-    self._format = fmt
     self.member = member
     self._crc_checked = crc_checked
-    file, offset, size = image
     label = (path if member is None else
              f"{path} (its {keras_zip.WEIGHTS_MEMBER})")
     # An extracted member is removed on close, or when the source is lost.
     self._remove_extracted = weakref.finalize(
         self, _remove_quietly, member.extracted) if (
             member is not None and member.extracted) else None
-    self.hdf5 = open_hdf5(file, offset, size, label)
+    self.hdf5 = open_hdf5(*image, label)
     self._h5_lock = threading.Lock()
     try:
-      _refuse_other_hdf5(self.hdf5, path)
+      self._format = _format_of(self.hdf5, path, fmt)
+      keras2 = isinstance(self._format, Keras2Format)
       self._tensors = {
-          name: _tensor(name, item, label, file, offset, size)
+          name: _tensor(name, item, label, image, keras2)
           for name, item in _walk(self.hdf5, label)
           if isinstance(item, h5py.Dataset)}
     except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -303,8 +335,9 @@ class KerasSource(base.Source):
     except AveragingError:
       self.hdf5.close()
       raise
-    self.step_keys = tuple(k for k in STEP_KEYS if k in self._tensors and
-                           self._tensors[k].is_integer_scalar)
+    self.step_keys = tuple(
+        k for k in (_keras2_counters(self._tensors) if keras2 else STEP_KEYS)
+        if k in self._tensors and self._tensors[k].is_integer_scalar)
 
   @property
   def format(self) -> base.Format:
@@ -350,40 +383,68 @@ def _remove_quietly(path: str) -> None:
     pass
 
 
-def _refuse_other_hdf5(h5: h5py.File, path: str) -> None:
-  """Refuses Keras 2 (legacy) `.h5` files and HDF5 files that are no weights."""
-  legacy = [a for a in _LEGACY_ATTRS if a in h5.attrs]
-  if legacy or "model_weights" in h5:
-    found = legacy[0] if legacy else "group model_weights"
-    raise AveragingError(
-        f"{path} is a Keras 2 (legacy) HDF5 file ({found}), not Keras 3 "
-        "weights; load it with Keras 3 and save_weights() to a .weights.h5 "
-        "file")
-  if not any(group in h5 for group in _KERAS3_GROUPS):
+def _format_of(h5: h5py.File, path: str,
+               expected: Optional[KerasFormat]) -> KerasFormat:
+  """The format an HDF5 file's root group says it is in.
+
+  Raises:
+    AveragingError: it is not Keras weights, or not of `expected`'s kind.
+  """
+  found: KerasFormat
+  if KERAS2_MODEL_WEIGHTS in h5:
+    found = KERAS2_MODEL_FORMAT
+  elif any(a.startswith("layer_names") for a in h5.attrs):
+    found = KERAS2_WEIGHTS_FORMAT  # (long lists: layer_names0, 1, ...)
+  elif any(group in h5 for group in _KERAS3_GROUPS):
+    found = WEIGHTS_FORMAT
+  else:
+    legacy = [a for a in _LEGACY_ATTRS if a in h5.attrs]
+    if legacy:
+      raise AveragingError(f"{path} is a Keras 2 HDF5 file ({legacy[0]}) "
+                           "without weights (no layer_names attribute, no "
+                           f"{KERAS2_MODEL_WEIGHTS} group)")
     top = ", ".join(sorted(h5.keys())[:5]) or "nothing"
     raise AveragingError(
-        f"{path} is an HDF5 file but not Keras 3 weights (no layers/, "
-        f"optimizer/ or vars/ group at its root; it holds {top})")
+        f"{path} is an HDF5 file but not Keras weights (no layers/, "
+        f"optimizer/ or vars/ group at its root as Keras 3 writes, no "
+        f"layer_names attribute as Keras 2 writes; it holds {top})")
+  if expected is not None and expected.layout != found.layout:
+    raise AveragingError(f"{path} holds {found.layout} weights, not "
+                         f"{expected.layout} weights as a {expected.name} does")
+  return expected or found
+
+
+def _keras2_counters(tensors: dict[str, base.Tensor]) -> list[str]:
+  """A Keras 2 file's optimizer iteration counters, the real count first:
+  a mixed precision optimizer's own counter (Keras 3's
+  `loss_scale_optimizer/iteration`) stays 0 while its inner one counts."""
+  prefix = KERAS2_OPTIMIZER + "/"
+  found = [name for name in tensors if name.startswith(prefix) and (
+      name.rpartition("/")[2].removesuffix(":0") in _KERAS2_COUNTERS)]
+  return sorted(found, key=lambda name: (
+      "lossscale" in name.lower().replace("_", ""), name.count("/"), name))
 
 
 def open_path(path: str, *, check_crc: bool = True,
               kind: Optional[str] = None) -> KerasSource:
-  """A source for a `.weights.h5` or `.keras` file, told apart by content
-  (`kind`: what `detect.kind_of` found, when the caller has asked it).
+  """A source for a `.weights.h5`, Keras 2 `.h5` or `.keras` file, told
+  apart by content (`kind`: what `detect.kind_of` found, when the caller
+  has asked it).
 
   Raises:
-    AveragingError: it is neither, or cannot be read (the message says what
-      it is or what is wrong).
+    AveragingError: it is none of them, or cannot be read (the message says
+      what it is or what is wrong).
   """
   kind = kind or detect.kind_of(path)
   if kind == detect.KERAS_WEIGHTS:
-    return KerasSource(path, WEIGHTS_FORMAT, (path, 0, os.path.getsize(path)))
+    return KerasSource(path, None, (path, 0, os.path.getsize(path)))
   if kind == detect.KERAS_ARCHIVE:
     member = keras_zip.open_weights(path, check_crc=check_crc)
     return KerasSource(path, ARCHIVE_FORMAT,
                        (member.path, member.offset, member.size), member,
                        crc_checked=check_crc or member.extracted is not None)
-  raise AveragingError(f"{path} is not a Keras 3 .weights.h5 or .keras file")
+  raise AveragingError(f"{path} is not a Keras .weights.h5, .h5 or .keras "
+                       "file")
 
 
 # --- writing -----------------------------------------------------------------
@@ -434,20 +495,26 @@ def _file_system_errors(path: str) -> Iterator[None]:
     raise OSError(number, os.strerror(number), path) from e
 
 
-def write_layout(path: str, newest: h5py.File,
-                 tensors: Sequence[base.Tensor]) -> dict[str, Optional[int]]:
+def write_layout(path: str, newest: h5py.File, tensors: Sequence[base.Tensor],
+                 optional_groups: Sequence[str] = ()) -> dict[str,
+                                                              Optional[int]]:
   """Creates the output HDF5 file without its data; returns each tensor's
   data offset (None for empty tensors).
 
   Every group and attribute of `newest` is copied, and a dataset for each
-  tensor, in name order (parents first).
+  tensor, in name order (parents first); but not the top-level
+  `optional_groups` none of the tensors is in.
   """
   wanted = {t.name for t in tensors}
+  left_out = tuple(group + "/" for group in optional_groups if not any(
+      name.startswith(group + "/") for name in wanted))
   offsets = {}
   # h5py's default format: no times.
   with _file_system_errors(path), h5py.File(path, "x") as out:
     _copy_attrs(newest, out)
     for name, item in _walk(newest, path):
+      if (name + "/").startswith(left_out):
+        continue
       parent_name, _, leaf = name.rpartition("/")
       parent = out[parent_name] if parent_name else out
       if isinstance(item, h5py.Group):
@@ -467,14 +534,16 @@ class KerasSink(base.Sink):
   """Writes a Keras weights file (and for `.keras`, the zip around it)."""
 
   def __init__(self, temporary: str, tensors: Sequence[base.Tensor],
-               newest: KerasSource, *, archive: bool):
+               newest: KerasSource, *, archive: bool = False,
+               optional_groups: Sequence[str] = ()):
     self._tensors = list(tensors)
     self._newest = newest
     self._archive = archive
     self._output = temporary
     self._weights = temporary + ("." + keras_zip.WEIGHTS_MEMBER if archive
                                  else "")
-    self._offsets = write_layout(self._weights, newest.hdf5, self._tensors)
+    self._offsets = write_layout(self._weights, newest.hdf5, self._tensors,
+                                 optional_groups)
     self._sizes = {t.name: t.parts[0].size for t in self._tensors}
     self._finished: set[str] = set()
     self._lock = threading.Lock()
@@ -579,20 +648,28 @@ class _PartWriter(base.PartWriter):
 # --- the formats -------------------------------------------------------------
 
 class KerasFormat(base.Format):
-  """Keras 3 files: the output is named by `--output_path` as given."""
+  """Keras files: the output is named by `--output_path` as given."""
 
   archive = False
   loader = ""
+  layout = "Keras 3"  # Which Keras' layout of groups and datasets.
+  # Top-level groups a Keras file may go without (see `write_layout`).
+  optional_groups: tuple[str, ...] = ()
+  # Why an output must end in `suffix`.
+  suffix_reason = "Keras reads them only under such names"
 
   def output_name(self, output_path: str, step: int) -> str:
     del step  # Keras files are named by the user (legacy's -<step>: TF only).
     if not output_path.endswith(self.suffix):
-      stem = output_path[:-1] if output_path.endswith("/") else output_path
+      path = output_path[:-1] if output_path.endswith("/") else output_path
+      stem = detect.keras_stem(path)  # `avg.keras` → `avg`
+      if stem == os.path.basename(path):
+        stem = os.path.splitext(stem)[0]  # `avg.ckpt` → `avg`
       raise ArgumentError(
           "{output_path} {path!r} must end in {suffix} for {kind} inputs: "
-          "Keras reads them only under such names (e.g. {example})",
-          path=output_path, suffix=self.suffix, kind=self.name,
-          example=os.path.splitext(stem)[0] + self.suffix)
+          "{reason} (e.g. {example})", path=output_path, suffix=self.suffix,
+          kind=self.name, reason=self.suffix_reason, example=os.path.join(
+              os.path.dirname(path), stem + self.suffix))
     return output_path
 
   def files(self, output: str) -> list[str]:
@@ -604,7 +681,8 @@ class KerasFormat(base.Format):
   def make_sink(self, temporary: str, tensors: Sequence[base.Tensor],
                 newest: base.Source) -> base.Sink:
     assert isinstance(newest, KerasSource)
-    return KerasSink(temporary, tensors, newest, archive=self.archive)
+    return KerasSink(temporary, tensors, newest, archive=self.archive,
+                     optional_groups=self.optional_groups)
 
   def how_to_load(self, output: str) -> str:
     return f"load it with {self.loader}({output!r})"
@@ -623,5 +701,27 @@ class KerasArchiveFormat(KerasFormat):
   loader = "keras.models.load_model"
 
 
+class Keras2Format(KerasFormat):
+  """Keras 2 (tf_keras, legacy) `.h5` files, in the newest input's layout."""
+  layout = "Keras 2"
+  suffix = detect.LEGACY_H5_SUFFIX
+  suffix_reason = "tf_keras writes and finds HDF5 weights under such names"
+
+
+class Keras2WeightsFormat(Keras2Format):
+  name = "Keras 2 .h5 weights file"
+  loader = "model.load_weights"
+
+
+class Keras2ModelFormat(Keras2Format):
+  name = "Keras 2 .h5 model file"
+  loader = "tf_keras.models.load_model"
+  # `load_model` restores the optimizer's state when this group is there:
+  # a model whose optimizer weights were all left out goes without.
+  optional_groups = (KERAS2_OPTIMIZER,)
+
+
 WEIGHTS_FORMAT = KerasWeightsFormat()
 ARCHIVE_FORMAT = KerasArchiveFormat()
+KERAS2_WEIGHTS_FORMAT = Keras2WeightsFormat()
+KERAS2_MODEL_FORMAT = Keras2ModelFormat()
