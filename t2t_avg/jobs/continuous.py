@@ -652,6 +652,7 @@ def _read_keras_in_full(path: str) -> Optional[str]:
     try:
       for tensor in source.tensors().values():
         base.read_array(source, tensor)
+      source.check_integrity()
     finally:
       source.close()
   except (AveragingError, OSError) as e:
