@@ -160,6 +160,7 @@ class Source(abc.ABC):
     Raises:
       AveragingError: naming the input, when it fails.
     """
+    return None
 
   def close(self) -> None:
     with self._lock:
