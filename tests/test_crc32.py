@@ -36,6 +36,13 @@ def test_combine_with_nothing_after_keeps_the_crc_and_large_lengths_agree(
   assert crc32.combine(crc_a, zeros, 1000) == zlib.crc32(bytes(1000), crc_a)
 
 
+@settings(max_examples=30, deadline=None)
+@given(data=st.binary(max_size=5000), start=st.integers(0, 2**32 - 1))
+def test_checksum_is_zlibs_crc32_whichever_library_computes_it(data, start):
+  assert crc32.checksum(data, start) == zlib.crc32(data, start)
+  assert crc32.checksum(memoryview(data)) == zlib.crc32(data)
+
+
 def test_combine_refuses_a_negative_length():
   with pytest.raises(ValueError, match="-1"):
     crc32.combine(0, 0, -1)

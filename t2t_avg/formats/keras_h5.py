@@ -18,8 +18,9 @@ written: every group, attribute and dataset of the newest input, in name
 order, datasets contiguous and allocated at creation, with h5py's default
 (earliest) file format, which stores no times. The parts' bytes are then
 written at their datasets' offsets, so the same inputs give the same bytes
-whichever thread writes what. A `.keras` output zips that file with the
-newest input's other members (`keras_zip.write_archive`).
+whichever thread writes what. A `.keras` output is the zip of that file
+with the newest input's other members, the data written in place inside it
+(`keras_zip.ArchiveWriter`).
 """
 from __future__ import annotations
 
@@ -340,9 +341,9 @@ class KerasSource(base.Source):
     np.frombuffer(out, np.uint8)[:] = data[skip:skip + len(out)]
 
   def check_integrity(self) -> None:
-    """Checks a stored `.keras` member's CRC-32: the pieces read so far,
-    combined with the bytes between them (HDF5 metadata, datasets nobody
-    read), read now.
+    """Checks a stored `.keras` member's CRC-32, once: the pieces read so
+    far, combined with the bytes between them (HDF5 metadata, datasets
+    nobody read), read now.
 
     Raises:
       AveragingError: it fails its CRC-32 (corrupted) or is truncated.
@@ -360,6 +361,10 @@ class KerasSource(base.Source):
 
     if pieces.total(read) != member.crc:
       raise keras_zip.corrupted(self.path)
+    # Checked: later averages of this source (continuous windows, greedy
+    # candidates) neither add up nor check it again, as when it was checked
+    # on opening.
+    self._pieces = None
 
   def close(self) -> None:
     super().close()

@@ -132,7 +132,7 @@ def check_whole(path: str, member: WeightsMember) -> None:
       count = f.readinto(buffer[:min(len(buffer), left)])
       if not count:
         break
-      value = zlib.crc32(buffer[:count], value)
+      value = crc32.checksum(buffer[:count], value)
       left -= count
   if left or value != member.crc:
     raise corrupted(path)
