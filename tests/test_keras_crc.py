@@ -192,6 +192,35 @@ def test_the_output_is_the_bytes_zipfile_writes(keras_runs, tmp_path,
   assert open(output, "rb").read() == open(reference, "rb").read()
 
 
+def _with_assets(source, path):
+  """`source` re-zipped (stored) with a directory and a file after its
+  weights, as a model with assets has them."""
+  with zipfile.ZipFile(source) as src, zipfile.ZipFile(path, "w") as dst:
+    for info in src.infolist():
+      dst.writestr(info, src.read(info))
+    dst.mkdir("assets")
+    dst.writestr("assets/vocabulary.txt", "a\nb\nc\n" * 1000)
+  return path
+
+
+def test_members_after_the_weights_are_kept_and_the_crc_set(keras_runs,
+                                                              tmp_path):
+  inputs = [_with_assets(p, str(tmp_path / os.path.basename(p)))
+            for p in keras_runs["float32"].archives[:2]]
+  output = str(tmp_path / "avg.keras")
+  average_checkpoints(inputs, output)
+  with zipfile.ZipFile(output) as archive:
+    assert archive.testzip() is None
+    assert [i.filename for i in archive.infolist()][-2:] == [
+        "assets/", "assets/vocabulary.txt"]
+    weights = archive.read(MEMBER)
+  reference = str(tmp_path / "reference.keras")
+  _zipped_as_zipfile_writes(inputs[-1], weights, reference)
+  assert open(output, "rb").read() == open(reference, "rb").read()
+  assert_same_values(datasets(output), expected_average(
+      keras_runs["float32"].archives[:2]))
+
+
 def _io_counters():
   with open("/proc/self/io") as f:
     fields = dict(line.split(": ") for line in f.read().splitlines())
