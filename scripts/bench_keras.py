@@ -170,6 +170,11 @@ def main() -> None:
         f"(.weights.h5; .keras {os.path.getsize(archives[0]) / 1e9:.2f} GB), "
         f"{os.cpu_count()} CPU cores, warm page cache, median of "
         f"{args.runs} runs:\n")
+  print_table(results)
+
+
+def print_table(results: dict[str, list[tuple[float, ...]]]) -> None:
+  """The medians of each command's runs, and the .keras / .weights.h5 ratio."""
   print("| command | wall s | user s | system s | peak RSS MiB |\n"
         "|---|---:|---:|---:|---:|")
   medians = {label: [statistics.median(m[i] for m in measured)
@@ -179,7 +184,6 @@ def main() -> None:
     print(f"| {label} | {wall:.2f} | {user:.2f} | {system:.2f} | {rss:.0f} |")
   ratio = medians["t2t_avg .keras"][0] / medians["t2t_avg .weights.h5"][0]
   print(f"\n.keras / .weights.h5 wall: {ratio:.2f}x")
-
 
 if __name__ == "__main__":
   main()
