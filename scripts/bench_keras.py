@@ -5,13 +5,14 @@ Usage (from the repository root, in its virtualenv):
   python scripts/bench_keras.py                # 4 files of ~0.5 GB each
   python scripts/bench_keras.py --files=8 --runs=3
   python scripts/bench_keras.py --case=callback   # the Keras callback
+  python scripts/bench_keras.py --t2t_only     # the two t2t_avg rows only
 
 Keras itself writes the inputs (cached in `.bench/keras/`): a model with a
 32000x1024 embedding and a 1024-4096-1024 feed-forward block (41M
 parameters), compiled with Adam, so every file holds the weights and both
 Adam moments (about 0.5 GB; the largest dataset is 131 MB). Each file gets
 its own random values. Every command runs in a child of its own, whose wall
-time and peak RSS (`os.wait4`) are measured, next to two floors (`import
+time, CPU time (user, system) and peak RSS (`os.wait4`) are measured, next to two floors (`import
 tensorflow`, and reading every input byte once from the page cache) and a
 naive h5py script that sums the whole model in float64 in memory, as one
 would by hand. Outputs are checked against that script's result, and the
@@ -79,8 +80,9 @@ def make_inputs(files: int) -> tuple[list[str], list[str]]:
   return weights, archives
 
 
-def run_child(argv: Sequence[str]) -> tuple[float, float]:
-  """(wall seconds, peak RSS MiB) of one child, which must succeed."""
+def run_child(argv: Sequence[str]) -> tuple[float, float, float, float]:
+  """(wall s, user s, system s, peak RSS MiB) of one child, which must
+  succeed."""
   with tempfile.TemporaryFile() as err:
     start = time.perf_counter()
     proc = subprocess.Popen(list(argv), stdout=subprocess.DEVNULL, stderr=err,
@@ -91,7 +93,7 @@ def run_child(argv: Sequence[str]) -> tuple[float, float]:
     if os.waitstatus_to_exitcode(status):
       err.seek(0)
       raise SystemExit(f"{argv[:4]} failed:\n{err.read().decode()[-2000:]}")
-  return wall, usage.ru_maxrss / 1024.0
+  return wall, usage.ru_utime, usage.ru_stime, usage.ru_maxrss / 1024.0
 
 
 def _read_all(paths: Sequence[str]) -> None:
@@ -198,6 +200,9 @@ def _arguments() -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--files", type=int, default=4)
   parser.add_argument("--runs", type=int, default=3)
+  parser.add_argument("--t2t_only", action="store_true",
+                      help="only the .weights.h5 and .keras runs (no floors, "
+                      "no naive script), e.g. to compare two versions")
   parser.add_argument("--generate", action="store_true",
                       help="only write the inputs (the measuring parent runs "
                       "this in a child, so that it stays small)")
@@ -243,7 +248,9 @@ def main() -> None:
           py, "-m", "t2t_avg", f"--checkpoints={','.join(archives)}",
           f"--output_path={os.path.join(out, 'avg.keras')}"],
   }
-  results: dict[str, list[tuple[float, float]]] = {k: [] for k in commands}
+  if args.t2t_only:
+    commands = {k: v for k, v in commands.items() if k.startswith("t2t_avg")}
+  results: dict[str, list[tuple[float, ...]]] = {k: [] for k in commands}
   _read_all(weights + archives)  # warm the page cache
   for _ in range(args.runs):
     for label, argv in commands.items():
@@ -251,7 +258,9 @@ def main() -> None:
         if output.endswith(".keras") == label.endswith(".keras"):
           os.remove(output)
       results[label].append(run_child(argv))
-  check_same(os.path.join(out, "naive.h5"), os.path.join(out, "avg.weights.h5"))
+  if not args.t2t_only:
+    check_same(os.path.join(out, "naive.h5"),
+               os.path.join(out, "avg.weights.h5"))
   with zipfile.ZipFile(os.path.join(out, "avg.keras")) as archive, open(
       os.path.join(out, "avg.weights.h5"), "rb") as f:
     if archive.read("model.weights.h5") != f.read():
@@ -261,12 +270,20 @@ def main() -> None:
         f"(.weights.h5; .keras {os.path.getsize(archives[0]) / 1e9:.2f} GB), "
         f"{os.cpu_count()} CPU cores, warm page cache, median of "
         f"{args.runs} runs:\n")
-  print("| command | wall s | peak RSS MiB |\n|---|---:|---:|")
-  for label, measured in results.items():
-    wall = statistics.median(m[0] for m in measured)
-    rss = statistics.median(m[1] for m in measured)
-    print(f"| {label} | {wall:.2f} | {rss:.0f} |")
+  print_table(results)
 
+
+def print_table(results: dict[str, list[tuple[float, ...]]]) -> None:
+  """The medians of each command's runs, and the .keras / .weights.h5 ratio."""
+  print("| command | wall s | user s | system s | peak RSS MiB |\n"
+        "|---|---:|---:|---:|---:|")
+  medians = {label: [statistics.median(m[i] for m in measured)
+                     for i in range(4)]
+             for label, measured in results.items()}
+  for label, (wall, user, system, rss) in medians.items():
+    print(f"| {label} | {wall:.2f} | {user:.2f} | {system:.2f} | {rss:.0f} |")
+  ratio = medians["t2t_avg .keras"][0] / medians["t2t_avg .weights.h5"][0]
+  print(f"\n.keras / .weights.h5 wall: {ratio:.2f}x")
 
 if __name__ == "__main__":
   main()

@@ -97,7 +97,11 @@ def average_checkpoints(
   step = _output_step(output_step, inputs[newest])
   output_prefix = fmt.output_name(output_path, step)
   _refuse_overwriting(output_prefix, inputs, fmt)
-  plan = planning.make_plan(inputs, newest, exclude=exclude, step=step)
+  try:
+    plan = planning.make_plan(inputs, newest, exclude=exclude, step=step)
+  except AveragingError:  # Inputs that differ may be corrupted ones.
+    streaming.check_integrity([c.opened for c in inputs])
+    raise
   result = _planned_result(inputs, weights, metrics, plan, output_prefix,
                            exclude_variables, record_extra)
   rows, record = result.rows, result.record

@@ -114,7 +114,22 @@ def write_all(plan: Plan, inputs: Sequence[checkpoints.Checkpoint],
   # Largest first, so the workers end close together.
   work.sort(key=lambda w: -w.size if isinstance(w, _Run)
             else -w.inputs[0].part.size)
-  _Pool(work, sink, _Arithmetic(weights, allow_nonfinite)).run()
+  try:
+    _Pool(work, sink, _Arithmetic(weights, allow_nonfinite)).run()
+  except AveragingError:
+    check_integrity(sources)  # A corrupted input is the cause to name.
+    raise
+  check_integrity(sources)
+
+
+def check_integrity(sources: Sequence[base.Source]) -> None:
+  """Checks every source's whole-file checksum (`Source.check_integrity`).
+
+  Raises:
+    AveragingError: naming the first source that fails it.
+  """
+  for source in sources:
+    source.check_integrity()
 
 
 def _batched(units: list[_Unit], sink: base.Sink) -> list:

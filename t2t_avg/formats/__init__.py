@@ -59,6 +59,7 @@ def read_in_full(path: str) -> Optional[str]:
     try:
       for tensor in source.tensors().values():
         base.read_array(source, tensor)
+      source.check_integrity()  # A `.keras` member's CRC-32, from the reads.
     finally:
       source.close()
   except (AveragingError, OSError, ValueError, IndexError) as e:

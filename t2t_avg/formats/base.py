@@ -150,6 +150,17 @@ class Source(abc.ABC):
         handle = self._files[part.file] = _PositionedFile(part.file)
     handle.read_into(out, part.offset + offset)
 
+  def check_integrity(self) -> None:
+    """Checks a checksum over the whole input, once what is needed of it
+    has been read: the bytes read are counted as they are read, the rest
+    read now (a `.keras` file's CRC-32). Nothing to do for formats whose
+    every part has a checksum of its own, checked as it is read.
+
+    Raises:
+      AveragingError: naming the input, when it fails.
+    """
+    return None
+
   def close(self) -> None:
     with self._lock:
       for handle in self._files.values():

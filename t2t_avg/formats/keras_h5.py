@@ -27,8 +27,9 @@ model's `optimizer_weights/` left out when none of its datasets is), in
 name order, datasets contiguous and allocated at creation, with h5py's default
 (earliest) file format, which stores no times. The parts' bytes are then
 written at their datasets' offsets, so the same inputs give the same bytes
-whichever thread writes what. A `.keras` output zips that file with the
-newest input's other members (`keras_zip.write_archive`).
+whichever thread writes what. A `.keras` output is the zip of that file
+with the newest input's other members, the data written in place inside it
+(`keras_zip.ArchiveWriter`).
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ import h5py
 import numpy as np
 
 from t2t_avg.errors import ArgumentError, AveragingError, error_text
+from t2t_avg.files import crc32
 from t2t_avg.formats import base
 from t2t_avg.formats import detect
 from t2t_avg.formats import extra_dtypes
@@ -299,7 +301,7 @@ class KerasSource(base.Source):
   def __init__(self, path: str, fmt: Optional[KerasFormat],
                image: tuple[str, int, int],
                member: Optional[keras_zip.WeightsMember] = None, *,
-               crc_checked: bool = True):
+               check_crc: bool = True):
     """Opens the HDF5 image (file, offset, size) of `path`.
 
     Args:
@@ -308,11 +310,14 @@ class KerasSource(base.Source):
         from its root group.
       image: where its HDF5 bytes are.
       member: a `.keras` file's weights member, for `.keras` files.
-      crc_checked: whether the member's CRC-32 was checked (else `verify`).
+      check_crc: add up the member's CRC-32 from what is read (see
+        `check_integrity`); else only once `verify` asks for it.
     """
     super().__init__(path)
     self.member = member
-    self._crc_checked = crc_checked
+    # A stored member's CRC-32, added up from what is read (check_integrity).
+    self._pieces = crc32.Pieces(member.size) if (
+        check_crc and member is not None and member.crc is not None) else None
     label = (path if member is None else
              f"{path} (its {keras_zip.WEIGHTS_MEMBER})")
     # An extracted member is removed on close, or when the source is lost.
@@ -347,15 +352,18 @@ class KerasSource(base.Source):
     return self._tensors
 
   def verify(self) -> None:
-    """Checks a `.keras` file's stored weights against their CRC-32, when
-    it was opened without (`open_path(check_crc=False)`); once."""
-    if self.member is not None and not self._crc_checked:
-      keras_zip.check_crc(self.member)
-      self._crc_checked = True
+    """Has a `.keras` file opened without its CRC-32 check
+    (`open_path(check_crc=False)`, while listing) checked from what is read
+    from now on (`check_integrity`); bytes read before are read again."""
+    member = self.member
+    if self._pieces is None and member is not None and member.crc is not None:
+      self._pieces = crc32.Pieces(member.size)
 
   def read(self, part: base.Part, offset: int, out: memoryview) -> None:
     if part.file is not None:
       super().read(part, offset, out)
+      if self._pieces is not None and self.member is not None:
+        self._pieces.add(part.offset + offset - self.member.offset, out)
       return
     name = part.key.decode("utf-8", "surrogateescape")
     itemsize = self._tensors[name].dtype.element.itemsize
@@ -368,6 +376,32 @@ class KerasSource(base.Source):
     data = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
     skip = offset - first * itemsize
     np.frombuffer(out, np.uint8)[:] = data[skip:skip + len(out)]
+
+  def check_integrity(self) -> None:
+    """Checks a stored `.keras` member's CRC-32, once: the pieces read so
+    far, combined with the bytes between them (HDF5 metadata, datasets
+    nobody read), read now.
+
+    Raises:
+      AveragingError: it fails its CRC-32 (corrupted) or is truncated.
+    """
+    member, pieces = self.member, self._pieces
+    if member is None or pieces is None:
+      return
+    whole = base.Part(b"", None, (), member.size, file=member.path,
+                      offset=member.offset)
+
+    def read(offset: int, length: int) -> bytes:
+      data = bytearray(length)
+      base.Source.read(self, whole, offset, memoryview(data))
+      return bytes(data)
+
+    if pieces.total(read) != member.crc:
+      raise keras_zip.corrupted(self.path)
+    # Checked: later averages of this source (continuous windows, greedy
+    # candidates) neither add up nor check it again, as when it was checked
+    # on opening.
+    self._pieces = None
 
   def close(self) -> None:
     super().close()
@@ -431,6 +465,10 @@ def open_path(path: str, *, check_crc: bool = True,
   apart by content (`kind`: what `detect.kind_of` found, when the caller
   has asked it).
 
+  A `.keras` file's weights are checked against their CRC-32 by
+  `check_integrity`, once read (`check_crc`); when they do not open as
+  HDF5, at once.
+
   Raises:
     AveragingError: it is none of them, or cannot be read (the message says
       what it is or what is wrong).
@@ -439,10 +477,18 @@ def open_path(path: str, *, check_crc: bool = True,
   if kind == detect.KERAS_WEIGHTS:
     return KerasSource(path, None, (path, 0, os.path.getsize(path)))
   if kind == detect.KERAS_ARCHIVE:
-    member = keras_zip.open_weights(path, check_crc=check_crc)
-    return KerasSource(path, ARCHIVE_FORMAT,
-                       (member.path, member.offset, member.size), member,
-                       crc_checked=check_crc or member.extracted is not None)
+    member = keras_zip.open_weights(path)
+    try:
+      return KerasSource(path, ARCHIVE_FORMAT,
+                         (member.path, member.offset, member.size), member,
+                         check_crc=check_crc)
+    except AveragingError as e:
+      if check_crc:  # A damaged HDF5 file may be a corrupted member.
+        try:
+          keras_zip.check_whole(path, member)
+        except AveragingError as corrupted:
+          raise corrupted from e
+      raise
   raise AveragingError(f"{path} is not a Keras .weights.h5, .h5 or .keras "
                        "file")
 
@@ -531,24 +577,31 @@ def write_layout(path: str, newest: h5py.File, tensors: Sequence[base.Tensor],
 
 
 class KerasSink(base.Sink):
-  """Writes a Keras weights file (and for `.keras`, the zip around it)."""
+  """Writes a Keras weights file, or a `.keras` file with the weights
+  written in place inside it (`keras_zip.ArchiveWriter`)."""
 
   def __init__(self, temporary: str, tensors: Sequence[base.Tensor],
                newest: KerasSource, *, archive: bool = False,
                optional_groups: Sequence[str] = ()):
     self._tensors = list(tensors)
-    self._newest = newest
-    self._archive = archive
     self._output = temporary
-    self._weights = temporary + ("." + keras_zip.WEIGHTS_MEMBER if archive
-                                 else "")
-    self._offsets = write_layout(self._weights, newest.hdf5, self._tensors,
+    weights = temporary + ("." + keras_zip.WEIGHTS_MEMBER if archive else "")
+    self._offsets = write_layout(weights, newest.hdf5, self._tensors,
                                  optional_groups)
     self._sizes = {t.name: t.parts[0].size for t in self._tensors}
     self._finished: set[str] = set()
     self._lock = threading.Lock()
-    self._fd: Optional[int] = os.open(self._weights, os.O_WRONLY |
-                                      getattr(os, "O_BINARY", 0))
+    self._archive: Optional[keras_zip.ArchiveWriter] = None
+    self._base = 0  # where the weights start in the file written
+    if archive:
+      self._archive = _archive_writer(temporary, newest, weights, [
+          (offset, offset + self._sizes[name])
+          for name, offset in self._offsets.items() if offset is not None])
+      os.remove(weights)  # its metadata is copied, its data never written
+      self._fd: Optional[int] = self._archive.fd
+      self._base = self._archive.weights_offset
+    else:
+      self._fd = os.open(weights, os.O_WRONLY | getattr(os, "O_BINARY", 0))
 
   def open_part(self, key: bytes) -> base.PartWriter:
     name = key.decode("utf-8", "surrogateescape")
@@ -558,6 +611,9 @@ class KerasSink(base.Sink):
     fd = self._fd
     if fd is None:
       raise AveragingError("internal error: writing to a closed sink")
+    if self._archive is not None:  # the zip's CRC-32, from what is written
+      self._archive.pieces.add(offset, data)
+    offset += self._base
     while data:
       written = os.pwrite(fd, data, offset)
       data, offset = data[written:], offset + written
@@ -567,28 +623,28 @@ class KerasSink(base.Sink):
       self._finished.add(name)
 
   def close(self) -> None:
-    """Flushes the weights file; for `.keras`, writes the zip around it."""
+    """Flushes the output to disk (for `.keras`, its CRC-32 set first)."""
     fd, self._fd = self._fd, None
     if fd is None:
       raise AveragingError("internal error: the sink is closed twice")
-    os.fsync(fd)
-    os.close(fd)
     missing = sorted(set(self._sizes) - self._finished)
     if missing:
+      self._fd = fd
+      self.abort()
       raise AveragingError(f"internal error: datasets never written: "
                            f"{missing[:3]}")
-    if self._archive:
-      member = self._newest.member
-      if member is None:
-        raise AveragingError(f"internal error: {self._newest.path} is not a "
-                             ".keras file")
-      keras_zip.write_archive(self._output, self._newest.path,
-                              member.members, self._weights)
+    if self._archive is not None:
+      self._archive.finish()
+      return
+    os.fsync(fd)
+    os.close(fd)
 
   def abort(self) -> None:
-    if self._fd is not None:
-      os.close(self._fd)
-      self._fd = None
+    fd, self._fd = self._fd, None
+    if self._archive is not None:
+      self._archive.abort()
+    elif fd is not None:
+      os.close(fd)
 
   def verify(self) -> None:
     """Reopens the output (zip and HDF5) and checks every dataset's shape
@@ -598,7 +654,7 @@ class KerasSink(base.Sink):
       AveragingError: it does not read back as written.
     """
     try:
-      # zipfile computed the CRC from the bytes it wrote: not read again.
+      # The CRC-32 was computed from the bytes written: not read again.
       output = open_path(self._output, check_crc=False)
     except AveragingError as e:
       raise AveragingError(f"internal error: the output written at "
@@ -621,6 +677,17 @@ class KerasSink(base.Sink):
 
   def publication(self, output: str) -> list[tuple[str, str]]:
     return [(self._output, output)]
+
+
+def _archive_writer(temporary: str, newest: KerasSource, layout: str,
+                    filled: Sequence[tuple[int, int]]) -> keras_zip.ArchiveWriter:
+  """The `.keras` output around `layout`, with `newest`'s other members."""
+  member = newest.member
+  if member is None:
+    raise AveragingError(f"internal error: {newest.path} is not a .keras "
+                         "file")
+  return keras_zip.ArchiveWriter(temporary, newest.path, member.members,
+                                 layout, filled)
 
 
 class _PartWriter(base.PartWriter):

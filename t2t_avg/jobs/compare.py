@@ -222,6 +222,8 @@ def compare_checkpoints(a: str, b: str, *, atol: float = 0.0,
     variables.append(_compare_variable(name, source_a, tensors_a.get(name),
                                        source_b, tensors_b.get(name),
                                        atol=atol, rtol=rtol))
+  source_a.check_integrity()
+  source_b.check_integrity()
   return ComparisonReport(path_a=path_a, path_b=path_b, atol=atol, rtol=rtol,
                           variables=tuple(variables))
 
