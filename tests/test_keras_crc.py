@@ -17,9 +17,8 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import error_line, run_cli
-from keras_runs import (assert_same_values, datasets, expected_average,
-                        policy_scope)
+from conftest import assert_same_values, error_line, run_cli
+from keras_runs import datasets, expected_average, policy_scope
 from keras_runs import keras_runs_fixture  # noqa: F401  (the fixture)
 from t2t_avg import AveragingError, average_checkpoints
 from t2t_avg.engine import streaming
