@@ -143,8 +143,9 @@ def _output_step(output_step: options.OutputStep, newest: Checkpoint) -> int:
     return 0
   if output_step == "last":
     if newest.step is None:
-      raise AveragingError(f"--output_step=last: the step of checkpoint "
-                           f"{newest.path} is unknown (use --step_from)")
+      raise AveragingError("{output_step}=last: the step of checkpoint "
+                           "{path} is unknown (use {step_from})",
+                           path=newest.path)
     return newest.step
   return int(output_step)
 
@@ -166,13 +167,14 @@ def _refuse_overwriting(output: str, inputs: Sequence[Checkpoint],
     return os.path.realpath(p) if is_local(p) else p
   for c in inputs:
     if norm(c.path) == norm(output):
-      raise AveragingError(f"output {output} is one of the input "
-                           "checkpoints; choose another --output_path")
+      raise AveragingError("output {output} is one of the input "
+                           "checkpoints; choose another {output_path}",
+                           output=output)
   publish.check_replaceable(_output_names(output, fmt))
   if fmt.exists(output) and not checkpoints.is_output_of_this_tool(output):
-    raise AveragingError(f"output {output} already exists and was not "
+    raise AveragingError("output {output} already exists and was not "
                          "written by t2t_avg; remove it or choose another "
-                         "--output_path")
+                         "{output_path}", output=output)
 
 
 def _output_names(output: str, fmt: base.Format) -> list[str]:

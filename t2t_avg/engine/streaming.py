@@ -291,8 +291,9 @@ def _read(inp: _Input, unit: _Unit, chunk: np.ndarray, start: int) -> None:
   try:
     inp.source.read(inp.part, start, memoryview(chunk))  # type: ignore[arg-type]
   except (AveragingError, OSError) as e:
-    raise AveragingError(f"cannot read variable {unit.tensor.name} from "
-                         f"checkpoint {inp.source.path}: {e}") from e
+    raise AveragingError("cannot read variable {name} from checkpoint "
+                         "{path}: {reason}", name=unit.tensor.name,
+                         path=inp.source.path, reason=e) from e
 
 
 def _copy_chunk(state: _ChunkState, chunk: np.ndarray, start: int,
@@ -327,8 +328,9 @@ def _raise_nonfinite(unit: _Unit, chunk: np.ndarray, start: int) -> None:
     _read(inp, unit, chunk, start)
     if not np.isfinite(chunk.view(unit.tensor.dtype.element)).all():
       raise AveragingError(
-          f"variable {unit.tensor.name} in checkpoint {inp.source.path} holds "
-          "NaN or inf (pass --allow_nonfinite to average it anyway)")
+          "variable {name} in checkpoint {path} holds NaN or inf (pass "
+          "{allow_nonfinite} to average it anyway)", name=unit.tensor.name,
+          path=inp.source.path)
   raise AveragingError(f"variable {unit.tensor.name}: the average is not "
                        "finite")
 

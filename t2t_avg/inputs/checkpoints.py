@@ -171,9 +171,10 @@ def _listed(prefix: str, state_dir: str, state_file: str) -> list[str]:
     hint = ""
     if not prefix.endswith("/") and filesystem.exists(
         os.path.join(prefix, STATE_FILE)):
-      hint = f"; did you mean --prefix={prefix}/?"
-    raise AveragingError(f"no checkpoint state file {state_file} (the "
-                         f"directory of --prefix){hint}")
+      hint = "; did you mean {prefix}={directory}/?"
+    raise AveragingError("no checkpoint state file {state_file} (the "
+                         "directory of {prefix})" + hint,
+                         state_file=state_file, directory=prefix)
   listed = list(state.all_model_checkpoint_paths)
   if not listed or listed[-1] != state.model_checkpoint_path:
     listed.append(state.model_checkpoint_path)
@@ -234,14 +235,14 @@ def read_step(source: base.Source, step_from: str = "auto") -> Checkpoint:
   if step_from == "name":
     step = source.name_step()
     if step is None:
-      raise AveragingError(f"--step_from=name: checkpoint {path} has no "
-                           "trailing -N in its name")
+      raise AveragingError("{step_from}=name: checkpoint {path} has no "
+                           "trailing -N in its name", path=path)
     return Checkpoint(path, step, "name", source)
   tensors = source.tensors()
   if step_from != "auto":
     if step_from not in tensors:
-      raise AveragingError(f"--step_from={step_from}: checkpoint {path} has "
-                           "no such tensor")
+      raise AveragingError("{step_from}={key}: checkpoint {path} has no "
+                           "such tensor", key=step_from, path=path)
     return Checkpoint(path, _scalar_int(source, step_from), step_from, source)
   for key in source.step_keys:
     if key in tensors:
@@ -330,7 +331,8 @@ def scalar_bytes(value: int, dtype: np.dtype) -> np.ndarray:
   """`value` as a 0-d array of an integer dtype, or an AveragingError."""
   info = np.iinfo(dtype)
   if not info.min <= value <= info.max:
-    raise AveragingError(f"--output_step={value} does not fit the "
-                         f"{GLOBAL_STEP} tensor's dtype {dtype.name} (at most "
-                         f"{info.max})")
+    raise AveragingError("{output_step}={value} does not fit the "
+                         "{tensor} tensor's dtype {dtype} (at most {most})",
+                         value=value, tensor=GLOBAL_STEP, dtype=dtype.name,
+                         most=info.max)
   return np.asarray(value, dtype)

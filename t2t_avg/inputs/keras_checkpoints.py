@@ -108,11 +108,12 @@ def check_one_kind(directory: str) -> None:
           p[:-len(".index")] + RECORD_SUFFIX)]
   if keras and tf_indexes:
     raise AveragingError(
-        f"directory {directory} holds both TF checkpoints "
-        f"({os.path.basename(tf_indexes[0])[:-len('.index')]}) and Keras "
-        f"files ({os.path.basename(keras[0])}); t2t_avg lists one kind per "
-        "directory: move one kind elsewhere, or name the files with "
-        "--checkpoints")
+        "directory {directory} holds both TF checkpoints ({tf}) and Keras "
+        "files ({keras}); t2t_avg lists one kind per directory: move one "
+        "kind elsewhere, or name the files with {checkpoints}",
+        directory=directory,
+        tf=os.path.basename(tf_indexes[0])[:-len(".index")],
+        keras=os.path.basename(keras[0]))
 
 
 def _step_of(path: str, stat: os.stat_result) -> tuple[Optional[int], str]:

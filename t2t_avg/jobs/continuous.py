@@ -26,7 +26,7 @@ from t2t_avg.files import shared_dir
 from t2t_avg.metrics import weighting
 from t2t_avg.files import publish
 from t2t_avg.formats import state_file
-from t2t_avg.errors import AveragingError, error_text
+from t2t_avg.errors import ArgumentError, AveragingError, error_text
 from t2t_avg.formats import base
 from t2t_avg.formats import tf_bundle
 from t2t_avg.metrics.points import MetricPoint
@@ -192,10 +192,11 @@ def windows(step_files: Iterable[StepFile], n: int,
     ((n - 1) * stride + 1)-th.
 
   Raises:
-    ValueError: n < 1 or stride < 1.
+    ArgumentError: n < 1 or stride < 1.
   """
   if n < 1 or stride < 1:
-    raise ValueError(f"--n and --stride must be >= 1, not {n}, {stride}")
+    raise ArgumentError("{n} and {stride} must be >= 1, not {given}",
+                        given=f"{n}, {stride}")
   span = (n - 1) * stride + 1
   window: collections.deque[StepFile] = collections.deque(maxlen=span)
   for step_file in step_files:
@@ -271,8 +272,8 @@ def average_all(settings: options.ContinuousOptions, *,
   if averaging_options.weight_summaries:
     events.summaries_directory(output_dir)
   if not tf.io.gfile.isdir(model_dir) and not settings.wait_minutes:
-    raise AveragingError(f"--model_dir {model_dir} is not a directory (pass "
-                         "--wait_minutes to wait for it)")
+    raise AveragingError("{model_dir} {path} is not a directory (pass "
+                         "{wait_minutes} to wait for it)", path=model_dir)
   settings = dataclasses.replace(settings, model_dir=model_dir,
                                  output_dir=output_dir)
   averager = _Averager(settings, weighting_options, averaging_options, mode,
@@ -382,10 +383,11 @@ class _Averager:
         then = ", ".join(f"{k}={v[0]!r}" for k, v in differs.items())
         now = ", ".join(f"{k}={v[1]!r}" for k, v in differs.items())
         raise AveragingError(
-            f"--output_dir {self._settings.output_dir} holds {prefix}, "
-            f"averaged with {then}; this run asks for {now} (pass "
-            "--recompute to replace such averages, or choose another "
-            "--output_dir)")
+            "{output_dir} {directory} holds {output}, averaged with {then}; "
+            "this run asks for {now} (pass {recompute} to replace such "
+            "averages, or choose another {output_dir})",
+            directory=self._settings.output_dir, output=prefix, then=then,
+            now=now)
 
   def _open(self, window: tuple[StepFile, ...]) -> tuple[
       Optional[list[checkpoints.Checkpoint]], Optional[str]]:
@@ -450,7 +452,8 @@ class _Averager:
       return weighting.weigh_checkpoints(members, points, settings,
                                          mode=self._mode), None
     except AveragingError as e:
-      return None, f"cannot weigh its checkpoints: {e}"
+      return None, ("cannot weigh its checkpoints: " +
+                    e.message(as_flags=True))  # The log speaks flags.
 
   def _metric_points(self, newest: checkpoints.Checkpoint) -> tuple[
       Optional[list[MetricPoint]], Optional[str]]:
@@ -464,7 +467,7 @@ class _Averager:
       kind = points[0].kind
       at = keras_logs.checkpoint_positions([newest], kind)[0]
     except AveragingError as e:
-      return None, str(e)
+      return None, e.message(as_flags=True)
     aligned = weighting.align_metrics_to_checkpoints(
         [at], points, max_step_gap=settings.max_step_gap)
     if aligned[0] is None:
