@@ -85,6 +85,7 @@ def average_checkpoints(
   options.check_output_path(output_path)
   inputs = checkpoints.open_all(paths, step_from)
   fmt = _one_format(inputs)
+  fmt.check_output_path(output_path)
   if write_meta and not fmt.has_state_file:
     raise ArgumentError("{write_meta} is for TF checkpoints, not {kind}",
                         kind=fmt.name)

@@ -37,7 +37,7 @@ import ml_dtypes
 import numpy as np
 
 from t2t_avg.inputs import keras_checkpoints
-from t2t_avg.errors import ArgumentError, AveragingError, error_text
+from t2t_avg.errors import ArgumentError, AveragingError, Phrase, error_text
 from t2t_avg.formats import base
 from t2t_avg.formats import detect
 from t2t_avg.formats import keras_zip
@@ -448,8 +448,12 @@ def write_layout(path: str, newest: h5py.File,
   return offsets
 
 
-class KerasSink(base.Sink):
-  """Writes a Keras weights file (and for `.keras`, the zip around it)."""
+class KerasSink(base.PositionedSink):
+  """Writes a Keras weights file (and for `.keras`, the zip around it).
+
+  The HDF5 layout is written first (every dataset allocated, contiguous);
+  then each dataset's bytes are written at its offset.
+  """
 
   def __init__(self, temporary: str, tensors: Sequence[base.Tensor],
                newest: KerasSource, *, archive: bool):
@@ -459,40 +463,22 @@ class KerasSink(base.Sink):
     self._output = temporary
     self._weights = temporary + ("." + keras_zip.WEIGHTS_MEMBER if archive
                                  else "")
-    self._offsets = write_layout(self._weights, newest.hdf5, self._tensors)
+    offsets = write_layout(self._weights, newest.hdf5, self._tensors)
     self._sizes = {t.name: t.parts[0].size for t in self._tensors}
-    self._finished: set[str] = set()
-    self._lock = threading.Lock()
-    self._fd: Optional[int] = os.open(self._weights, os.O_WRONLY |
-                                      getattr(os, "O_BINARY", 0))
+    # HDF5 stores no checksum for contiguous data.
+    super().__init__(base.OutputFile(self._weights), {
+        t.parts[0].key: (offsets[t.name] or 0, t.parts[0].size)
+        for t in self._tensors}, checksums=False)
 
-  def open_part(self, key: bytes) -> base.PartWriter:
-    name = key.decode("utf-8", "surrogateescape")
-    return _PartWriter(self, name, self._offsets[name] or 0, self._sizes[name])
-
-  def _write_at(self, data: memoryview, offset: int) -> None:
-    fd = self._fd
-    if fd is None:
-      raise AveragingError("internal error: writing to a closed sink")
-    while data:
-      written = os.pwrite(fd, data, offset)
-      data, offset = data[written:], offset + written
-
-  def _done(self, name: str) -> None:
-    with self._lock:
-      self._finished.add(name)
+  def place(self, key: bytes) -> Optional[int]:
+    """None: datasets are written one by one, never joined into runs (a
+    dataset's offset is HDF5's choice, not a layout of back-to-back parts)."""
+    del key
+    return None
 
   def close(self) -> None:
     """Flushes the weights file; for `.keras`, writes the zip around it."""
-    fd, self._fd = self._fd, None
-    if fd is None:
-      raise AveragingError("internal error: the sink is closed twice")
-    os.fsync(fd)
-    os.close(fd)
-    missing = sorted(set(self._sizes) - self._finished)
-    if missing:
-      raise AveragingError(f"internal error: datasets never written: "
-                           f"{missing[:3]}")
+    self.close_data()
     if self._archive:
       member = self._newest.member
       if member is None:
@@ -500,11 +486,6 @@ class KerasSink(base.Sink):
                              ".keras file")
       keras_zip.write_archive(self._output, self._newest.path,
                               member.members, self._weights)
-
-  def abort(self) -> None:
-    if self._fd is not None:
-      os.close(self._fd)
-      self._fd = None
 
   def verify(self) -> None:
     """Reopens the output (zip and HDF5) and checks every dataset's shape
@@ -539,28 +520,6 @@ class KerasSink(base.Sink):
     return [(self._output, output)]
 
 
-class _PartWriter(base.PartWriter):
-  """Writes one dataset's bytes in order at its offset."""
-
-  def __init__(self, sink: KerasSink, name: str, offset: int, size: int):
-    self._sink, self._name = sink, name
-    self._offset, self._end = offset, offset + size
-
-  def write(self, chunk: np.ndarray) -> None:
-    data = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(
-        np.uint8))  # type: ignore[arg-type]
-    if self._offset + len(data) > self._end:
-      raise AveragingError(f"internal error: dataset {self._name} overflows")
-    self._sink._write_at(data, self._offset)  # pylint: disable=protected-access
-    self._offset += len(data)
-
-  def close(self, stored_crc: Optional[int] = None) -> None:
-    del stored_crc  # HDF5 stores no checksum for contiguous data.
-    if self._offset != self._end:
-      raise AveragingError(f"internal error: dataset {self._name} is short")
-    self._sink._done(self._name)  # pylint: disable=protected-access
-
-
 # --- the formats -------------------------------------------------------------
 
 class KerasFormat(base.Format):
@@ -569,15 +528,20 @@ class KerasFormat(base.Format):
   archive = False
   loader = ""
 
+  def check_output_path(self, output_path: str,
+                        taken: Optional[Phrase] = None) -> None:
+    if output_path.endswith(self.suffix):
+      return
+    stem = output_path[:-1] if output_path.endswith("/") else output_path
+    raise ArgumentError(
+        "{output_path} {path!r} must end in {suffix} for {kind} inputs" +
+        (" ({taken})" if taken else "") + ": Keras reads them only under "
+        "such names (e.g. {example})", path=output_path, suffix=self.suffix,
+        kind=self.name, taken=taken,
+        example=os.path.splitext(stem)[0] + self.suffix)
+
   def output_name(self, output_path: str, step: int) -> str:
     del step  # Keras files are named by the user (legacy's -<step>: TF only).
-    if not output_path.endswith(self.suffix):
-      stem = output_path[:-1] if output_path.endswith("/") else output_path
-      raise ArgumentError(
-          "{output_path} {path!r} must end in {suffix} for {kind} inputs: "
-          "Keras reads them only under such names (e.g. {example})",
-          path=output_path, suffix=self.suffix, kind=self.name,
-          example=os.path.splitext(stem)[0] + self.suffix)
     return output_path
 
   def files(self, output: str) -> list[str]:

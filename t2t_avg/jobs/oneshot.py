@@ -8,7 +8,11 @@ from typing import Optional
 
 from absl import logging
 
+from t2t_avg import formats
 from t2t_avg.engine import averaging
+from t2t_avg.errors import Phrase
+from t2t_avg.files import paths
+from t2t_avg.inputs import keras_checkpoints
 from t2t_avg.inputs import checkpoints as ckpts
 from t2t_avg.jobs import evaluation
 from t2t_avg.metrics import events
@@ -35,6 +39,40 @@ def choose(inputs: options.InputOptions,
     return ckpts.from_list(inputs.checkpoints, inputs.prefix)
   return ckpts.last_n(inputs.prefix, inputs.num_last_checkpoints
                       if chooser.is_default else None)
+
+
+def check_output_path(found: Sequence[str], inputs: options.InputOptions,
+                      output_path: str) -> None:
+  """Refuses an output name that is not the inputs' format, before any work,
+  saying which inputs were taken and why.
+
+  Raises:
+    ArgumentError: e.g. a Keras name for TF checkpoints that a state file
+      listed, or a TF prefix for Keras files.
+  """
+  if not found:
+    return
+  fmt = formats.format_named(found[-1])
+  names = [os.path.basename(p) for p in found]
+  shown = ", ".join(names if len(names) <= 4 else
+                    names[:2] + ["...", names[-1]])
+  if inputs.checkpoints:
+    taken = Phrase("named by {checkpoints}: {names}", names=shown)
+  elif fmt.has_state_file:
+    directory = os.path.dirname(inputs.prefix) or "."
+    taken = Phrase(
+        "{state_file} lists {names}: for {prefix}={given}, legacy T2T takes "
+        "the checkpoints of the state file in its directory",
+        state_file=os.path.join(directory, ckpts.STATE_FILE), names=shown,
+        given=inputs.prefix)
+    if paths.is_local(directory) and keras_checkpoints.holds_keras_files(
+        directory):
+      taken = Phrase("{taken}; to average the Keras files there, name them "
+                     "with {checkpoints}", taken=taken)
+  else:
+    taken = Phrase("{names}, found by {prefix}={given}, with no state file "
+                   "in its directory", names=shown, given=inputs.prefix)
+  fmt.check_output_path(output_path, taken)
 
 
 def read_points(settings: options.WeightingOptions, *,
@@ -96,7 +134,9 @@ def run(settings: options.OneShotSettings) -> AveragingResult:
                if averaging_options.weight_summaries else None)
   pool: list[ckpts.Checkpoint] = []
   try:
-    for path in choose(settings.inputs, settings.selection):
+    found = choose(settings.inputs, settings.selection)
+    check_output_path(found, settings.inputs, output.output_path)
+    for path in found:
       pool.append(ckpts.load(path, averaging_options.step_from))
     result = _run_on(pool, settings)
   finally:
