@@ -658,8 +658,9 @@ def test_bounds_that_leave_nothing_are_an_error(run, tmp_path):
     oneshot.run(_settings(tmp_path / "out" / "avg.ckpt",
                           prefix=f"{run.directory}/ckpt", num_last=2,
                           min_step=700))
-  assert str(error.value) == ("no checkpoint has a step within --min_step=700 "
-                              "(the steps run from 100 to 600)")
+  assert error.value.message(as_flags=True) == (
+      "no checkpoint has a step within --min_step=700 (the steps run from 100 "
+      "to 600)")
   assert not (tmp_path / "out").exists()
 
 

@@ -93,7 +93,7 @@ def make_plan(inputs: Sequence[Checkpoint], newest: int, *,
     items.append(Item(_global_step(), Action.STEP))
   for item in items:
     if item.action is Action.STEP:
-      checkpoints.scalar_bytes(step, item.tensor.dtype.element)
+      checkpoints.scalar_bytes(step, item.tensor.element)
   return Plan(tuple(sorted(items, key=lambda i: i.tensor.name)), step)
 
 

@@ -50,12 +50,6 @@ class DType:
   def averaged(self) -> bool:
     return self.kind is not Kind.OTHER
 
-  @property
-  def element(self) -> np.dtype:
-    """`numpy`, for dtypes known to have fixed-size elements."""
-    if self.numpy is None:
-      raise AveragingError(f"{self.name} values have no fixed size")
-    return self.numpy
 
 
 class Part(NamedTuple):
@@ -94,6 +88,18 @@ class Tensor(NamedTuple):
   @property
   def nbytes(self) -> int:
     return sum(part.size for part in self.parts)
+
+  @property
+  def element(self) -> np.dtype:
+    """The numpy type of its elements, for tensors that are numbers (those
+    averaged, and step counters; strings and variants are only copied)."""
+    numpy = self.dtype.numpy
+    if numpy is None:
+      where = "".join(f" in {p.file}" for p in self.parts[:1] if p.file)
+      raise AveragingError(f"internal error: variable {self.name}{where} "
+                           f"holds {self.dtype.name} values, which have no "
+                           "fixed size")
+    return numpy
 
   @property
   def is_integer_scalar(self) -> bool:

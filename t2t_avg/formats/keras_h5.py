@@ -317,13 +317,14 @@ class KerasSource(base.Source):
       super().read(part, offset, out)
       return
     name = part.key.decode("utf-8", "surrogateescape")
-    itemsize = self._tensors[name].dtype.element.itemsize
+    itemsize = self._tensors[name].element.itemsize
     first, last = offset // itemsize, -(-(offset + len(out)) // itemsize)
     try:
       with self._h5_lock:
         values = _read_flat(self.hdf5[name], first, last)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-      raise AveragingError(f"cannot read dataset {name}: {error_text(e)}") from e
+      raise AveragingError(f"cannot read dataset {name} of {self.path}: "
+                           f"{error_text(e)}") from e
     data = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
     skip = offset - first * itemsize
     np.frombuffer(out, np.uint8)[:] = data[skip:skip + len(out)]

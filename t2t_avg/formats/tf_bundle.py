@@ -260,9 +260,20 @@ def _tensors_of(prefix: str, header: tf_protos.Header,
       continue
     parts = sliced.get(key) or (_part(files, key, entry, None),)
     name = key.decode("utf-8", "surrogateescape")
-    result[name] = base.Tensor(name, dtype_of(entry.dtype), entry.shape,
-                               parts)
+    result[name] = base.Tensor(name, _dtype(prefix + INDEX_SUFFIX, name,
+                                            entry.dtype),
+                               entry.shape, parts)
   return result
+
+
+def _dtype(file: str, name: str, enum: int) -> base.DType:
+  """The dtype of a variable, or an AveragingError naming it and the file
+  that records it (a V2 index, a V1 checkpoint)."""
+  try:
+    return dtype_of(enum)
+  except AveragingError as e:
+    raise AveragingError("cannot read variable {name} of checkpoint {file}: "
+                         "{reason}", name=name, file=file, reason=e) from e
 
 
 def _slices(prefix: str, files: list[str], key: bytes, entry: _Entry,
@@ -334,7 +345,7 @@ class ReaderSource(_TFSource):
     self._tensors = {}
     self._strings: dict[str, bytes] = {}
     for name, shape in shapes.items():
-      dtype = dtype_of(dtypes[name].as_datatype_enum)
+      dtype = _dtype(prefix, name, dtypes[name].as_datatype_enum)
       key = name.encode("utf-8", "surrogateescape")
       if dtype.numpy is None:  # Strings: small, encoded as a bundle would.
         data, stored_crc = _encode_strings(
