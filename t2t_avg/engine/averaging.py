@@ -84,11 +84,7 @@ def average_checkpoints(
   exclude = options.compile_exclude(exclude_variables)
   options.check_output_path(output_path)
   inputs = checkpoints.open_all(paths, step_from)
-  fmt = _one_format(inputs)
-  fmt.check_output_path(output_path)
-  if write_meta and not fmt.has_state_file:
-    raise ArgumentError("{write_meta} is for TF checkpoints, not {kind}",
-                        kind=fmt.name)
+  fmt = _output_format(inputs, output_path, write_meta=write_meta)
   weights = _normalised(weights, len(inputs))
   active = [i for i, w in enumerate(weights) if w > 0]
   newest = checkpoints.newest_of(inputs, active)
@@ -149,6 +145,17 @@ def _output_step(output_step: options.OutputStep, newest: Checkpoint) -> int:
                            path=newest.path)
     return newest.step
   return int(output_step)
+
+
+def _output_format(inputs: Sequence[Checkpoint], output_path: str, *,
+                   write_meta: bool) -> base.Format:
+  """The inputs' one format, which the output name and flags must suit."""
+  fmt = _one_format(inputs)
+  fmt.check_output_path(output_path)
+  if write_meta and not fmt.has_state_file:
+    raise ArgumentError("{write_meta} is for TF checkpoints, not {kind}",
+                        kind=fmt.name)
+  return fmt
 
 
 def _one_format(inputs: Sequence[Checkpoint]) -> base.Format:

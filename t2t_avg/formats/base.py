@@ -51,7 +51,6 @@ class DType:
     return self.kind is not Kind.OTHER
 
 
-
 class Part(NamedTuple):
   """Where one run of a tensor's bytes is stored.
 
@@ -210,9 +209,9 @@ class PositionedSink(Sink):
   """A sink whose parts have fixed places in one data file.
 
   Each part is written chunk by chunk at its place (positioned writes, safe
-  from several threads); runs of parts placed back to back in one call.
-  With `checksums`, each part's masked crc32c is computed on the way
-  (`crc_of`), for formats that store it.
+  from several threads); a run of parts placed back to back is written in
+  one call. With `checksums`, each part's masked crc32c is computed on the
+  way (`offset_and_crc`), for formats that store it.
   """
 
   def __init__(self, data: OutputFile, places: Mapping[bytes, Extent], *,
