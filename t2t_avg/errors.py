@@ -9,7 +9,8 @@ import string
 from collections.abc import Mapping
 
 # The parameters a template may name: the library's keyword arguments, each
-# also a flag of the command line (tests check both against this list).
+# also a flag of the command line but `newer` (greedy_soup's), checked by
+# tests against the flags and the package's messages.
 PARAMETERS = frozenset((
     "allow_nonfinite", "checkpoints", "dry_run", "eval_command",
     "eval_timeout", "exclude_variables", "greedy_tolerance", "max_step",
@@ -18,7 +19,7 @@ PARAMETERS = frozenset((
     "num_last_checkpoints", "output_dir", "output_path", "output_step",
     "prefix", "recompute", "select", "step_from", "stride", "temperature",
     "top_k", "wait_minutes", "weight_summaries", "weighting", "weights",
-    "write_meta"))
+    "write_meta", "newer"))
 # A field of a template: {name}, {name!r}, {name:g}. Any other brace is text.
 _FIELD = re.compile(r"\{([A-Za-z_]\w*)(?:!([rsa]))?(?::([^{}]*))?\}")
 

@@ -209,8 +209,9 @@ def test_timeout_kills_the_whole_process_group_and_logs_stderr(run_dir,
       _evaluate(command, timeout=1.5)
   assert time.monotonic() - started < 10
 
-  assert str(error.value) == (f"eval command {command!r} ran past "
-                              f"--eval_timeout=1.5 seconds on {CANDIDATE}")
+  assert error.value.message(as_flags=True) == (
+      f"eval command {command!r} ran past --eval_timeout=1.5 seconds on "
+      f"{CANDIDATE}")
   assert any(r.levelno == logging.ERROR and "loading model" in r.getMessage()
              for r in caplog.records)
   time.sleep(2.5)

@@ -614,7 +614,8 @@ def test_an_eval_that_gives_no_score_is_one_line_and_leaves_nothing(
         weighting="greedy", metric="val_loss",
         eval_command="sh eval.sh {checkpoint}", eval_timeout=timeout))
 
-  assert str(error.value) == f"eval command 'sh eval.sh {{checkpoint}}' {problem}"
+  assert error.value.message(as_flags=True) == (
+      f"eval command 'sh eval.sh {{checkpoint}}' {problem}")
   assert _leftovers(tmp_path) == []
   assert not out.exists()  # Not even the directory it would have made.
 

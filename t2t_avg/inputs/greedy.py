@@ -64,7 +64,7 @@ def plan_order(own_scores: Sequence[float | None], *, mode: str,
   if newer is None:
     newer = range(count)
   elif len(newer) != count:
-    raise ArgumentError("newer has {given} values for {count} candidates",
+    raise ArgumentError("{newer} has {given} values for {count} candidates",
                         given=len(newer), count=count)
   sign = 1.0 if mode == "max" else -1.0
   scored = [i for i in range(count) if points.is_valid(own_scores[i])]
