@@ -9,17 +9,17 @@ import string
 from collections.abc import Mapping
 
 # The parameters a template may name: the library's keyword arguments, each
-# also a flag of the command line but `newer` (greedy_soup's), checked by
-# tests against the flags and the package's messages.
+# also a flag of a command line (averaging, compare) but `newer` and
+# `poll_seconds`; tests check this list against the flags and the messages.
 PARAMETERS = frozenset((
-    "allow_nonfinite", "checkpoints", "dry_run", "eval_command",
+    "allow_nonfinite", "atol", "checkpoints", "dry_run", "eval_command",
     "eval_timeout", "exclude_variables", "greedy_tolerance", "max_step",
-    "max_step_gap", "metric", "metric_mode", "metrics_from_events",
-    "min_step", "min_steps", "missing_metric", "model_dir", "n",
+    "max_step_gap", "metric", "metric_mode", "metrics_from_events", "min_step",
+    "min_steps", "missing_metric", "model_dir", "n", "newer",
     "num_last_checkpoints", "output_dir", "output_path", "output_step",
-    "prefix", "recompute", "select", "step_from", "stride", "temperature",
-    "top_k", "wait_minutes", "weight_summaries", "weighting", "weights",
-    "write_meta", "newer"))
+    "poll_seconds", "prefix", "recompute", "rtol", "select", "step_from",
+    "stride", "temperature", "top_k", "wait_minutes", "weight_summaries",
+    "weighting", "weights", "write_meta"))
 # A field of a template: {name}, {name!r}, {name:g}. Any other brace is text.
 _FIELD = re.compile(r"\{([A-Za-z_]\w*)(?:!([rsa]))?(?::([^{}]*))?\}")
 

@@ -109,11 +109,14 @@ def _templates():
 
 
 def test_every_parameter_a_message_names_is_a_flag():
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from t2t_avg.cli import average  # pylint: disable=import-outside-toplevel
-  from t2t_avg.errors import PARAMETERS  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel,protected-access
+  from absl import flags
+  from t2t_avg.cli import average, compare
+  from t2t_avg.errors import PARAMETERS
   cli_flags = {f.name for f in flags.FLAGS.get_flags_for_module(average)}
-  assert PARAMETERS - cli_flags == {"newer"}  # greedy_soup's alone
+  cli_flags |= set(compare._COMPARE_FLAGS)
+  # Keywords of greedy_soup and ContinuousOptions alone.
+  assert PARAMETERS - cli_flags == {"newer", "poll_seconds"}
   # Text, not a parameter: ModelCheckpoint's `{epoch}` in a file name.
   quoted = {"epoch"}
   unnamed = [(where, name) for where, name in _templates()

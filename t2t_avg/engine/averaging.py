@@ -1,11 +1,12 @@
 """The library's averaging call: inputs → plan → streamed output, published atomically."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 from typing import Optional, Union
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from absl import logging
 import numpy as np
@@ -83,44 +84,59 @@ def average_checkpoints(
   output_step = options.check_output_step(output_step)
   exclude = options.compile_exclude(exclude_variables)
   options.check_output_path(output_path)
+  with _opened(paths, step_from) as inputs:
+    fmt = _output_format(inputs, output_path, write_meta=write_meta)
+    weights = _normalised(weights, len(inputs))
+    active = [i for i, w in enumerate(weights) if w > 0]
+    newest = checkpoints.newest_of(inputs, active)
+    step = _output_step(output_step, inputs[newest])
+    output_prefix = fmt.output_name(output_path, step)
+    _refuse_overwriting(output_prefix, inputs, fmt)
+    plan = planning.make_plan(inputs, newest, exclude=exclude, step=step)
+    rows = tuple(
+        CheckpointRow(c.path, c.step, c.step_source, w,
+                      None if metrics is None else metrics[i])
+        for i, (c, w) in enumerate(zip(inputs, weights)))
+    count = weighting.effective_count(weights)
+    record = records.make_record(
+        rows, effective_count=count, output_prefix=output_prefix, step=step,
+        exclude_variables=exclude_variables,
+        averaged=plan.count(planning.Action.AVERAGE),
+        copied=plan.count(planning.Action.COPY), version=t2t_avg.__version__,
+        extra=record_extra)
+    result = AveragingResult(output_prefix, False, rows, count, record)
+    if not quiet:
+      planning.log_plan(plan, exclude)
+    if dry_run:  # The caller shows the inputs' table.
+      return result
+    if not quiet:
+      _log_inputs(rows, inputs[newest].path)
+    uniform = len({weights[i] for i in active}) == 1
+    _write(plan, [inputs[i] for i in active],
+           None if uniform else [weights[i] for i in active],
+           active.index(newest), output_prefix, record,
+           allow_nonfinite=allow_nonfinite, write_meta=write_meta)
+    if update_state_file and fmt.has_state_file:
+      _update_state_file(output_prefix, [c.path for c in inputs])
+    if not quiet:
+      logging.info("Averaged checkpoint saved as %s; %s", output_prefix,
+                   fmt.how_to_load(output_prefix))
+    return dataclasses.replace(result, written=True)
+
+
+@contextlib.contextmanager
+def _opened(paths: Sequence[Union[str, Checkpoint]],
+            step_from: str) -> Iterator[list[Checkpoint]]:
+  """The inputs, opened; those opened here are closed again on the way out
+  (a failed call leaves no file open: HDF5 refuses to reopen a file that is
+  open with other locking flags)."""
   inputs = checkpoints.open_all(paths, step_from)
-  fmt = _output_format(inputs, output_path, write_meta=write_meta)
-  weights = _normalised(weights, len(inputs))
-  active = [i for i, w in enumerate(weights) if w > 0]
-  newest = checkpoints.newest_of(inputs, active)
-  step = _output_step(output_step, inputs[newest])
-  output_prefix = fmt.output_name(output_path, step)
-  _refuse_overwriting(output_prefix, inputs, fmt)
-  plan = planning.make_plan(inputs, newest, exclude=exclude, step=step)
-  rows = tuple(
-      CheckpointRow(c.path, c.step, c.step_source, w,
-                    None if metrics is None else metrics[i])
-      for i, (c, w) in enumerate(zip(inputs, weights)))
-  count = weighting.effective_count(weights)
-  record = records.make_record(
-      rows, effective_count=count, output_prefix=output_prefix, step=step,
-      exclude_variables=exclude_variables,
-      averaged=plan.count(planning.Action.AVERAGE),
-      copied=plan.count(planning.Action.COPY), version=t2t_avg.__version__,
-      extra=record_extra)
-  result = AveragingResult(output_prefix, False, rows, count, record)
-  if not quiet:
-    planning.log_plan(plan, exclude)
-  if dry_run:  # The caller shows the inputs' table.
-    return result
-  if not quiet:
-    _log_inputs(rows, inputs[newest].path)
-  uniform = len({weights[i] for i in active}) == 1
-  _write(plan, [inputs[i] for i in active],
-         None if uniform else [weights[i] for i in active],
-         active.index(newest), output_prefix, record,
-         allow_nonfinite=allow_nonfinite, write_meta=write_meta)
-  if update_state_file and fmt.has_state_file:
-    _update_state_file(output_prefix, [c.path for c in inputs])
-  if not quiet:
-    logging.info("Averaged checkpoint saved as %s; %s", output_prefix,
-                 fmt.how_to_load(output_prefix))
-  return dataclasses.replace(result, written=True)
+  try:
+    yield inputs
+  finally:
+    for given, c in zip(paths, inputs):
+      if not isinstance(given, Checkpoint) or given.source is None:
+        c.opened.close()
 
 
 def _normalised(weights: Optional[Sequence[float]], n: int) -> list[float]:

@@ -50,9 +50,10 @@ def check_output_path(found: Sequence[str], inputs: options.InputOptions,
     ArgumentError: e.g. a Keras name for TF checkpoints that a state file
       listed, or a TF prefix for Keras files.
   """
-  if not found:
-    return
-  fmt = formats.format_named(found[-1])
+  kinds = {formats.format_named(p) for p in found}
+  if len(kinds) != 1:
+    return  # None, or several: averaging refuses to mix formats.
+  fmt = kinds.pop()
   names = [os.path.basename(p) for p in found]
   shown = ", ".join(names if len(names) <= 4 else
                     names[:2] + ["...", names[-1]])
