@@ -342,8 +342,8 @@ def check_name_pattern(pattern: str) -> None:
                         "like ModelCheckpoint's: {why}", pattern=pattern,
                         why=str(e)) from e
   if "epoch" not in fields:
-    raise ArgumentError("{name_pattern} {pattern!r} has no {{epoch}} field, "
-                        "e.g. 's-{{epoch:02d}}-{{batch:03d}}.weights.h5'",
+    raise ArgumentError("{name_pattern} {pattern!r} has no {epoch} field, "
+                        "e.g. 's-{epoch:02d}-{batch:03d}.weights.h5'",
                         pattern=pattern)
 
 

@@ -590,7 +590,8 @@ def test_an_eval_that_gives_no_score_is_one_line_and_leaves_nothing(
         weighting="greedy", metric="val_loss",
         eval_command="sh eval.sh {checkpoint}", eval_timeout=timeout))
 
-  assert str(error.value) == f"eval command 'sh eval.sh {{checkpoint}}' {problem}"
+  assert error.value.message(as_flags=True) == (
+      f"eval command 'sh eval.sh {{checkpoint}}' {problem}")
   assert _leftovers(tmp_path) == []
   assert not out.exists()  # Not even the directory it would have made.
 
@@ -634,8 +635,9 @@ def test_bounds_that_leave_nothing_are_an_error(run, tmp_path):
     oneshot.run(_settings(tmp_path / "out" / "avg.ckpt",
                           prefix=f"{run.directory}/ckpt", num_last=2,
                           min_step=700))
-  assert str(error.value) == ("no checkpoint has a step within --min_step=700 "
-                              "(the steps run from 100 to 600)")
+  assert error.value.message(as_flags=True) == (
+      "no checkpoint has a step within --min_step=700 (the steps run from 100 "
+      "to 600)")
   assert not (tmp_path / "out").exists()
 
 

@@ -160,7 +160,7 @@ def test_a_checkpoint_is_never_paired_with_the_next_epochs_metric(
                output_path=str(tmp_path / "avg.weights.h5"))
   with pytest.raises(AveragingError) as error:
     one_shot(**flags)
-  assert str(error.value) == (
+  assert error.value.message(as_flags=True) == (
       f"no val_loss metric at epoch 3 (0-based, as logged: the file of epoch "
       f"4) (checkpoint {run.weights[-1]}, --max_step_gap=0); epochs (0-based) "
       "with one: 0, 1, 2 (or pass --missing_metric=skip)")

@@ -55,7 +55,7 @@ def test_an_unknown_step_cannot_be_bounded(names, min_step, max_step,
   with pytest.raises(AveragingError) as error:
     within_bounds([1000, None, 3000], options, names)
 
-  assert str(error.value) == message
+  assert error.value.message(as_flags=True) == message
 
 
 @pytest.mark.parametrize("indices, stride, expected", [
@@ -239,7 +239,7 @@ def test_choose_refuses_when_nothing_is_left(steps, options, message):
     choose(steps, options=SelectionOptions(**options), n=3,
            names=["a", "b"] if steps else None)
 
-  assert str(error.value) == message
+  assert error.value.message(as_flags=True) == message
 
 
 @pytest.mark.parametrize("values, mode", [(None, "max"), ([1.0] * 12, None)])

@@ -20,7 +20,7 @@ from t2t_avg.files import filesystem
 from t2t_avg.files import tf_loader
 from t2t_avg import options
 from t2t_avg.inputs import prefetch
-from t2t_avg.errors import ArgumentError, AveragingError
+from t2t_avg.errors import ArgumentError, WordedError
 from t2t_avg.record import AveragingResult
 
 _ONE_SHOT = "[one-shot] "
@@ -354,10 +354,8 @@ def _guarded(run: Callable[[list[str]], None],
       run(argv)
     except KeyboardInterrupt:
       _fail(f"interrupted; {interrupted}")
-    except ArgumentError as e:
+    except WordedError as e:  # ArgumentError, AveragingError
       _fail(e.message(as_flags=True))
-    except AveragingError as e:
-      _fail(str(e))
     except Exception as e:  # pylint: disable=broad-except
       tf = sys.modules.get("tensorflow")
       if tf is not None and isinstance(e, tf.errors.OpError):

@@ -12,7 +12,7 @@ from absl import app
 from absl import flags
 
 from t2t_avg.jobs.compare import compare_checkpoints, format_report
-from t2t_avg.errors import ArgumentError, AveragingError
+from t2t_avg.errors import WordedError
 
 _PROGRAM = "t2t_avg.compare"
 _EXIT_DIFFERENT = 1
@@ -61,9 +61,8 @@ def main(argv: list[str]) -> int:
   try:
     report = compare_checkpoints(path_a, path_b, atol=_ATOL.value,
                                  rtol=_RTOL.value)
-  except (AveragingError, ArgumentError) as e:
-    message = (e.message(as_flags=True) if isinstance(e, ArgumentError)
-               else " ".join(str(e).splitlines()))
+  except WordedError as e:  # ArgumentError, AveragingError
+    message = " ".join(e.message(as_flags=True).splitlines())
     print(f"{_PROGRAM}: error: {message}", file=sys.stderr)
     return _EXIT_UNUSABLE
   except Exception as e:  # pylint: disable=broad-except

@@ -1,11 +1,12 @@
 """The library's averaging call: inputs → plan → streamed output, published atomically."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 from typing import Optional, Union
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from absl import logging
 import numpy as np
@@ -84,44 +85,55 @@ def average_checkpoints(
   output_step = options.check_output_step(output_step)
   exclude = options.compile_exclude(exclude_variables)
   options.check_output_path(output_path)
+  with _opened(paths, step_from) as inputs:
+    fmt = _output_format(inputs, output_path, write_meta=write_meta)
+    if fmt.checked_by_tensorflow and not dry_run:
+      tf_loader.require(f"writing the TensorFlow checkpoint {output_path}")
+    weights = _normalised(weights, len(inputs))
+    active = [i for i, w in enumerate(weights) if w > 0]
+    newest = checkpoints.newest_of(inputs, active)
+    step = _output_step(output_step, inputs[newest])
+    output_prefix = fmt.output_name(output_path, step)
+    _refuse_overwriting(output_prefix, inputs, fmt)
+    try:
+      plan = planning.make_plan(inputs, newest, exclude=exclude, step=step)
+    except AveragingError:  # Inputs that differ may be corrupted ones.
+      streaming.check_integrity([c.opened for c in inputs])
+      raise
+    result = _planned_result(inputs, weights, metrics, plan, output_prefix,
+                             exclude_variables, record_extra)
+    if not quiet:
+      planning.log_plan(plan, exclude)
+    if dry_run:  # The caller shows the inputs' table.
+      return result
+    if not quiet:
+      _log_inputs(result.rows, inputs[newest].path, output_prefix)
+    uniform = len({weights[i] for i in active}) == 1
+    _write(plan, [inputs[i] for i in active],
+           None if uniform else [weights[i] for i in active],
+           active.index(newest), output_prefix, result.record,
+           allow_nonfinite=allow_nonfinite, write_meta=write_meta)
+    if update_state_file and fmt.has_state_file:
+      _update_state_file(output_prefix, [c.path for c in inputs])
+    if not quiet:
+      logging.info("Averaged checkpoint saved as %s; %s", output_prefix,
+                   fmt.how_to_load(output_prefix))
+    return dataclasses.replace(result, written=True)
+
+
+@contextlib.contextmanager
+def _opened(paths: Sequence[Union[str, Checkpoint]],
+            step_from: str) -> Iterator[list[Checkpoint]]:
+  """The inputs, opened; those opened here are closed again on the way out
+  (a failed call leaves no file open: HDF5 refuses to reopen a file that is
+  open with other locking flags)."""
   inputs = checkpoints.open_all(paths, step_from)
-  fmt = _one_format(inputs)
-  if fmt.checked_by_tensorflow and not dry_run:
-    tf_loader.require(f"writing the TensorFlow checkpoint {output_path}")
-  if write_meta and not fmt.has_state_file:
-    raise ArgumentError("{write_meta} is for TF checkpoints, not {kind}",
-                        kind=fmt.name)
-  weights = _normalised(weights, len(inputs))
-  active = [i for i, w in enumerate(weights) if w > 0]
-  newest = checkpoints.newest_of(inputs, active)
-  step = _output_step(output_step, inputs[newest])
-  output_prefix = fmt.output_name(output_path, step)
-  _refuse_overwriting(output_prefix, inputs, fmt)
   try:
-    plan = planning.make_plan(inputs, newest, exclude=exclude, step=step)
-  except AveragingError:  # Inputs that differ may be corrupted ones.
-    streaming.check_integrity([c.opened for c in inputs])
-    raise
-  result = _planned_result(inputs, weights, metrics, plan, output_prefix,
-                           exclude_variables, record_extra)
-  rows, record = result.rows, result.record
-  if not quiet:
-    planning.log_plan(plan, exclude)
-  if dry_run:  # The caller shows the inputs' table.
-    return result
-  if not quiet:
-    _log_inputs(rows, inputs[newest].path, output_prefix)
-  uniform = len({weights[i] for i in active}) == 1
-  _write(plan, [inputs[i] for i in active],
-         None if uniform else [weights[i] for i in active],
-         active.index(newest), output_prefix, record,
-         allow_nonfinite=allow_nonfinite, write_meta=write_meta)
-  if update_state_file and fmt.has_state_file:
-    _update_state_file(output_prefix, [c.path for c in inputs])
-  if not quiet:
-    logging.info("Averaged checkpoint saved as %s; %s", output_prefix,
-                 fmt.how_to_load(output_prefix))
-  return dataclasses.replace(result, written=True)
+    yield inputs
+  finally:
+    for given, c in zip(paths, inputs):
+      if not isinstance(given, Checkpoint) or given.source is None:
+        c.opened.close()
 
 
 def _planned_result(inputs: Sequence[Checkpoint], weights: Sequence[float],
@@ -161,10 +173,22 @@ def _output_step(output_step: options.OutputStep, newest: Checkpoint) -> int:
     return 0
   if output_step == "last":
     if newest.step is None:
-      raise AveragingError(f"--output_step=last: the step of checkpoint "
-                           f"{newest.path} is unknown (use --step_from)")
+      raise AveragingError("{output_step}=last: the step of checkpoint "
+                           "{path} is unknown (use {step_from})",
+                           path=newest.path)
     return newest.step
   return int(output_step)
+
+
+def _output_format(inputs: Sequence[Checkpoint], output_path: str, *,
+                   write_meta: bool) -> base.Format:
+  """The inputs' one format, which the output name and flags must suit."""
+  fmt = _one_format(inputs)
+  fmt.check_output_path(output_path)
+  if write_meta and not fmt.has_state_file:
+    raise ArgumentError("{write_meta} is for TF checkpoints, not {kind}",
+                        kind=fmt.name)
+  return fmt
 
 
 def _one_format(inputs: Sequence[Checkpoint]) -> base.Format:
@@ -184,13 +208,14 @@ def _refuse_overwriting(output: str, inputs: Sequence[Checkpoint],
     return os.path.realpath(p) if is_local(p) else p
   for c in inputs:
     if norm(c.path) == norm(output):
-      raise AveragingError(f"output {output} is one of the input "
-                           "checkpoints; choose another --output_path")
+      raise AveragingError("output {output} is one of the input "
+                           "checkpoints; choose another {output_path}",
+                           output=output)
   publish.check_replaceable(_output_names(output, fmt))
   if fmt.exists(output) and not checkpoints.is_output_of_this_tool(output):
-    raise AveragingError(f"output {output} already exists and was not "
+    raise AveragingError("output {output} already exists and was not "
                          "written by t2t_avg; remove it or choose another "
-                         "--output_path")
+                         "{output_path}", output=output)
 
 
 def _output_names(output: str, fmt: base.Format) -> list[str]:

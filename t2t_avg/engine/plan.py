@@ -71,10 +71,11 @@ def make_plan(inputs: Sequence[Checkpoint], newest: int, *,
   _same_names(inputs, tensors)
   reference = tensors[newest]
   if not reference:
-    raise AveragingError(f"--exclude_variables={exclude.pattern!r} matches "
-                         f"every variable of {inputs[newest].path}: nothing "
-                         "would be written" if exclude else
-                         f"checkpoint {inputs[newest].path} holds no tensors")
+    raise AveragingError("{exclude_variables}={pattern!r} matches every "
+                         "variable of {path}: nothing would be written"
+                         if exclude else "checkpoint {path} holds no tensors",
+                         pattern=exclude and exclude.pattern,
+                         path=inputs[newest].path)
   items = []
   state = inputs[newest].opened.format.state_not_weights(list(reference))
   for name in sorted(reference):
@@ -92,7 +93,7 @@ def make_plan(inputs: Sequence[Checkpoint], newest: int, *,
     items.append(Item(_global_step(), Action.STEP))
   for item in items:
     if item.action is Action.STEP:
-      checkpoints.scalar_bytes(step, item.tensor.dtype.element)
+      checkpoints.scalar_bytes(step, item.tensor.element)
   return Plan(tuple(sorted(items, key=lambda i: i.tensor.name)), step)
 
 

@@ -100,7 +100,7 @@ def write_all(plan: Plan, inputs: Sequence[checkpoints.Checkpoint],
   tensors = [s.tensors() for s in sources]
   for item in plan.items:
     if item.action is Action.STEP:
-      value = checkpoints.scalar_bytes(plan.step, item.tensor.dtype.element)
+      value = checkpoints.scalar_bytes(plan.step, item.tensor.element)
       writer = sink.open_part(item.tensor.parts[0].key)
       writer.write(value)
       writer.close()
@@ -293,7 +293,7 @@ class _ChunkState:
 def _run_batch(run: _Run, sink: base.Sink, arithmetic: _Arithmetic) -> None:
   """Reads, sums and writes a run of small parts in one pass each."""
   first = run.units[0]
-  numpy = first.tensor.dtype.element
+  numpy = first.tensor.element
   buffer = np.empty(run.size, np.uint8)
   wide = np.complex128 if first.tensor.dtype.kind is base.Kind.COMPLEX else (
       np.float64)
@@ -322,8 +322,9 @@ def _read(inp: _Input, unit: _Unit, chunk: np.ndarray, start: int) -> None:
   try:
     inp.source.read(inp.part, start, memoryview(chunk))  # type: ignore[arg-type]
   except (AveragingError, OSError) as e:
-    raise AveragingError(f"cannot read variable {unit.tensor.name} from "
-                         f"checkpoint {inp.source.path}: {e}") from e
+    raise AveragingError("cannot read variable {name} from checkpoint "
+                         "{path}: {reason}", name=unit.tensor.name,
+                         path=inp.source.path, reason=e) from e
 
 
 def _copy_chunk(state: _ChunkState, chunk: np.ndarray, start: int,
@@ -336,7 +337,7 @@ def _copy_chunk(state: _ChunkState, chunk: np.ndarray, start: int,
 def _average_chunk(state: _ChunkState, chunk: np.ndarray, start: int,
                    crcs: list[int]) -> np.ndarray:
   unit, arithmetic = state.unit, state.arithmetic
-  numpy = unit.tensor.dtype.element
+  numpy = unit.tensor.element
   count = len(chunk) // numpy.itemsize
   total, scratch = state.total[:count], state.scratch
   total.fill(0)
@@ -356,10 +357,11 @@ def _raise_nonfinite(unit: _Unit, chunk: np.ndarray, start: int) -> None:
     _check_whole_crc(inp, unit)
   for inp in unit.inputs:
     _read(inp, unit, chunk, start)
-    if not np.isfinite(chunk.view(unit.tensor.dtype.element)).all():
+    if not np.isfinite(chunk.view(unit.tensor.element)).all():
       raise AveragingError(
-          f"variable {unit.tensor.name} in checkpoint {inp.source.path} holds "
-          "NaN or inf (pass --allow_nonfinite to average it anyway)")
+          "variable {name} in checkpoint {path} holds NaN or inf (pass "
+          "{allow_nonfinite} to average it anyway)", name=unit.tensor.name,
+          path=inp.source.path)
   raise AveragingError(f"variable {unit.tensor.name}: the average is not "
                        "finite")
 

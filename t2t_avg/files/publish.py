@@ -142,7 +142,8 @@ def write_json(path: str, record: dict) -> None:
     f.write(text)
 
 
-def check_replaceable(names: Sequence[str], flag: str = "--output_path") -> None:
+def check_replaceable(names: Sequence[str],
+                      parameter: str = "output_path") -> None:
   """Refuses output files that are links or other users' files, before any work.
 
   Publishing renames over these names, which never writes through a link;
@@ -158,5 +159,6 @@ def check_replaceable(names: Sequence[str], flag: str = "--output_path") -> None
     problem = shared_dir.replaceable(name)
     if problem:
       raise AveragingError(
-          f"output file {name} is {problem}; t2t_avg will not replace it: "
-          f"remove it or choose another {flag}")
+          "output file {name} is {problem}; t2t_avg will not replace it: "
+          "remove it or choose another {%s}" % parameter, name=name,
+          problem=problem)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Optional
 from t2t_avg.formats import detect
 
 if TYPE_CHECKING:
-  from t2t_avg.formats.base import Source
+  from t2t_avg.formats.base import Format, Source
 
 
 def open_source(path: str) -> Source:
@@ -65,3 +65,22 @@ def read_in_full(path: str) -> Optional[str]:
   except (AveragingError, OSError, ValueError, IndexError) as e:
     return error_text(e)
   return None
+
+
+def format_named(path: str) -> Format:
+  """The format a checkpoint's name says it is in, without opening it.
+
+  (`open_source` tells by content; this is for checks before any work.)
+  """
+  # pylint: disable=import-outside-toplevel
+  if path.endswith(detect.SHARDED_SUFFIX):
+    from t2t_avg.formats import keras_sharded
+    return keras_sharded.FORMAT
+  if path.endswith(detect.KERAS_FILE_SUFFIXES):
+    from t2t_avg.formats import keras_h5
+    for fmt in (keras_h5.WEIGHTS_FORMAT, keras_h5.ARCHIVE_FORMAT):
+      if path.endswith(fmt.suffix):
+        return fmt
+    return keras_h5.KERAS2_WEIGHTS_FORMAT  # `.h5`: weights or a model alike
+  from t2t_avg.formats import tf_bundle
+  return tf_bundle.FORMAT

@@ -13,14 +13,14 @@ import enum
 import os
 import threading
 from typing import NamedTuple, Optional
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from t2t_avg.files import crc
 from t2t_avg.files import filesystem
 from t2t_avg.files import paths
-from t2t_avg.errors import AveragingError
+from t2t_avg.errors import AveragingError, Phrase
 
 Extent = tuple[int, int]  # (start, length) along one dimension
 
@@ -49,13 +49,6 @@ class DType:
   @property
   def averaged(self) -> bool:
     return self.kind is not Kind.OTHER
-
-  @property
-  def element(self) -> np.dtype:
-    """`numpy`, for dtypes known to have fixed-size elements."""
-    if self.numpy is None:
-      raise AveragingError(f"{self.name} values have no fixed size")
-    return self.numpy
 
 
 class Part(NamedTuple):
@@ -94,6 +87,18 @@ class Tensor(NamedTuple):
   @property
   def nbytes(self) -> int:
     return sum(part.size for part in self.parts)
+
+  @property
+  def element(self) -> np.dtype:
+    """The numpy type of its elements, for tensors that are numbers (those
+    averaged, and step counters; strings and variants are only copied)."""
+    numpy = self.dtype.numpy
+    if numpy is None:
+      where = "".join(f" in {p.file}" for p in self.parts[:1] if p.file)
+      raise AveragingError(f"internal error: variable {self.name}{where} "
+                           f"holds {self.dtype.name} values, which have no "
+                           "fixed size")
+    return numpy
 
   @property
   def is_integer_scalar(self) -> bool:
@@ -168,18 +173,6 @@ class Source(abc.ABC):
       self._files.clear()
 
 
-class PartWriter(abc.ABC):
-  """Writes one output part's bytes in order."""
-
-  @abc.abstractmethod
-  def write(self, chunk: np.ndarray) -> None:
-    """Appends a chunk (any dtype; its bytes are written)."""
-
-  @abc.abstractmethod
-  def close(self, stored_crc: Optional[int] = None) -> None:
-    """Ends the part; `stored_crc` keeps a copied string/variant's checksum."""
-
-
 class Sink(abc.ABC):
   """One output being written under temporary names, then published.
 
@@ -191,20 +184,17 @@ class Sink(abc.ABC):
   def open_part(self, key: bytes) -> PartWriter:
     """A writer for the output part `key` (thread-safe)."""
 
+  @abc.abstractmethod
   def place(self, key: bytes) -> Optional[int]:
     """Where part `key` starts in the output's one data file, when it has
     one: parts placed back to back may be written in one call
     (`write_parts`). None: write part by part."""
-    del key
-    return None
 
+  @abc.abstractmethod
   def write_parts(self, keys: Sequence[bytes], data: np.ndarray,
                   bounds: Sequence[int]) -> None:
-    """Writes parts `keys`, whose bytes are data[bounds[k]:bounds[k + 1]]."""
-    for key, start, end in zip(keys, bounds[:-1], bounds[1:]):
-      writer = self.open_part(key)
-      writer.write(data[start:end])
-      writer.close()
+    """Writes parts `keys`, placed back to back, whose bytes are
+    data[bounds[k]:bounds[k + 1]]."""
 
   @abc.abstractmethod
   def close(self) -> None:
@@ -223,6 +213,159 @@ class Sink(abc.ABC):
   def publication(self, output: str) -> list[tuple[str, str]]:
     """(temporary path, final path) to rename, in order; the last makes the
     output visible."""
+
+
+class PositionedSink(Sink):
+  """A sink whose parts have fixed places in one data file.
+
+  Each part is written chunk by chunk at its place (positioned writes, safe
+  from several threads); a run of parts placed back to back is written in
+  one call. With `checksums`, each part's masked crc32c is computed on the
+  way (`offset_and_crc`), for formats that store it.
+  """
+
+  def __init__(self, data: OutputFile, places: Mapping[bytes, Extent], *,
+               checksums: bool):
+    self._data = data
+    self._places = places  # {key: (offset, size)}
+    self._checksums = checksums
+    self._crcs: dict[bytes, Optional[int]] = {}
+    self._lock = threading.Lock()
+
+  def open_part(self, key: bytes) -> PartWriter:
+    offset, size = self._places[key]
+    return PartWriter(self._data, key, offset, size,
+                      checksum=self._checksums, done=self._finished)
+
+  def place(self, key: bytes) -> Optional[int]:
+    return self._places[key][0]
+
+  def write_parts(self, keys: Sequence[bytes], data: np.ndarray,
+                  bounds: Sequence[int]) -> None:
+    start = self._places[keys[0]][0]
+    for key, a, b in zip(keys, bounds[:-1], bounds[1:]):
+      if self._places[key] != (start + a, b - a):
+        raise AveragingError(f"internal error: parts {keys[0]!r}.. are not "
+                             "back to back in the output")
+    view = memoryview(data)  # type: ignore[arg-type]
+    self._data.write_at(view, start)
+    crcs = {key: crc.masked(crc.crc32c(view[a:b])) if self._checksums
+            else None for key, a, b in zip(keys, bounds[:-1], bounds[1:])}
+    with self._lock:
+      self._crcs.update(crcs)
+
+  def offset_and_crc(self, key: bytes) -> tuple[int, int]:
+    """Where a written part starts, and its masked crc32c (`checksums`)."""
+    value = self._crcs[key]
+    if value is None:
+      raise AveragingError(f"internal error: part {key!r} has no checksum")
+    return self._places[key][0], value
+
+  def _finished(self, key: bytes, crc_value: Optional[int]) -> None:
+    with self._lock:
+      self._crcs[key] = crc_value
+
+  def close_data(self) -> None:
+    """Flushes and closes the data file; every part must be written.
+
+    Raises:
+      AveragingError: (an internal error) parts were never written.
+    """
+    self._data.close()
+    missing = [k for k in self._places if k not in self._crcs]
+    if missing:
+      raise AveragingError(f"internal error: parts never written: "
+                           f"{missing[:3]}")
+
+  def abort(self) -> None:
+    self._data.abort()
+
+
+class PartWriter:
+  """Writes one part's bytes in order at its place in an output file.
+
+  `done(key, crc)` is called when the part is complete, with its masked
+  crc32c when `checksum` (computed on the way) or a copied part's own.
+  """
+
+  def __init__(self, data: OutputFile, key: bytes, offset: int, size: int, *,
+               checksum: bool,
+               done: Callable[[bytes, Optional[int]], None]):
+    self._data, self._key, self._done = data, key, done
+    self._offset, self._end = offset, offset + size
+    self._crc: Optional[int] = 0 if checksum else None
+
+  def write(self, chunk: np.ndarray) -> None:
+    """Appends a chunk (any dtype; its bytes are written)."""
+    data = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(
+        np.uint8))  # type: ignore[arg-type]
+    if self._offset + len(data) > self._end:
+      raise AveragingError(f"internal error: part {self._key!r} overflows")
+    if self._crc is not None:
+      self._crc = crc.crc32c(data, self._crc)
+    self._data.write_at(data, self._offset)
+    self._offset += len(data)
+
+  def close(self, stored_crc: Optional[int] = None) -> None:
+    """Ends the part; `stored_crc` keeps a copied string/variant's checksum."""
+    if self._offset != self._end:
+      raise AveragingError(f"internal error: part {self._key!r} is short")
+    if self._crc is not None and stored_crc is None:
+      stored_crc = crc.masked(self._crc)
+    self._done(self._key, stored_crc)
+
+
+class OutputFile:
+  """An output data file written at byte offsets, from several threads."""
+
+  def __init__(self, path: str, *, size: Optional[int] = None):
+    """Opens `path`: an existing file, or with `size` a new one of that size.
+
+    Raises:
+      OSError: it cannot be opened (or, with `size`, it exists).
+    """
+    create = os.O_CREAT | os.O_EXCL if size is not None else 0
+    self.path = path
+    self._fd: Optional[int] = os.open(
+        path, os.O_WRONLY | create | getattr(os, "O_BINARY", 0), 0o644)
+    if size is not None:
+      os.ftruncate(self._fd, size)
+    self._pwrite = getattr(os, "pwrite", None)
+    self._lock = threading.Lock()
+
+  def write_at(self, data: memoryview, offset: int) -> None:
+    fd = self._fd
+    if fd is None:
+      raise AveragingError(f"internal error: writing to {self.path} after "
+                           "it was closed")
+    if self._pwrite is not None:
+      while data:
+        written = self._pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
+      return
+    with self._lock:  # Windows: no pwrite.
+      os.lseek(fd, offset, os.SEEK_SET)
+      while data:
+        data = data[os.write(fd, data):]
+
+  def close(self) -> None:
+    """Flushes the file to disk and closes it."""
+    fd, self._fd = self._fd, None
+    if fd is None:
+      raise AveragingError(f"internal error: {self.path} is closed twice")
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+
+  def abort(self) -> None:
+    """Closes the file unflushed, if it is open."""
+    fd, self._fd = self._fd, None
+    if fd is not None:
+      try:
+        os.close(fd)
+      except OSError:
+        pass
 
 
 class Format(abc.ABC):
@@ -246,8 +389,21 @@ class Format(abc.ABC):
     return {}
 
   @abc.abstractmethod
+  def check_output_path(self, output_path: str,
+                        taken: Optional[Phrase] = None) -> None:
+    """Refuses an output name that is not this format's, before any work.
+
+    Args:
+      output_path: the output name asked for.
+      taken: which inputs were taken and why, for the message.
+
+    Raises:
+      ArgumentError: naming the parameter, the name and the inputs' format.
+    """
+
+  @abc.abstractmethod
   def output_name(self, output_path: str, step: int) -> str:
-    """The output's path from `--output_path` and the output step."""
+    """The output's path from `output_path` (checked) and the output step."""
 
   @abc.abstractmethod
   def files(self, output: str) -> list[str]:

@@ -47,7 +47,7 @@ from collections.abc import Iterator, Sequence
 import h5py
 import numpy as np
 
-from t2t_avg.errors import ArgumentError, AveragingError, error_text
+from t2t_avg.errors import ArgumentError, AveragingError, Phrase, error_text
 from t2t_avg.files import crc32
 from t2t_avg.formats import base
 from t2t_avg.formats import detect
@@ -366,13 +366,14 @@ class KerasSource(base.Source):
         self._pieces.add(part.offset + offset - self.member.offset, out)
       return
     name = part.key.decode("utf-8", "surrogateescape")
-    itemsize = self._tensors[name].dtype.element.itemsize
+    itemsize = self._tensors[name].element.itemsize
     first, last = offset // itemsize, -(-(offset + len(out)) // itemsize)
     try:
       with self._h5_lock:
         values = _read_flat(self.hdf5[name], first, last)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-      raise AveragingError(f"cannot read dataset {name}: {error_text(e)}") from e
+      raise AveragingError(f"cannot read dataset {name} of {self.path}: "
+                           f"{error_text(e)}") from e
     data = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
     skip = offset - first * itemsize
     np.frombuffer(out, np.uint8)[:] = data[skip:skip + len(out)]
@@ -576,9 +577,13 @@ def write_layout(path: str, newest: h5py.File, tensors: Sequence[base.Tensor],
   return offsets
 
 
-class KerasSink(base.Sink):
+class KerasSink(base.PositionedSink):
   """Writes a Keras weights file, or a `.keras` file with the weights
-  written in place inside it (`keras_zip.ArchiveWriter`)."""
+  written in place inside it (`keras_zip.ArchiveWriter`).
+
+  The HDF5 layout is written first (every dataset allocated, contiguous);
+  then each dataset's bytes are written at its offset.
+  """
 
   def __init__(self, temporary: str, tensors: Sequence[base.Tensor],
                newest: KerasSource, *, archive: bool = False,
@@ -586,65 +591,31 @@ class KerasSink(base.Sink):
     self._tensors = list(tensors)
     self._output = temporary
     weights = temporary + ("." + keras_zip.WEIGHTS_MEMBER if archive else "")
-    self._offsets = write_layout(weights, newest.hdf5, self._tensors,
-                                 optional_groups)
+    offsets = write_layout(weights, newest.hdf5, self._tensors,
+                           optional_groups)
     self._sizes = {t.name: t.parts[0].size for t in self._tensors}
-    self._finished: set[str] = set()
-    self._lock = threading.Lock()
-    self._archive: Optional[keras_zip.ArchiveWriter] = None
-    self._base = 0  # where the weights start in the file written
+    data: base.OutputFile
     if archive:
-      self._archive = _archive_writer(temporary, newest, weights, [
+      data = _ArchiveData(_archive_writer(temporary, newest, weights, [
           (offset, offset + self._sizes[name])
-          for name, offset in self._offsets.items() if offset is not None])
+          for name, offset in offsets.items() if offset is not None]))
       os.remove(weights)  # its metadata is copied, its data never written
-      self._fd: Optional[int] = self._archive.fd
-      self._base = self._archive.weights_offset
     else:
-      self._fd = os.open(weights, os.O_WRONLY | getattr(os, "O_BINARY", 0))
+      data = base.OutputFile(weights)
+    # HDF5 stores no checksum for contiguous data.
+    super().__init__(data, {
+        t.parts[0].key: (offsets[t.name] or 0, t.parts[0].size)
+        for t in self._tensors}, checksums=False)
 
-  def open_part(self, key: bytes) -> base.PartWriter:
-    name = key.decode("utf-8", "surrogateescape")
-    return _PartWriter(self, name, self._offsets[name] or 0, self._sizes[name])
-
-  def _write_at(self, data: memoryview, offset: int) -> None:
-    fd = self._fd
-    if fd is None:
-      raise AveragingError("internal error: writing to a closed sink")
-    if self._archive is not None:  # the zip's CRC-32, from what is written
-      self._archive.pieces.add(offset, data)
-    offset += self._base
-    while data:
-      written = os.pwrite(fd, data, offset)
-      data, offset = data[written:], offset + written
-
-  def _done(self, name: str) -> None:
-    with self._lock:
-      self._finished.add(name)
+  def place(self, key: bytes) -> Optional[int]:
+    """None: datasets are written one by one, never joined into runs (a
+    dataset's offset is HDF5's choice, not a layout of back-to-back parts)."""
+    del key
+    return None
 
   def close(self) -> None:
-    """Flushes the output to disk (for `.keras`, its CRC-32 set first)."""
-    fd, self._fd = self._fd, None
-    if fd is None:
-      raise AveragingError("internal error: the sink is closed twice")
-    missing = sorted(set(self._sizes) - self._finished)
-    if missing:
-      self._fd = fd
-      self.abort()
-      raise AveragingError(f"internal error: datasets never written: "
-                           f"{missing[:3]}")
-    if self._archive is not None:
-      self._archive.finish()
-      return
-    os.fsync(fd)
-    os.close(fd)
-
-  def abort(self) -> None:
-    fd, self._fd = self._fd, None
-    if self._archive is not None:
-      self._archive.abort()
-    elif fd is not None:
-      os.close(fd)
+    """Flushes the output (for `.keras`, its CRC-32 set first)."""
+    self.close_data()
 
   def verify(self) -> None:
     """Reopens the output (zip and HDF5) and checks every dataset's shape
@@ -690,26 +661,34 @@ def _archive_writer(temporary: str, newest: KerasSource, layout: str,
                                  layout, filled)
 
 
-class _PartWriter(base.PartWriter):
-  """Writes one dataset's bytes in order at its offset."""
+class _ArchiveData(base.OutputFile):
+  """The weights member of a `.keras` file being written, as an output file:
+  offsets are the member's, and its CRC-32 comes from what is written."""
+  def __init__(self, archive: keras_zip.ArchiveWriter):  # pylint: disable=super-init-not-called
+    self.path = archive.output_path
+    self._archive: Optional[keras_zip.ArchiveWriter] = archive
 
-  def __init__(self, sink: KerasSink, name: str, offset: int, size: int):
-    self._sink, self._name = sink, name
-    self._offset, self._end = offset, offset + size
+  def write_at(self, data: memoryview, offset: int) -> None:
+    archive = self._archive
+    if archive is None:
+      raise AveragingError(f"internal error: writing to {self.path} after "
+                           "it was closed")
+    archive.pieces.add(offset, data)
+    offset += archive.weights_offset
+    while data:
+      written = os.pwrite(archive.fd, data, offset)
+      data, offset = data[written:], offset + written
 
-  def write(self, chunk: np.ndarray) -> None:
-    data = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(
-        np.uint8))  # type: ignore[arg-type]
-    if self._offset + len(data) > self._end:
-      raise AveragingError(f"internal error: dataset {self._name} overflows")
-    self._sink._write_at(data, self._offset)  # pylint: disable=protected-access
-    self._offset += len(data)
+  def close(self) -> None:
+    archive, self._archive = self._archive, None
+    if archive is None:
+      raise AveragingError(f"internal error: {self.path} is closed twice")
+    archive.finish()
 
-  def close(self, stored_crc: Optional[int] = None) -> None:
-    del stored_crc  # HDF5 stores no checksum for contiguous data.
-    if self._offset != self._end:
-      raise AveragingError(f"internal error: dataset {self._name} is short")
-    self._sink._done(self._name)  # pylint: disable=protected-access
+  def abort(self) -> None:
+    archive, self._archive = self._archive, None
+    if archive is not None:
+      archive.abort()
 
 
 # --- the formats -------------------------------------------------------------
@@ -725,18 +704,23 @@ class KerasFormat(base.Format):
   # Why an output must end in `suffix`.
   suffix_reason = "Keras reads them only under such names"
 
+  def check_output_path(self, output_path: str,
+                        taken: Optional[Phrase] = None) -> None:
+    if output_path.endswith(self.suffix):
+      return
+    path = output_path[:-1] if output_path.endswith("/") else output_path
+    stem = detect.keras_stem(path)  # `avg.keras` → `avg`
+    if stem == os.path.basename(path):
+      stem = os.path.splitext(stem)[0]  # `avg.ckpt` → `avg`
+    raise ArgumentError(
+        "{output_path} {path!r} must end in {suffix} for {kind} inputs" +
+        (" ({taken})" if taken else "") + ": {reason} (e.g. {example})",
+        path=output_path, suffix=self.suffix, kind=self.name, taken=taken,
+        reason=self.suffix_reason, example=os.path.join(
+            os.path.dirname(path), stem + self.suffix))
+
   def output_name(self, output_path: str, step: int) -> str:
     del step  # Keras files are named by the user (legacy's -<step>: TF only).
-    if not output_path.endswith(self.suffix):
-      path = output_path[:-1] if output_path.endswith("/") else output_path
-      stem = detect.keras_stem(path)  # `avg.keras` → `avg`
-      if stem == os.path.basename(path):
-        stem = os.path.splitext(stem)[0]  # `avg.ckpt` → `avg`
-      raise ArgumentError(
-          "{output_path} {path!r} must end in {suffix} for {kind} inputs: "
-          "{reason} (e.g. {example})", path=output_path, suffix=self.suffix,
-          kind=self.name, reason=self.suffix_reason, example=os.path.join(
-              os.path.dirname(path), stem + self.suffix))
     return output_path
 
   def files(self, output: str) -> list[str]:

@@ -25,7 +25,10 @@ import json
 import os
 import pathlib
 import re
+from typing import Optional
 from collections.abc import Sequence
+
+import numpy as np
 
 from t2t_avg.errors import AveragingError
 from t2t_avg.formats import base
@@ -155,6 +158,16 @@ class ShardedSink(base.Sink):
     except BaseException:
       self.abort()
       raise
+
+  def place(self, key: bytes) -> Optional[int]:
+    """None: each dataset is written on its own, into its shard."""
+    del key
+    return None
+
+  def write_parts(self, keys: Sequence[bytes], data: np.ndarray,
+                  bounds: Sequence[int]) -> None:
+    raise AveragingError("internal error: sharded Keras outputs place no "
+                         "runs of parts")
 
   def open_part(self, key: bytes) -> base.PartWriter:
     return self._route[key.decode("utf-8", "surrogateescape")].open_part(key)

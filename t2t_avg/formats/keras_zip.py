@@ -176,7 +176,7 @@ class ArchiveWriter:
                filled: Sequence[tuple[int, int]]):
     size = os.path.getsize(layout)
     self.pieces = crc32.Pieces(size)
-    self._output = output
+    self._output = self.output_path = output
     self._raw: Optional[IO[bytes]] = open(output, "x+b")  # + : read back
     try:
       self._write_members(newest, members, layout, filled)

@@ -16,7 +16,6 @@ only ever copied, bytes and stored crc together, which keeps them valid.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import struct
 import threading
@@ -29,8 +28,9 @@ from t2t_avg.files import crc
 from t2t_avg.files import filesystem
 from t2t_avg.files import paths
 from t2t_avg.files import tf_loader
-from t2t_avg.errors import AveragingError, error_text
+from t2t_avg.errors import ArgumentError, AveragingError, Phrase, error_text
 from t2t_avg.formats import base
+from t2t_avg.formats import detect
 from t2t_avg.formats import tf_protos
 from t2t_avg.formats.tf_dtypes import dtype_enum, dtype_of
 
@@ -260,8 +260,9 @@ def _tensors_of(prefix: str, header: tf_protos.Header,
       continue
     parts = sliced.get(key) or (_part(files, key, entry, None),)
     name = _tensor_name(prefix, key)
-    result[name] = base.Tensor(name, dtype_of(entry.dtype), entry.shape,
-                               parts)
+    result[name] = base.Tensor(name, _dtype(prefix + INDEX_SUFFIX, name,
+                                            entry.dtype),
+                               entry.shape, parts)
   return result
 
 
@@ -277,6 +278,16 @@ def _not_utf8(prefix: str, key: bytes) -> str:
   # published, cannot list such a name (nor `tf.train.list_variables`).
   return (f"checkpoint {prefix} has a tensor name that is not UTF-8, "
           f"{key!r}: TensorFlow cannot read it back by name")
+
+
+def _dtype(file: str, name: str, enum: int) -> base.DType:
+  """The dtype of a variable, or an AveragingError naming it and the file
+  that records it (a V2 index, a V1 checkpoint)."""
+  try:
+    return dtype_of(enum)
+  except AveragingError as e:
+    raise AveragingError("cannot read variable {name} of checkpoint {file}: "
+                         "{reason}", name=name, file=file, reason=e) from e
 
 
 def _slices(prefix: str, files: list[str], key: bytes, entry: _Entry,
@@ -351,7 +362,7 @@ class ReaderSource(_TFSource):
     self._tensors = {}
     self._strings: dict[str, bytes] = {}
     for name, shape in shapes.items():
-      dtype = dtype_of(dtypes[name].as_datatype_enum)
+      dtype = _dtype(prefix, name, dtypes[name].as_datatype_enum)
       key = name.encode("utf-8", "surrogateescape")
       if dtype.numpy is None:  # Strings: small, encoded as a bundle would.
         data, stored_crc = _encode_strings(
@@ -515,13 +526,7 @@ def missing_data_file(prefix: str) -> Optional[str]:
 
 # --- writing -----------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class _Placed:
-  part: base.Part
-  offset: int
-
-
-class BundleSink(base.Sink):
+class BundleSink(base.PositionedSink):
   """Writes a one-shard V2 bundle whose layout is fixed before any byte is.
 
   Every part gets its place in the data file from the sorted list of keys
@@ -533,18 +538,14 @@ class BundleSink(base.Sink):
   def __init__(self, prefix: str, tensors: Sequence[base.Tensor]):
     self.prefix = prefix
     self._tensors = list(tensors)
-    self._places: dict[bytes, _Placed] = {}
+    places: dict[bytes, base.Extent] = {}
     offset = 0
     for part in sorted((p for t in tensors for p in t.parts),
                        key=lambda p: p.key):
-      self._places[part.key] = _Placed(part, offset)
+      places[part.key] = (offset, part.size)
       offset += part.size
-    self._crcs: dict[bytes, int] = {}
-    self._lock = threading.Lock()
-    self._fd = os.open(self.data_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL |
-                       getattr(os, "O_BINARY", 0), 0o644)
-    os.ftruncate(self._fd, offset)
-    self._pwrite = getattr(os, "pwrite", None)
+    super().__init__(base.OutputFile(self.data_path, size=offset), places,
+                     checksums=True)
 
   @property
   def data_path(self) -> str:
@@ -554,60 +555,13 @@ class BundleSink(base.Sink):
   def index_path(self) -> str:
     return self.prefix + INDEX_SUFFIX
 
-  def open_part(self, key: bytes) -> PartWriter:
-    placed = self._places[key]
-    return PartWriter(self, key, placed.offset, placed.part.size)
-
-  def place(self, key: bytes) -> Optional[int]:
-    return self._places[key].offset
-
-  def write_parts(self, keys: Sequence[bytes], data: np.ndarray,
-                  bounds: Sequence[int]) -> None:
-    start = self._places[keys[0]].offset
-    for key, a, b in zip(keys, bounds[:-1], bounds[1:]):
-      placed = self._places[key]
-      if placed.offset != start + a or placed.part.size != b - a:
-        raise AveragingError(f"internal error: parts {keys[0]!r}.. are not "
-                             "back to back in the output")
-    view = memoryview(data)  # type: ignore[arg-type]
-    self._write_at(view, start)
-    crcs = {key: crc.masked(crc.crc32c(view[a:b]))
-            for key, a, b in zip(keys, bounds[:-1], bounds[1:])}
-    with self._lock:
-      self._crcs.update(crcs)
-
-  def _write_at(self, data: memoryview, offset: int) -> None:
-    if self._pwrite is not None:
-      while data:
-        written = self._pwrite(self._fd, data, offset)
-        data, offset = data[written:], offset + written
-      return
-    with self._lock:  # Windows: no pwrite.
-      os.lseek(self._fd, offset, os.SEEK_SET)
-      while data:
-        data = data[os.write(self._fd, data):]
-
-  def _finished(self, key: bytes, crc_value: int) -> None:
-    with self._lock:
-      self._crcs[key] = crc_value
-
   def close(self) -> None:
     """Flushes the data file, then writes and flushes the index."""
-    os.fsync(self._fd)
-    os.close(self._fd)
-    missing = [k for k in self._places if k not in self._crcs]
-    if missing:
-      raise AveragingError(f"internal error: parts never written: {missing[:3]}")
+    self.close_data()
     with open(self.index_path, "xb") as f:
       f.write(_table(self._index_entries()))
       f.flush()
       os.fsync(f.fileno())
-
-  def abort(self) -> None:
-    try:
-      os.close(self._fd)
-    except OSError:
-      pass
 
   def verify(self) -> None:
     verify_readable(self.prefix, self._tensors)
@@ -623,41 +577,16 @@ class BundleSink(base.Sink):
     for tensor in self._tensors:
       enum = dtype_enum(tensor.dtype)
       for part in tensor.parts:
-        placed = self._places[part.key]
+        offset, crc32c = self.offset_and_crc(part.key)
         entries[part.key] = tf_protos.Entry(
-            enum, tuple(part.shape), offset=placed.offset, size=part.size,
-            crc32c=self._crcs[part.key])
+            enum, tuple(part.shape), offset=offset, size=part.size,
+            crc32c=crc32c)
       if tensor.parts[0].extents is not None:
         entries[tensor.name.encode("utf-8", "surrogateescape")] = (
             tf_protos.Entry(enum, tuple(tensor.shape), slices=tuple(
                 tuple(part.extents or ()) for part in tensor.parts)))
     return [(b"", tf_protos.encode_header(header))] + [
         (key, tf_protos.encode_entry(entries[key])) for key in sorted(entries)]
-
-
-class PartWriter(base.PartWriter):
-  """Writes one part's bytes in order, computing their crc32c on the way."""
-
-  def __init__(self, sink: BundleSink, key: bytes, offset: int, size: int):
-    self._sink, self._key = sink, key
-    self._offset, self._end = offset, offset + size
-    self._crc = 0
-
-  def write(self, chunk: np.ndarray) -> None:
-    data = memoryview(np.ascontiguousarray(chunk).reshape(-1).view(
-        np.uint8))  # type: ignore[arg-type]
-    if self._offset + len(data) > self._end:
-      raise AveragingError(f"internal error: part {self._key!r} overflows")
-    self._crc = crc.crc32c(data, self._crc)
-    self._sink._write_at(data, self._offset)  # pylint: disable=protected-access
-    self._offset += len(data)
-
-  def close(self, stored_crc: Optional[int] = None) -> None:
-    """Ends the part; `stored_crc` keeps a copied string/variant's own crc."""
-    if self._offset != self._end:
-      raise AveragingError(f"internal error: part {self._key!r} is short")
-    self._sink._finished(  # pylint: disable=protected-access
-        self._key, crc.masked(self._crc) if stored_crc is None else stored_crc)
 
 
 _put_varint = tf_protos.put_varint
@@ -737,6 +666,22 @@ class TFFormat(base.Format):
           present):
         tables[name] = "hash table values"
     return tables
+
+  def check_output_path(self, output_path: str,
+                        taken: Optional[Phrase] = None) -> None:
+    """Refuses a Keras name: Keras would not load the `<name>-<step>.index`
+    and `.data-*` files written under it."""
+    suffix = next((s for s in detect.KERAS_SUFFIXES
+                   if output_path.endswith(s)), None)
+    if suffix is None:
+      return
+    raise ArgumentError(
+        "{output_path} {path!r} ends in {suffix}, a Keras name, but the "
+        "inputs are TF checkpoints" + (" ({taken})" if taken else "") +
+        ": the output would be TF files {path}-<step>.index and .data-*, "
+        "which Keras does not load; choose a TF prefix (e.g. {example})",
+        path=output_path, suffix=suffix, taken=taken,
+        example=output_path[:-len(suffix)])
 
   def output_name(self, output_path: str, step: int) -> str:
     return f"{output_path}-{step}"

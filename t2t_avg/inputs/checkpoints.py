@@ -191,7 +191,8 @@ def scalar_bytes(value: int, dtype: np.dtype) -> np.ndarray:
   """`value` as a 0-d array of an integer dtype, or an AveragingError."""
   info = np.iinfo(dtype)
   if not info.min <= value <= info.max:
-    raise AveragingError(f"--output_step={value} does not fit the "
-                         f"{GLOBAL_STEP} tensor's dtype {dtype.name} (at most "
-                         f"{info.max})")
+    raise AveragingError("{output_step}={value} does not fit the "
+                         "{tensor} tensor's dtype {dtype} (at most {most})",
+                         value=value, tensor=GLOBAL_STEP, dtype=dtype.name,
+                         most=info.max)
   return np.asarray(value, dtype)

@@ -327,10 +327,10 @@ def check_one_kind(listing: Listing) -> None:
   keras, tf_prefixes = listing.keras_files(), listing.tf_prefixes()
   if keras and tf_prefixes:
     raise AveragingError(
-        f"directory {listing.directory} holds both TF checkpoints "
-        f"({tf_prefixes[0]}) and Keras files ({keras[0]}); t2t_avg lists "
-        "one kind per directory: move one kind elsewhere, or name the files "
-        "with --checkpoints")
+        "directory {directory} holds both TF checkpoints ({tf}) and Keras "
+        "files ({keras}); t2t_avg lists one kind per directory: move one "
+        "kind elsewhere, or name the files with {checkpoints}",
+        directory=listing.directory, tf=tf_prefixes[0], keras=keras[0])
 
 
 # (path, size, mtime_ns) -> (step, step source): not re-read per poll.
@@ -475,14 +475,14 @@ def read_step(source: base.Source, step_from: str = "auto", *,
   if step_from == "name":
     step = name_step(path, names)
     if step is None:
-      raise AveragingError(f"--step_from=name: checkpoint {path} has no "
-                           "trailing -N in its name")
+      raise AveragingError("{step_from}=name: checkpoint {path} has no "
+                           "trailing -N in its name", path=path)
     return _named(path, step, "name", source, names)
   tensors = source.tensors()
   if step_from != "auto":
     if step_from not in tensors:
-      raise AveragingError(f"--step_from={step_from}: checkpoint {path} has "
-                           "no such tensor")
+      raise AveragingError("{step_from}={key}: checkpoint {path} has no "
+                           "such tensor", key=step_from, path=path)
     return _named(path, _scalar_int(source, step_from), step_from, source,
                   names)
   for key in source.step_keys:
@@ -576,10 +576,11 @@ def _listed(prefix: str, state: Optional[state_file.CheckpointState],
     hint = ""
     if not prefix.endswith("/") and filesystem.exists(
         os.path.join(prefix, STATE_FILE)):
-      hint = f"; did you mean --prefix={prefix}/?"
-    raise AveragingError(f"no checkpoint state file "
-                         f"{os.path.join(state_dir, STATE_FILE)} (the "
-                         f"directory of --prefix){hint}")
+      hint = "; did you mean {prefix}={directory}/?"
+    raise AveragingError("no checkpoint state file {state_file} (the "
+                         "directory of {prefix})" + hint,
+                         state_file=os.path.join(state_dir, STATE_FILE),
+                         directory=prefix)
   listed = list(state.all_model_checkpoint_paths)
   if not listed or listed[-1] != state.model_checkpoint_path:
     listed.append(state.model_checkpoint_path)

@@ -13,7 +13,7 @@ from absl import logging
 
 from t2t_avg.metrics import points
 from t2t_avg import options
-from t2t_avg.errors import ArgumentError, AveragingError
+from t2t_avg.errors import ArgumentError, AveragingError, render
 
 
 
@@ -39,8 +39,8 @@ def within_bounds(steps: Sequence[int | None], options: options.SelectionOptions
   for i, step in enumerate(steps):
     if step is None:
       raise AveragingError(
-          f"the step of {_name(i, names)} is unknown, so "
-          f"{_bounds_text(options)} cannot place it (see --step_from)")
+          "the step of {name} is unknown, so " + _bounds_text(options) +
+          " cannot place it (see {step_from})", name=_name(i, names))
     if (low is None or step >= low) and (high is None or step <= high):
       chosen.append(i)
   return chosen
@@ -139,8 +139,9 @@ def choose(steps: Sequence[int | None], *, options: options.SelectionOptions,
   """
   chosen = within_bounds(steps, options, names)
   if not chosen:
-    raise AveragingError(_nothing_within(steps, options))
-  _log_left(_bounds_text(options), chosen, len(steps))
+    raise _nothing_within(steps, options)
+  _log_left(render(_bounds_text(options), {}, as_flags=True), chosen,
+            len(steps))
   chosen = _log_left(f"--stride={options.stride}",
                      strided(chosen, options.stride), len(chosen))
   if options.select == "best_window":
@@ -178,19 +179,21 @@ def _name(index: int, names: Sequence[str] | None,
 
 
 def _bounds_text(options: options.SelectionOptions) -> str:
-  bounds = [f"--{name}={getattr(options, name)}"
+  """The bounds given, as a template naming their parameters."""
+  bounds = [f"{{{name}}}={getattr(options, name)}"
             for name in ("min_step", "max_step")
             if getattr(options, name) is not None]
   return " ".join(bounds)
 
 
 def _nothing_within(steps: Sequence[int | None],
-                    options: options.SelectionOptions) -> str:
+                    options: options.SelectionOptions) -> AveragingError:
   if not steps:
-    return "no checkpoints to choose from"
+    return AveragingError("no checkpoints to choose from")
   known = [s for s in steps if s is not None]
-  return (f"no checkpoint has a step within {_bounds_text(options)} (the "
-          f"steps run from {min(known)} to {max(known)})")
+  return AveragingError("no checkpoint has a step within " +
+                        _bounds_text(options) + " (the steps run from {low} "
+                        "to {high})", low=min(known), high=max(known))
 
 
 def _log_left(what: str, chosen: list[int], before: int) -> list[int]:

@@ -15,7 +15,7 @@ from absl import logging
 from t2t_avg import formats
 from t2t_avg import options
 from t2t_avg.engine import averaging
-from t2t_avg.errors import AveragingError, error_text
+from t2t_avg.errors import ArgumentError, AveragingError, error_text
 from t2t_avg.files import filesystem
 from t2t_avg.files import publish
 from t2t_avg.files import shared_dir
@@ -163,10 +163,11 @@ def windows(step_files: Iterable[Checkpoint], n: int,
     ((n - 1) * stride + 1)-th.
 
   Raises:
-    ValueError: n < 1 or stride < 1.
+    ArgumentError: n < 1 or stride < 1.
   """
   if n < 1 or stride < 1:
-    raise ValueError(f"--n and --stride must be >= 1, not {n}, {stride}")
+    raise ArgumentError("{n} and {stride} must be >= 1, not {given}",
+                        given=f"{n}, {stride}")
   span = (n - 1) * stride + 1
   window: collections.deque[Checkpoint] = collections.deque(maxlen=span)
   for step_file in step_files:
@@ -229,8 +230,8 @@ def average_all(settings: options.ContinuousOptions, *,
   if averaging_options.weight_summaries:
     events.summaries_directory(output_dir)
   if not filesystem.isdir(model_dir) and not settings.wait_minutes:
-    raise AveragingError(f"--model_dir {model_dir} is not a directory (pass "
-                         "--wait_minutes to wait for it)")
+    raise AveragingError("{model_dir} {path} is not a directory (pass "
+                         "{wait_minutes} to wait for it)", path=model_dir)
   settings = dataclasses.replace(settings, model_dir=model_dir,
                                  output_dir=output_dir)
   averager = _Averager(settings, weighting_options, averaging_options, mode,
@@ -444,7 +445,8 @@ class _MetricWait:
       return weighting.weigh_checkpoints(members, points, settings,
                                          mode=self._mode), ""
     except AveragingError as e:
-      return None, f"cannot weigh its checkpoints: {e}"
+      return None, ("cannot weigh its checkpoints: " +
+                    e.message(as_flags=True))  # The log speaks flags.
 
   def _metric_points(self, newest: Checkpoint) -> tuple[
       Optional[list[MetricPoint]], Optional[str]]:
@@ -458,7 +460,7 @@ class _MetricWait:
       kind = points[0].kind
       at = keras_logs.checkpoint_positions([newest], kind)[0]
     except AveragingError as e:
-      return None, str(e)
+      return None, e.message(as_flags=True)
     aligned = weighting.align_metrics_to_checkpoints(
         [at], points, max_step_gap=settings.max_step_gap)
     if aligned[0] is None:
@@ -496,9 +498,10 @@ class _Outputs:
         then = ", ".join(f"{k}={v[0]!r}" for k, v in differs.items())
         now = ", ".join(f"{k}={v[1]!r}" for k, v in differs.items())
         raise AveragingError(
-            f"--output_dir {output_dir} holds {output.path}, averaged with "
-            f"{then}; this run asks for {now} (pass --recompute to replace "
-            "such averages, or choose another --output_dir)")
+            "{output_dir} {directory} holds {output}, averaged with {then}; "
+            "this run asks for {now} (pass {recompute} to replace such "
+            "averages, or choose another {output_dir})",
+            directory=output_dir, output=output.path, then=then, now=now)
 
   def finish(self, result: AveragingResult, newest: Checkpoint,
              members: list[Checkpoint]) -> None:

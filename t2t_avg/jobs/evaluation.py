@@ -107,8 +107,9 @@ def evaluate(options: options.EvalOptions, checkpoint_path: str, *,
   if problem:
     _log_stderr_tail(stderr, candidate)
     raise AveragingError(
-        f"eval command {_quote(options.eval_command, 60)} {problem[0]} on "
-        f"{_shorten(candidate, 60)}{problem[1]}")
+        "eval command {command} " + problem[0] + " on {candidate}{detail}",
+        command=_quote(options.eval_command, 60),
+        candidate=_shorten(candidate, 60), detail=problem[1])
   assert score is not None  # `_problem` said so.
   logging.info("Eval score of %s: %g (%.1f s)", candidate, score,
                time.monotonic() - start)
@@ -164,7 +165,7 @@ def _problem(options: options.EvalOptions, status: int | None, line: str,
              score: float | None) -> tuple[str, str] | None:
   """(what went wrong, detail after the candidate), or None for a score."""
   if status is None:
-    return (f"ran past --eval_timeout={options.eval_timeout:g} seconds", "")
+    return (f"ran past {{eval_timeout}}={options.eval_timeout:g} seconds", "")
   if status < 0:
     return ("failed", f" (killed by {_signal_name(-status)})")
   if status > 0:

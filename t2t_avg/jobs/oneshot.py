@@ -8,7 +8,12 @@ from typing import Optional
 
 from absl import logging
 
+from t2t_avg import formats
 from t2t_avg.engine import averaging
+from t2t_avg.errors import ArgumentError, Phrase
+from t2t_avg.files import paths
+from t2t_avg.inputs import naming
+from t2t_avg.formats import base
 from t2t_avg.inputs import checkpoints as ckpts
 from t2t_avg.jobs import evaluation
 from t2t_avg.metrics import events
@@ -37,6 +42,49 @@ def choose(inputs: options.InputOptions,
   return list(ckpts.choose_last(inputs.prefix, inputs.num_last_checkpoints
                                 if chooser.is_default else None,
                                 name_pattern=name_pattern))
+
+
+def check_output_path(found: Sequence[str], inputs: options.InputOptions,
+                      output_path: str) -> None:
+  """Refuses an output name that is not the inputs' format, before any work,
+  saying which inputs were taken and why.
+
+  Raises:
+    ArgumentError: e.g. a Keras name for TF checkpoints that a state file
+      listed, or a TF prefix for Keras files.
+  """
+  kinds = {formats.format_named(p) for p in found}
+  if len(kinds) != 1:
+    return  # None, or several: averaging refuses to mix formats.
+  fmt = kinds.pop()
+  try:
+    fmt.check_output_path(output_path)
+  except ArgumentError:
+    fmt.check_output_path(output_path, _taken(found, inputs, fmt))
+    raise
+
+
+def _taken(found: Sequence[str], inputs: options.InputOptions,
+           fmt: base.Format) -> Phrase:
+  """Which inputs were taken, and why (for a refused output name)."""
+  names = [os.path.basename(p) for p in found]
+  shown = ", ".join(names if len(names) <= 4 else
+                    names[:2] + ["...", names[-1]])
+  if inputs.checkpoints:
+    return Phrase("named by {checkpoints}: {names}", names=shown)
+  if not fmt.has_state_file:
+    return Phrase("{names}, found by {prefix}={given}, with no state file "
+                  "in its directory", names=shown, given=inputs.prefix)
+  directory = os.path.dirname(inputs.prefix) or "."
+  taken = Phrase(
+      "{state_file} lists {names}: for {prefix}={given}, legacy T2T takes "
+      "the checkpoints of the state file in its directory",
+      state_file=os.path.join(directory, ckpts.STATE_FILE), names=shown,
+      given=inputs.prefix)
+  if paths.is_local(directory) and naming.look(directory).keras_files():
+    taken = Phrase("{taken}; to average the Keras files there, name them "
+                   "with {checkpoints}", taken=taken)
+  return taken
 
 
 def read_points(settings: options.WeightingOptions, *,
@@ -100,6 +148,8 @@ def run(settings: options.OneShotSettings) -> AveragingResult:
   found = choose(settings.inputs, settings.selection,
                  name_pattern=averaging_options.name_pattern)
   try:
+    check_output_path([c if isinstance(c, str) else c.path for c in found],
+                      settings.inputs, output.output_path)
     for item in found:
       pool.append(ckpts.load(item, averaging_options.step_from,
                              name_pattern=averaging_options.name_pattern))

@@ -226,8 +226,9 @@ def checkpoint_positions(checkpoints: Sequence, kind: str, *,
   positions = []
   for c in checkpoints:
     if c.step is None:
-      raise AveragingError(f"the step of checkpoint {c.path} is unknown, so "
-                           "no metric can be matched to it (see --step_from)")
+      raise AveragingError("the step of checkpoint {path} is unknown, so no "
+                           "metric can be matched to it (see {step_from})",
+                           path=c.path)
     if kind == ITERATIONS and c.step_source == "name" and _is_keras(c):
       raise AveragingError(
           f"checkpoint {c.path} has no optimizer iteration counter (its step "

@@ -97,10 +97,11 @@ def _align(checkpoints: list, points: Sequence[MetricPoint],
   if missing and settings.missing_metric == "error":
     c, at = missing[0]
     raise AveragingError(
-        f"no {tag} metric at {keras_logs.position_text(kind, at)} "
-        f"(checkpoint {c.path}, --max_step_gap={settings.max_step_gap}); "
-        f"{keras_logs.AXES[kind]} with one: {_steps_text(points)} (or pass "
-        "--missing_metric=skip)")
+        "no {tag} metric at {at} (checkpoint {path}, {max_step_gap}={gap}); "
+        "{axis} with one: {steps} (or pass {missing_metric}=skip)", tag=tag,
+        at=keras_logs.position_text(kind, at), path=c.path,
+        gap=settings.max_step_gap, axis=keras_logs.AXES[kind],
+        steps=_steps_text(points))
   for c, at in missing:
     logging.warning("Leaving out checkpoint %s: no %s metric at %s", c.path,
                     tag, keras_logs.position_text(kind, at))
@@ -233,9 +234,9 @@ def compute_weights(
     # Metric values near the limits of float64 (e.g. 1e300) overflow.
     valid = metric.values[metric.valid]
     raise AveragingError(
-        f"{scheme} weighting overflows with metric values between "
-        f"{np.min(valid):g} and {np.max(valid):g}; use --weighting=rank or "
-        "top_k")
+        "{scheme} weighting overflows with metric values between {low:g} "
+        "and {high:g}; use {weighting}=rank or top_k", scheme=scheme,
+        low=np.min(valid), high=np.max(valid))
   return result, details
 
 
@@ -294,8 +295,8 @@ def _proportional(m: _Values, **_: object) -> tuple[np.ndarray, dict]:
   valid = m.values[m.valid]
   if (valid <= 0).any():
     raise AveragingError(
-        "Proportional weighting needs metric values > 0, got "
-        f"{min(valid):g}; use --weighting=softmax or rank")
+        "Proportional weighting needs metric values > 0, got {low:g}; use "
+        "{weighting}=softmax or rank", low=min(valid))
   weights = np.zeros(len(m.values))
   weights[m.valid] = valid if m.mode == "max" else 1.0 / valid
   return weights, {}
