@@ -66,7 +66,7 @@ def _latest_in(directory: str) -> str:
       files = naming.KerasNames().find_all(directory, listing)
       if not files:
         raise AveragingError(f"directory {directory} holds no readable Keras "
-                             "file (*.weights.h5, *.keras)")
+                             f"file ({naming.KERAS_GLOBS})")
       return files[-1].path
   if state is None or not state.model_checkpoint_path:
     raise AveragingError(f"directory {directory} holds no checkpoint (no "
