@@ -1,14 +1,16 @@
 """Keras 2 `.h5` files and sharded Keras 3 weights found in a directory (--prefix, continuous)."""
 import json
+import logging as std_logging
 import os
 import shutil
+import time
 
 import h5py
 import numpy as np
 import pytest
 
 from conftest import (assert_same_values, average_all, call_cli, error_line,
-                      float64_mean, read_record)
+                      float64_mean, logged, read_record)
 from t2t_avg.errors import AveragingError
 from t2t_avg.inputs import checkpoints
 from t2t_avg.inputs import naming
@@ -272,6 +274,28 @@ def test_continuous_mode_waits_for_the_index_of_a_save_in_progress(
       for i in range(3, EPOCHS + 1)]
   assert_same_values(_datasets(outcomes[-1].output_path),
                      _expected(copied[-3:]))
+
+
+@pytest.mark.parametrize("kind, suffix", [("h5", ".h5"),
+                                          ("sharded", ".weights.json")])
+def test_the_continuous_log_says_what_it_waits_for(runs, tmp_path, caplog,
+                                                   kind, suffix):
+  model_dir = os.path.dirname(runs[kind][0])
+  now = [time.time()]
+
+  def sleep(seconds):
+    now[0] += seconds
+
+  with caplog.at_level(std_logging.INFO):
+    outcomes = list(average_all(model_dir, str(tmp_path / "avg"), n=3,
+                                wait_minutes=1, poll_seconds=30,
+                                clock=lambda: now[0], sleep=sleep))
+  assert len(outcomes) == EPOCHS - 2
+  waits = [m for m in logged(caplog, std_logging.INFO)
+           if m.startswith("Waiting till")]
+  assert waits and all(m.endswith(f" for a new Keras file in {model_dir} "
+                                  f"(*{suffix})") for m in waits), waits
+  assert ".index" not in caplog.text
 
 
 # --- what a mistyped name says -----------------------------------------------
