@@ -215,6 +215,28 @@ def test_unsharded_files_named_as_shards_are_checkpoints(runs, tmp_path):
       "w_00001.weights.h5", "w_00002.weights.h5"]
 
 
+def test_a_truncated_file_found_through_prefix_is_an_error(runs, tmp_path):
+  """One-shot: the last N cannot be told without it (exit 1, as the README
+  says); continuous mode leaves it for the next look (still being written)."""
+  directory = str(tmp_path / "run")
+  copied = _copy(runs["h5"], directory)
+  size = os.path.getsize(copied[-1])
+  os.truncate(copied[-1], size // 2)
+  output = str(tmp_path / "avg.h5")
+  line = error_line(call_cli(f"--prefix={directory}/w-",
+                             "--num_last_checkpoints=3",
+                             f"--output_path={output}"))
+  assert line == (
+      f"t2t_avg: error: {copied[-1]} is truncated: its HDF5 superblock says "
+      f"it ends at byte {size}, but it has {size // 2} bytes; it is one of "
+      f"the Keras files named w-* in {directory}, whose order needs every "
+      "one: wait until it is written, or move it away")
+  assert not os.path.exists(output)
+  outcomes = list(average_all(directory, str(tmp_path / "windows"), n=3))
+  assert [[c.path for c in o.inputs] for o in outcomes] == [
+      copied[0:3], copied[1:4]]
+
+
 # --- continuous mode ---------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["h5", "sharded"])

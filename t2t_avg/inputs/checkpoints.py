@@ -63,7 +63,7 @@ def _latest_in(directory: str) -> str:
                                     not state.model_checkpoint_path):
     listing = naming.look(directory)
     if listing.keras_files():
-      files = naming.KerasNames().find_all(directory, listing)
+      files = naming.KerasNames().find_all(directory, listing, strict=True)
       if not files:
         raise AveragingError(f"directory {directory} holds no readable Keras "
                              f"file ({naming.KERAS_GLOBS})")

@@ -308,8 +308,8 @@ class KerasNames:
         **{f: step for f in fields}))
 
   def find_all(self, directory: str, listing: Optional[Listing] = None, *,
-               keep_open: bool = False,
-               warn_unreadable: bool = True) -> list[Checkpoint]:
+               keep_open: bool = False, warn_unreadable: bool = True,
+               strict: bool = False) -> list[Checkpoint]:
     """The Keras files of a directory, oldest first (see `order`).
 
     Args:
@@ -320,20 +320,37 @@ class KerasNames:
         since it was last read.
       warn_unreadable: warn about files that cannot be read (else DEBUG: a
         file still being written, in continuous mode).
+      strict: a file that cannot be read is an error (one-shot mode: the
+        last N cannot be told without it), not left out.
 
     Raises:
-      AveragingError: the directory holds TF checkpoints too.
+      AveragingError: the directory holds TF checkpoints too; with
+        `strict`, a file cannot be read (naming it).
     """
     listing = listing or look(directory)
     check_one_kind(listing)
-    files = []
-    for name in listing.keras_files(self.name_prefix):
-      found, problem = _read_keras(self, listing.path(name), keep_open)
-      if found is None:
-        (logging.warning if warn_unreadable else logging.debug)(
-            "Leaving out %s: %s", listing.path(name), problem)
-        continue
-      files.append(found)
+    files: list[Checkpoint] = []
+    try:
+      for name in listing.keras_files(self.name_prefix):
+        path = listing.path(name)
+        found, problem = _read_keras(self, path, keep_open)
+        if found is None and strict:
+          named = f" named {self.name_prefix}*" if self.name_prefix else ""
+          raise AveragingError(
+              f"{problem if path in problem else f'{path}: {problem}'}; it "
+              f"is one of the Keras files{named} in {directory or '.'}, "
+              "whose order needs every one: wait until it is written, or "
+              "move it away")
+        if found is None:
+          (logging.warning if warn_unreadable else logging.debug)(
+              "Leaving out %s: %s", path, problem)
+          continue
+        files.append(found)
+    except BaseException:
+      for opened in files:
+        if opened.source is not None:
+          opened.source.close()
+      raise
     return order(directory, files)
 
   def find_step(self, directory: str, step: int,
@@ -635,7 +652,7 @@ def keras_last_n(names: KerasNames, directory: str, n: Optional[int],
     AveragingError: there are none.
   """
   keep_open = len(listing.keras_files(names.name_prefix)) <= KEEP_OPEN_MAX
-  files = names.find_all(directory, listing, keep_open=keep_open)
+  files = names.find_all(directory, listing, keep_open=keep_open, strict=True)
   if not files:
     raise AveragingError(f"no Keras files ({KERAS_GLOBS}) named "
                          f"{names.name_prefix}* in {directory}")
