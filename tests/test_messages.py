@@ -83,6 +83,21 @@ def test_state_file_naming_a_deleted_checkpoint_says_so(tmp_path):
   assert len(result.stderr.strip().splitlines()) == 1  # No TF noise first.
 
 
+def test_a_mistyped_checkpoint_names_the_newest_that_exist(tmp_path):
+  train = tmp_path / "train"
+  steps = list(range(100, 1300, 100))
+  write_tf1_series(str(train), steps, step_valued({"w": (2,)}))
+  line = error_line(call_cli(f"--checkpoints={train}/model.ckpt-1300",
+                             f"--output_path={tmp_path}/out/avg"))
+  assert line == (
+      f"t2t_avg: error: checkpoint {train}/model.ckpt-1300 does not exist "
+      f"(no {train}/model.ckpt-1300.index); {train} holds 12 checkpoints, "
+      "the last 10 " + ", ".join(f"model.ckpt-{s}" for s in steps[-10:]))
+  line = error_line(call_cli(f"--checkpoints={tmp_path}/tran/model.ckpt-100",
+                             f"--output_path={tmp_path}/out/avg"))
+  assert line.endswith(f"; directory {tmp_path}/tran does not exist")
+
+
 def test_prefix_without_slash_suggests_the_directory(run):
   result = call_cli("--prefix=train", "--num_last_checkpoints=2",
                     "--output_path=out/avg", cwd=run["root"])
