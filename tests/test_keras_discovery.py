@@ -190,6 +190,24 @@ def test_the_number_in_a_keras2_name_is_its_epoch(runs):
   assert naming.is_keras_name("/d/w-03.h5")
 
 
+def test_keras2_files_named_weights_h5_are_found_and_read_as_keras2(
+    runs, tmp_path):
+  directory = str(tmp_path / "run")
+  os.makedirs(directory)
+  renamed = [os.path.join(directory, f"k-{e:02d}.weights.h5")
+             for e in range(1, EPOCHS + 1)]
+  for source, target in zip(runs["h5"], renamed):
+    shutil.copy(source, target)
+  chosen = checkpoints.choose_last(os.path.join(directory, "k-"), 3)
+  try:
+    assert [(c.path, c.step, c.opened.format.name) for c in chosen] == [
+        (p, e, "Keras 2 .h5 weights file")
+        for p, e in zip(renamed[-3:], range(3, EPOCHS + 1))]
+  finally:
+    for c in chosen:
+      c.opened.close()
+
+
 def test_shards_of_a_save_in_progress_are_not_checkpoints(runs, tmp_path):
   """Keras writes shards before their index: until it is there, the shards
   of the newest save are in the directory alone."""
