@@ -238,7 +238,8 @@ class TFNames:
 def name_numbers(path: str) -> tuple[int, ...]:
   """The whole numbers in a Keras file's name (not decimals such as `0.52`
   from `{val_loss:.2f}`)."""
-  return tuple(int(n) for n in _NUMBERS.findall(detect.keras_stem(path)) if "." not in n)
+  return tuple(int(n) for n in _NUMBERS.findall(detect.keras_stem(path))
+               if "." not in n)
 
 
 def name_number(path: str) -> Optional[int]:
