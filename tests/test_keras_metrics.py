@@ -29,8 +29,8 @@ def _readme_keras_commands():
     text = f.read()
   section = text[text.index("## Keras 3"):]
   block = section[section.index("```sh\n") + 6:section.index("```\n", 6)]
-  return [shlex.split(line) for line in block.splitlines()
-          if line and not line.startswith("#")]
+  return [shlex.split(line, comments=True) for line in block.splitlines()
+          if line and not line.startswith(("#", "pip "))]
 
 
 # Runs commands in one process (TensorFlow imported once): absl's app.run

@@ -9,10 +9,13 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import (REPO, absl_messages, call_cli, error_line, run_cli,
                       step_valued, write_tf1_events, write_tf1_series)
+from t2t_avg.errors import AveragingError
+from t2t_avg.metrics import events
 
 STEPS = (100, 200, 300)
 LOSSES = {100: 3.0, 200: 2.0, 300: 2.5}
@@ -80,6 +83,21 @@ def test_state_file_naming_a_deleted_checkpoint_says_so(tmp_path):
   assert len(result.stderr.strip().splitlines()) == 1  # No TF noise first.
 
 
+def test_a_mistyped_checkpoint_names_the_newest_that_exist(tmp_path):
+  train = tmp_path / "train"
+  steps = list(range(100, 1300, 100))
+  write_tf1_series(str(train), steps, step_valued({"w": (2,)}))
+  line = error_line(call_cli(f"--checkpoints={train}/model.ckpt-1300",
+                             f"--output_path={tmp_path}/out/avg"))
+  assert line == (
+      f"t2t_avg: error: checkpoint {train}/model.ckpt-1300 does not exist "
+      f"(no {train}/model.ckpt-1300.index); {train} holds 12 checkpoints, "
+      "the last 10 " + ", ".join(f"model.ckpt-{s}" for s in steps[-10:]))
+  line = error_line(call_cli(f"--checkpoints={tmp_path}/tran/model.ckpt-100",
+                             f"--output_path={tmp_path}/out/avg"))
+  assert line.endswith(f"; directory {tmp_path}/tran does not exist")
+
+
 def test_prefix_without_slash_suggests_the_directory(run):
   result = call_cli("--prefix=train", "--num_last_checkpoints=2",
                     "--output_path=out/avg", cwd=run["root"])
@@ -106,9 +124,50 @@ def test_directory_without_events_is_only_that(run, tmp_path):
                     f"--output_path={tmp_path}/avg")
   assert error_line(result) == (
       "t2t_avg: error: No TensorBoard event files (*tfevents*) in directory "
-      f"{run['train']}")
+      f"{run['train']}; its subdirectory eval/ holds event files: pass it")
   assert not [w for w in absl_messages(result.stderr, "W")
               if "holds checkpoints" in w]
+
+
+def test_a_t2t_model_dir_as_metric_source_points_to_eval(tmp_path):
+  """Training summaries beside the checkpoints, eval ones in eval/."""
+  train = tmp_path / "train"
+  prefixes = write_tf1_series(str(train), list(STEPS), step_valued({"w": (3,)}))
+  write_tf1_events(train, "loss", {s: 1.0 for s in STEPS})  # training loss
+  bleu = "metrics-translate_ende/targets/approx_bleu_score"
+  write_tf1_events(train / "eval", bleu, {s: s / 1000 for s in STEPS})
+  args = (f"--checkpoints={','.join(prefixes)}", "--weighting=softmax",
+          f"--metrics_from_events={train}", f"--output_path={tmp_path}/avg")
+  result = call_cli(*args, f"--metric={bleu}")
+  assert error_line(result) == (
+      f"t2t_avg: error: Metric tag {bleu!r} not found in {train}; scalar "
+      "tags there: loss; its subdirectory eval/ holds event files: pass it")
+  # Training loss is what the user may mean: it stays a warning, which
+  # names the directory to pass for the eval metric.
+  result = call_cli(*args, "--metric=loss")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert (f"{train} holds checkpoints as well as events: that is usually "
+          f"training loss, not eval; for the eval metric pass {train}/eval "
+          "instead") in absl_messages(result.stderr, "W")
+
+
+def test_a_keras_tensorboard_root_points_to_validation(tmp_path):
+  """Keras' TensorBoard callback writes <log_dir>/train and /validation."""
+  import keras  # pylint: disable=import-outside-toplevel
+  root = tmp_path / "tb"
+  model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+  model.compile("sgd", "mse")
+  data = np.ones((4, 2), np.float32), np.ones((4, 1), np.float32)
+  model.fit(*data, validation_data=data, epochs=2, verbose=0,
+            callbacks=[keras.callbacks.TensorBoard(str(root))])
+  with pytest.raises(AveragingError) as error:
+    events.read_metric([str(root)], "epoch_loss")
+  assert str(error.value) == (
+      f"No TensorBoard event files (*tfevents*) in directory {root}; its "
+      "subdirectories validation/ and train/ hold event files: pass one of "
+      "them")
+  assert [p.step for p in events.read_metric([str(root / "validation")],
+                                             "epoch_loss")] == [0, 1]
 
 
 def test_dry_run_prints_the_table_once_on_stdout(run, tmp_path):

@@ -430,6 +430,59 @@ def test_checkpoint_vanishing_while_averaging_skips_that_window(
   assert not glob.glob(os.path.join(out, "*tmp*"))
 
 
+def test_a_window_across_a_deleted_checkpoint_says_which_step(tmp_path,
+                                                              caplog):
+  train, out = str(tmp_path / "train"), str(tmp_path / "avg")
+  steps = [20, 40, 60, 80, 100, 120]
+  prefixes = write_tf1_series(train, steps, step_valued({"w": (3,)}))
+  _delete_checkpoint(prefixes[3])  # Step 80, before the run looks.
+  with caplog.at_level(std_logging.WARNING):
+    outcomes = list(average_all(train, out, n=3))
+  assert [(o.step, o.status) for o in outcomes] == [
+      (60, continuous.WRITTEN), (100, continuous.WRITTEN),
+      (120, continuous.WRITTEN)]
+  assert logged(caplog) == [
+      f"The window of {out}/model.ckpt-{newest} (steps {window}) spans "
+      "missing checkpoints: step 80 (the others are 20 steps apart); "
+      "averaging the 3 checkpoints there"
+      for newest, window in ((100, "40, 60, 100"), (120, "60, 100, 120"))]
+  # Averaged as the 3 it holds, as before.
+  assert read_checkpoint(os.path.join(out, "model.ckpt-100"))["w"].tolist() == [
+      float(np.float32((40 + 60 + 100) / 3))] * 3
+
+
+def test_a_window_across_a_checkpoint_deleted_while_listed_says_so(
+    tmp_path, caplog, monkeypatch):
+  """Saved at uneven steps (every N seconds): only the listing tells."""
+  train, out = str(tmp_path / "train"), str(tmp_path / "avg")
+  prefixes = write_tf1_series(train, [10, 25, 45, 80, 100],
+                              step_valued({"w": (3,)}))
+  real_times = continuous.filesystem.times
+
+  def deleted_after_listing(path):
+    if path == prefixes[2] + ".index":
+      return None
+    return real_times(path)
+
+  monkeypatch.setattr(continuous.filesystem, "times", deleted_after_listing)
+  with caplog.at_level(std_logging.WARNING):
+    outcomes = list(average_all(train, out, n=2))
+  assert [o.step for o in outcomes] == [25, 80, 100]
+  assert logged(caplog) == [
+      f"The window of {out}/model.ckpt-80 (steps 25, 80) spans missing "
+      "checkpoints: step 45 (listed, then deleted); averaging the 2 "
+      "checkpoints there"]
+
+
+@pytest.mark.parametrize("steps, spacing", [
+    ([100, 200, 300, 500], 100), ([40, 60, 100], 20),
+    ([1000, 1234, 2456, 3701], None), ([5], None), ([1000, 2000, 2437], None)])
+def test_the_usual_spacing_of_a_series(steps, spacing):
+  series = continuous._Series()  # pylint: disable=protected-access
+  series.steps = steps
+  assert series.spacing() == spacing
+
+
 @pytest.mark.parametrize("damage, says", [
     ("remove_data", "is incomplete: {prefix}.data-00000-of-00001 is missing"),
     ("truncate_data", "{prefix}"),

@@ -13,11 +13,13 @@ if TYPE_CHECKING:
   from t2t_avg.formats.base import Format, Source
 
 
-def open_source(path: str) -> Source:
+def open_source(path: str, *, check_crc: bool = True) -> Source:
   """A source for the checkpoint at `path` (a resolved prefix or file).
 
   Keras files (`.weights.h5`, `.keras`, sharded `.weights.json`, Keras 2
-  `.h5`) are told from TF checkpoints by their content.
+  `.h5`) are told from TF checkpoints by their content. `check_crc=False`
+  leaves a `.keras` file's CRC-32 to its source's `verify` (for a listing
+  that may not average it).
 
   Raises:
     AveragingError: it is incomplete or cannot be read, or it is no
@@ -30,7 +32,7 @@ def open_source(path: str) -> Source:
     return keras_sharded.open_path(path)
   if kind != detect.TF:
     from t2t_avg.formats import keras_h5
-    return keras_h5.open_path(path, kind=kind)
+    return keras_h5.open_path(path, check_crc=check_crc, kind=kind)
   from t2t_avg.formats import tf_bundle
   return tf_bundle.open_source(path)
 

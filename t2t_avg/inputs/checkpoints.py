@@ -50,8 +50,35 @@ def resolve(path: str) -> str:
   if not exists(path):
     missing = ("" if naming.is_keras_name(path) else
                f" (no {path}{tf_bundle.INDEX_SUFFIX})")
-    raise AveragingError(f"checkpoint {path} does not exist{missing}")
+    raise AveragingError(f"checkpoint {path} does not exist{missing}; "
+                         f"{_what_is_there(os.path.dirname(path))}")
   return path
+
+
+_NAMES_SHOWN = 10  # Checkpoints named when a mistyped one is not there.
+
+
+def _what_is_there(directory: str) -> str:
+  """The checkpoints a directory holds, in words, for a name that is not
+  there: up to `_NAMES_SHOWN` names, the newest."""
+  where = directory or "."
+  if not filesystem.isdir(where):
+    return f"directory {where} does not exist"
+  listing = naming.look(directory)
+  suffix = tf_bundle.INDEX_SUFFIX
+  tf_names = sorted((n[:-len(suffix)] for n in listing.names
+                     if n.endswith(suffix)),
+                    key=lambda n: (naming.split_tf_name(n) or (n, -1), n))
+  keras = sorted((n for n in listing.names
+                  if naming.is_keras_name(n) and n not in listing.shards),
+                 key=lambda n: (naming.name_number(n) or -1, n))
+  names = tf_names + keras
+  if not names:
+    return f"{where} holds no checkpoint"
+  if len(names) <= _NAMES_SHOWN:
+    return f"{where} holds {', '.join(names)}"
+  return (f"{where} holds {len(names)} checkpoints, the last "
+          f"{_NAMES_SHOWN} {', '.join(names[-_NAMES_SHOWN:])}")
 
 
 def _latest_in(directory: str) -> str:
@@ -63,10 +90,10 @@ def _latest_in(directory: str) -> str:
                                     not state.model_checkpoint_path):
     listing = naming.look(directory)
     if listing.keras_files():
-      files = naming.KerasNames().find_all(directory, listing)
+      files = naming.KerasNames().find_all(directory, listing, strict=True)
       if not files:
         raise AveragingError(f"directory {directory} holds no readable Keras "
-                             "file (*.weights.h5, *.keras)")
+                             f"file ({naming.KERAS_GLOBS})")
       return files[-1].path
   if state is None or not state.model_checkpoint_path:
     raise AveragingError(f"directory {directory} holds no checkpoint (no "

@@ -6,7 +6,8 @@ directory, the checkpoint of one step.
 
 - `TFNames`: TF's `<basename>-<N>` prefixes, found by their `.index` files,
   N possibly zero-padded (tf_keras' `ckpt-{epoch:02d}` gives `ckpt-06`).
-- `KerasNames`: Keras 3 files (`.weights.h5`, `.keras`) named by
+- `KerasNames`: Keras files (`.weights.h5`, `.keras`, Keras 2 `.h5`, the
+  `.weights.json` index of sharded weights; never a shard) named by
   `ModelCheckpoint`, ordered by the optimizer's iteration counter inside
   them, else by the number in their names, else by modification time.
 - `OutputNames`: this tool's continuous outputs, `model.ckpt-<N>` (TF) or
@@ -29,19 +30,22 @@ from collections.abc import Sequence
 
 from absl import logging
 
+from t2t_avg import formats
 from t2t_avg import options
 from t2t_avg.errors import AveragingError, error_text
 from t2t_avg.files import filesystem
+from t2t_avg.files import paths
 from t2t_avg.formats import base
 from t2t_avg.formats import detect
-from t2t_avg.formats import keras_h5
+from t2t_avg.formats import keras_sharded
 from t2t_avg.formats import state_file
 from t2t_avg.formats import tf_bundle
 from t2t_avg.record import RECORD_SUFFIX
 
 INDEX_SUFFIX = tf_bundle.INDEX_SUFFIX
 STATE_FILE = state_file.STATE_FILE
-KERAS_SUFFIXES = detect.KERAS_SUFFIXES
+KERAS_SUFFIXES = detect.KERAS_FILE_SUFFIXES  # The longest first.
+KERAS_GLOBS = ", ".join("*" + s for s in KERAS_SUFFIXES)
 OUTPUT_BASENAME = "model.ckpt"  # t2t-avg-all's continuous outputs.
 BY_COUNTER, BY_NAME, BY_MTIME = "counter", "name", "mtime"
 # Up to this many Keras files are kept open from the listing to the average
@@ -50,6 +54,8 @@ BY_COUNTER, BY_NAME, BY_MTIME = "counter", "name", "mtime"
 KEEP_OPEN_MAX = 64
 _TF_NAME = re.compile(r"(.*)-(\d+)")
 _NUMBERS = re.compile(r"\d+(?:\.\d+)?")
+# A name Keras gives a shard of sharded weights (`m_00000.weights.h5`).
+_SHARD_NAME = re.compile(r".+_\d{5,}" + re.escape(keras_sharded.SHARD_SUFFIX))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,9 +116,34 @@ class Listing:
     return name + RECORD_SUFFIX in self.names
 
   def keras_files(self, name_prefix: str = "") -> list[str]:
-    """The names of Keras files starting with `name_prefix`, ours left out."""
+    """The names of Keras files starting with `name_prefix`, ours and
+    shards left out."""
     return sorted(n for n in self.names if n.endswith(KERAS_SUFFIXES) and
-                  n.startswith(name_prefix) and not self.is_ours(n))
+                  n.startswith(name_prefix) and not self.is_ours(n) and
+                  n not in self.shards)
+
+  @functools.cached_property
+  def shards(self) -> frozenset[str]:
+    """The names of shards of sharded weights, which are no checkpoints.
+
+    A shard cannot be told by its name alone (`w_{epoch:05d}.weights.h5`
+    looks the same): those every index here (`*.weights.json`) lists are
+    shards, and so, where an index is, is every file named as Keras names
+    shards (`<name>_00000.weights.h5`): Keras writes the shards of a save
+    before its index, so a save in progress has shards and no index yet.
+    """
+    indexes = [n for n in self.names if n.endswith(detect.SHARDED_SUFFIX)]
+    if not indexes or not paths.is_local(self.directory or "."):
+      return frozenset()
+    found = {n for n in self.names if _SHARD_NAME.fullmatch(n)}
+    for name in indexes:
+      path = self.path(name)
+      try:
+        found.update(os.path.basename(f) for f in keras_sharded.shard_files(
+            path, detect.read_shard_index(path)))
+      except (AveragingError, OSError):
+        continue  # Being written, or no index: its own listing says so.
+    return frozenset(found)
 
   def tf_prefixes(self) -> list[str]:
     """The names of TF checkpoints (their `.index` files), ours left out."""
@@ -204,18 +235,11 @@ class TFNames:
 
 # --- Keras files: ModelCheckpoint's names, iteration counters ----------------
 
-def _stem(path: str) -> str:
-  name = os.path.basename(path)
-  for suffix in KERAS_SUFFIXES:
-    if name.endswith(suffix):
-      return name[:-len(suffix)]
-  return name
-
-
 def name_numbers(path: str) -> tuple[int, ...]:
   """The whole numbers in a Keras file's name (not decimals such as `0.52`
   from `{val_loss:.2f}`)."""
-  return tuple(int(n) for n in _NUMBERS.findall(_stem(path)) if "." not in n)
+  return tuple(int(n) for n in _NUMBERS.findall(detect.keras_stem(path))
+               if "." not in n)
 
 
 def name_number(path: str) -> Optional[int]:
@@ -227,7 +251,7 @@ def name_number(path: str) -> Optional[int]:
   (`s-06-002.weights.h5`, `{epoch}-{batch}`) gives None: which one is the
   epoch is never guessed.
   """
-  stem = _stem(path)
+  stem = detect.keras_stem(path)
   whole = [m for m in _NUMBERS.finditer(stem) if "." not in m.group()]
   if len(whole) > 1:
     whole = [m for m in whole if not (m.start() and
@@ -260,7 +284,7 @@ def compile_pattern(pattern: str) -> re.Pattern[str]:
 
 @dataclasses.dataclass(frozen=True)
 class KerasNames:
-  """Keras 3 files named by `ModelCheckpoint`.
+  """Keras files named by `ModelCheckpoint` (see `Listing.keras_files`).
 
   Attributes:
     name_prefix: only files whose names start with it.
@@ -285,8 +309,8 @@ class KerasNames:
         **{f: step for f in fields}))
 
   def find_all(self, directory: str, listing: Optional[Listing] = None, *,
-               keep_open: bool = False,
-               warn_unreadable: bool = True) -> list[Checkpoint]:
+               keep_open: bool = False, warn_unreadable: bool = True,
+               strict: bool = False) -> list[Checkpoint]:
     """The Keras files of a directory, oldest first (see `order`).
 
     Args:
@@ -297,20 +321,37 @@ class KerasNames:
         since it was last read.
       warn_unreadable: warn about files that cannot be read (else DEBUG: a
         file still being written, in continuous mode).
+      strict: a file that cannot be read is an error (one-shot mode: the
+        last N cannot be told without it), not left out.
 
     Raises:
-      AveragingError: the directory holds TF checkpoints too.
+      AveragingError: the directory holds TF checkpoints too; with
+        `strict`, a file cannot be read (naming it).
     """
     listing = listing or look(directory)
     check_one_kind(listing)
-    files = []
-    for name in listing.keras_files(self.name_prefix):
-      found, problem = _read_keras(self, listing.path(name), keep_open)
-      if found is None:
-        (logging.warning if warn_unreadable else logging.debug)(
-            "Leaving out %s: %s", listing.path(name), problem)
-        continue
-      files.append(found)
+    files: list[Checkpoint] = []
+    try:
+      for name in listing.keras_files(self.name_prefix):
+        path = listing.path(name)
+        found, problem = _read_keras(self, path, keep_open)
+        if found is None and strict:
+          named = f" named {self.name_prefix}*" if self.name_prefix else ""
+          raise AveragingError(
+              f"{problem if path in problem else f'{path}: {problem}'}; it "
+              f"is one of the Keras files{named} in {directory or '.'}, "
+              "whose order needs every one: wait until it is written, or "
+              "move it away")
+        if found is None:
+          (logging.warning if warn_unreadable else logging.debug)(
+              "Leaving out %s: %s", path, problem)
+          continue
+        files.append(found)
+    except BaseException:
+      for opened in files:
+        if opened.source is not None:
+          opened.source.close()
+      raise
     return order(directory, files)
 
   def find_step(self, directory: str, step: int,
@@ -348,7 +389,7 @@ def _read_keras(names: KerasNames, path: str, keep_open: bool) -> tuple[
     key = (path, stat.st_size, stat.st_mtime_ns)
     source = None
     if keep_open or key not in _STEP_CACHE:
-      source = keras_h5.open_path(path, check_crc=False)
+      source = formats.open_source(path, check_crc=False)
       step = read_step(source, names=names)
       if len(_STEP_CACHE) > 4096:
         _STEP_CACHE.clear()
@@ -393,7 +434,7 @@ def order(directory: str, files: list[Checkpoint]) -> list[Checkpoint]:
 
 
 def is_keras_name(path: str) -> bool:
-  """Whether a path ends in `.weights.h5` or `.keras`."""
+  """Whether a path ends as a Keras file's name does (`KERAS_SUFFIXES`)."""
   return path.endswith(KERAS_SUFFIXES)
 
 
@@ -613,9 +654,9 @@ def keras_last_n(names: KerasNames, directory: str, n: Optional[int],
     AveragingError: there are none.
   """
   keep_open = len(listing.keras_files(names.name_prefix)) <= KEEP_OPEN_MAX
-  files = names.find_all(directory, listing, keep_open=keep_open)
+  files = names.find_all(directory, listing, keep_open=keep_open, strict=True)
   if not files:
-    raise AveragingError(f"no Keras files (*.weights.h5, *.keras) named "
+    raise AveragingError(f"no Keras files ({KERAS_GLOBS}) named "
                          f"{names.name_prefix}* in {directory}")
   chosen = files if n is None else files[-n:]
   for skipped in files[:len(files) - len(chosen)]:

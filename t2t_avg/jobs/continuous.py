@@ -57,16 +57,17 @@ class WindowOutcome:
 
 def stepfiles(model_dir: str, *, min_steps: int = 0, wait_minutes: float = 0,
               poll_seconds: float = 10.0, clock: Clock = time.time,
-              sleep: Sleep = time.sleep,
-              max_step: Optional[int] = None) -> Iterator[Checkpoint]:
+              sleep: Sleep = time.sleep, max_step: Optional[int] = None,
+              gone: Optional[set[int]] = None) -> Iterator[Checkpoint]:
   """Yields the checkpoints of a directory as they appear, oldest first.
 
-  As T2T's `bleu_hook.stepfiles_iterator`: files `<model_dir>/*-<N>.index`,
-  none skipped, each with a higher step than the one before. Once those found
-  are used up, the directory is polled for up to `wait_minutes` after the
-  ctime of the last one yielded (after the start, before the first), then
-  the generator ends. A checkpoint may be deleted (by the trainer's
-  `max_to_keep`) after it was yielded: the caller checks.
+  As T2T's `bleu_hook.stepfiles_iterator`: files `<model_dir>/*-<N>.index`
+  (or the directory's Keras files), none skipped, each with a higher step
+  than the one before. Once those found are used up, the directory is
+  polled for up to `wait_minutes` after the ctime of the last one yielded
+  (after the start, before the first), then the generator ends. A
+  checkpoint may be deleted (by the trainer's `max_to_keep`) after it was
+  yielded: the caller checks.
 
   Args:
     model_dir: the training directory (local, or any `tf.io.gfile` path).
@@ -76,22 +77,23 @@ def stepfiles(model_dir: str, *, min_steps: int = 0, wait_minutes: float = 0,
     clock: the wall-clock time in seconds (ctimes are wall-clock times).
     sleep: sleeps for that many seconds.
     max_step: end at the first checkpoint above this step.
+    gone: where to add the steps of checkpoints that were listed but
+      deleted before they could be yielded.
 
   Yields:
     Checkpoints as listed (step from the name or, for Keras files, the
     iteration counter; file times), by increasing step.
   """
-  pattern = os.path.join(model_dir, "*-[0-9]*.index")
-  found = _list_stepfiles(model_dir, min_steps)
+  found, awaited = _list_stepfiles(model_dir, min_steps, gone)
   logging.info("Found %d checkpoints in %s with steps: %s", len(found),
                model_dir, ", ".join(str(s.step) for s in found) or "none")
   deadline = clock() + wait_minutes * 60
   while True:
     if not found and wait_minutes:
-      logging.info("Waiting till %s for a new checkpoint %s",
-                   time.asctime(time.localtime(deadline)), pattern)
+      logging.info("Waiting till %s for %s",
+                   time.asctime(time.localtime(deadline)), awaited)
       while True:
-        found = _list_stepfiles(model_dir, min_steps)
+        found, awaited = _list_stepfiles(model_dir, min_steps, gone)
         if found or clock() > deadline:
           break
         sleep(poll_seconds)
@@ -109,12 +111,25 @@ def stepfiles(model_dir: str, *, min_steps: int = 0, wait_minutes: float = 0,
     yield step_file
 
 
-def _list_stepfiles(model_dir: str, min_steps: int) -> collections.deque:
+def _list_stepfiles(model_dir: str, min_steps: int,
+                    gone: Optional[set[int]] = None) -> tuple[
+                        collections.deque, str]:
   """The training checkpoints of a directory with a step >= min_steps, by
-  step: `<model_dir>/*-<N>` (TF), or its Keras files (one listing)."""
+  step: `<model_dir>/*-<N>` (TF), or its Keras files (one listing); and
+  what a new one would be, in words."""
   listing = naming.look(model_dir)
-  if is_local(model_dir) and listing.keras_files():
-    return collections.deque(_keras_stepfiles(model_dir, listing, min_steps))
+  keras = listing.keras_files() if is_local(model_dir) else []
+  tf_pattern = os.path.join(model_dir, "*-[0-9]*" + naming.INDEX_SUFFIX)
+  if keras:
+    suffixes = sorted({next(s for s in naming.KERAS_SUFFIXES
+                            if name.endswith(s)) for name in keras})
+    awaited = (f"a new Keras file in {model_dir} "
+               f"({', '.join('*' + s for s in suffixes)})")
+    return collections.deque(_keras_stepfiles(model_dir, listing,
+                                              min_steps)), awaited
+  awaited = f"a new checkpoint {tf_pattern}"
+  if not listing.tf_prefixes() and is_local(model_dir):
+    awaited += f" or Keras file ({naming.KERAS_GLOBS})"
   found = []
   for listed in naming.TFNames().find_all(model_dir, listing):
     if (listed.step or 0) < min_steps:
@@ -122,10 +137,12 @@ def _list_stepfiles(model_dir: str, min_steps: int) -> collections.deque:
     times = filesystem.times(listed.path + naming.INDEX_SUFFIX)
     if times is None:
       logging.info("%s was deleted, so skipping it", listed.path)
+      if gone is not None and listed.step is not None:
+        gone.add(listed.step)
       continue
     found.append(dataclasses.replace(listed, mtime_ns=times[0],
                                      ctime_ns=times[1]))
-  return collections.deque(found)
+  return collections.deque(found), awaited
 
 
 _UNORDERED: set[str] = set()  # Keras files without a step, warned about once.
@@ -239,7 +256,8 @@ def average_all(settings: options.ContinuousOptions, *,
   found = stepfiles(model_dir, min_steps=settings.min_steps,
                     wait_minutes=settings.wait_minutes,
                     poll_seconds=settings.poll_seconds, clock=clock,
-                    sleep=sleep, max_step=settings.max_step)
+                    sleep=sleep, max_step=settings.max_step,
+                    gone=averager.series.gone)
   return averager.run(found)
 
 
@@ -260,6 +278,7 @@ class _Averager:
     self._metric = _MetricWait(settings, weighting_options, mode,
                                clock=clock, sleep=sleep)
     self._open = _OpenWindow(averaging_options)
+    self.series = _Series()
 
   def run(self, found: Iterator[Checkpoint]) -> Iterator[WindowOutcome]:
     """The generator behind `average_all`."""
@@ -270,7 +289,8 @@ class _Averager:
     self._outputs.copy_run_files()
     counts: collections.Counter = collections.Counter()
     try:
-      for window in windows(found, settings.n, settings.stride):
+      for window in windows(self.series.follow(found), settings.n,
+                            settings.stride):
         outcome = self._process(window)
         counts[outcome.status] += 1
         yield outcome
@@ -299,6 +319,7 @@ class _Averager:
     members, problem = self._open.open(window)
     if members is None:
       return skipped(problem)
+    self.series.warn_of_gaps(window, prefix)
     weighing = None
     if self._weighting.weighting != "uniform":
       weighing, problem = self._metric.weigh(members, newest)
@@ -340,6 +361,58 @@ class _Averager:
         allow_nonfinite=self._averaging.allow_nonfinite,
         step_from=self._averaging.step_from, update_state_file=False,
         record_extra=extra)
+
+
+class _Series:
+  """The steps of the checkpoints found so far, to tell a window that spans
+  a missing one (deleted before it was found, or after it was listed)."""
+
+  def __init__(self) -> None:
+    self.steps: list[int] = []
+    self.gone: set[int] = set()  # Listed, then deleted before they were used.
+
+  def follow(self, found: Iterable[Checkpoint]) -> Iterator[Checkpoint]:
+    """`found`, each step recorded as it passes."""
+    for checkpoint in found:
+      self.steps.append(checkpoint.step or 0)
+      yield checkpoint
+
+  def spacing(self) -> Optional[int]:
+    """The usual difference between consecutive steps: the most common one
+    when most are it, else the smallest when every one is a multiple of it;
+    None for irregular saves (every N seconds) or fewer than 2."""
+    gaps = [b - a for a, b in zip(self.steps, self.steps[1:]) if b > a]
+    if len(gaps) < 2:
+      return None
+    common, count = collections.Counter(gaps).most_common(1)[0]
+    if 2 * count > len(gaps):
+      return common
+    smallest = min(gaps)
+    return smallest if all(g % smallest == 0 for g in gaps) else None
+
+  def missing(self, window: Sequence[Checkpoint]) -> dict[int, str]:
+    """{step: why it is missing} for the steps missing inside a window."""
+    first, last = window[0].step or 0, window[-1].step or 0
+    found = [s for s in self.steps if first <= s <= last]
+    missing = {s: "listed, then deleted" for s in sorted(self.gone)
+               if first < s < last and s not in found}
+    spacing = self.spacing() or 0
+    for a, b in zip(found, found[1:]) if spacing else ():
+      if b - a > spacing and (b - a) % spacing == 0:
+        for step in range(a + spacing, b, spacing):
+          missing.setdefault(step, f"the others are {spacing} steps apart")
+    return dict(sorted(missing.items()))
+
+  def warn_of_gaps(self, window: Sequence[Checkpoint], output: str) -> None:
+    """Warns when a window averages across a missing checkpoint."""
+    missing = self.missing(window)
+    if missing:
+      logging.warning(
+          "The window of %s (steps %s) spans missing checkpoints: %s; "
+          "averaging the %d checkpoints there", output,
+          ", ".join(str(c.step) for c in window), "; ".join(
+              f"step {step} ({why})" for step, why in missing.items()),
+          len(window))
 
 
 class _OpenWindow:

@@ -128,15 +128,55 @@ def _same_value(a: float, b: float) -> bool:
 def _unknown_tag(tag: str, sources: Sequence[str],
                  tags: set[str]) -> AveragingError:
   where = ", ".join(sources)
+  hint = "".join(_subdirectories_hint(source, len(sources) > 1)
+                 for source in sources)
   if not tags:
     return AveragingError(
-        f"Metric tag {tag!r} not found: no scalar tags were found in {where}")
+        f"Metric tag {tag!r} not found: no scalar tags were found in "
+        f"{where}{hint}")
   listed = sorted(tags)
   shown = ", ".join(listed[:_MAX_TAGS_LISTED])
   if len(listed) > _MAX_TAGS_LISTED:
     shown += f", ... ({len(listed) - _MAX_TAGS_LISTED} more)"
   return AveragingError(f"Metric tag {tag!r} not found in {where}; "
-                        f"scalar tags there: {shown}")
+                        f"scalar tags there: {shown}{hint}")
+
+
+def _is_eval(name: str) -> bool:
+  """Whether a run directory holds evaluation (Estimator's and T2T's
+  `eval*/`, Keras' `validation/`)."""
+  return name.startswith("eval") or name == "validation"
+
+
+def event_subdirectories(directory: str) -> list[str]:
+  """The names of a directory's subdirectories that hold event files, eval
+  first (`eval*`, `validation`), then by name; [] where it cannot be read."""
+  found = []
+  try:
+    for name in sorted(n.rstrip("/") for n in filesystem.listdir(directory)):
+      path = os.path.join(directory, name)
+      if filesystem.isdir(path) and any(
+          "tfevents" in n for n in filesystem.listdir(path)):
+        found.append(name)
+  except OSError:
+    return []
+  return sorted(found, key=lambda name: not _is_eval(name))
+
+
+def _subdirectories_hint(directory: str, named: bool = False) -> str:
+  """'; its subdirectories validation/ and train/ hold event files: pass
+  one of them', or '' when none does (or it is no directory)."""
+  if not filesystem.isdir(directory):
+    return ""
+  found = [name + "/" for name in event_subdirectories(directory)]
+  if not found:
+    return ""
+  whose = f"{directory}'s" if named else "its"
+  if len(found) == 1:
+    return f"; {whose} subdirectory {found[0]} holds event files: pass it"
+  listed = ", ".join(found[:-1]) + " and " + found[-1]
+  return (f"; {whose} subdirectories {listed} hold event files: pass one of "
+          "them")
 
 
 def _event_files(source: str) -> list[str]:
@@ -146,16 +186,31 @@ def _event_files(source: str) -> list[str]:
     found = [os.path.join(source, name) for name in names if "tfevents" in name]
     if not found:
       raise AveragingError(
-          f"No TensorBoard event files (*tfevents*) in directory {source}")
+          f"No TensorBoard event files (*tfevents*) in directory {source}"
+          f"{_subdirectories_hint(source)}")
     if any(name.endswith(".index") or name == "checkpoint" for name in names):
-      logging.warning(
-          "%s holds checkpoints as well as events: that is usually training "
-          "loss, not eval (Estimator and T2T write eval summaries to its "
-          "eval/ subdirectory)", source)
+      _warn_of_training_events(source)
     return found
   if not filesystem.exists(source):
     raise AveragingError(f"Event file or directory {source} does not exist")
   return [source]
+
+
+def _warn_of_training_events(directory: str) -> None:
+  """Warns that a directory holding checkpoints logs training, not eval,
+  naming its eval subdirectories when it has some."""
+  evals = [os.path.join(directory, name)
+           for name in event_subdirectories(directory) if _is_eval(name)]
+  if not evals:
+    logging.warning(
+        "%s holds checkpoints as well as events: that is usually training "
+        "loss, not eval (Estimator and T2T write eval summaries to its "
+        "eval/ subdirectory)", directory)
+    return
+  logging.warning(
+      "%s holds checkpoints as well as events: that is usually training "
+      "loss, not eval; for the eval metric pass %s instead", directory,
+      " or ".join(evals))
 
 
 def _read_file(path: str, tag: str, tags: set[str],

@@ -193,7 +193,7 @@ def _is_keras(checkpoint: Any) -> bool:
   source = getattr(checkpoint, "source", None)
   if source is not None:
     return source.format.name.startswith("Keras")
-  return checkpoint.path.endswith(detect.KERAS_SUFFIXES)
+  return checkpoint.path.endswith(detect.KERAS_FILE_SUFFIXES)
 
 
 def checkpoint_positions(checkpoints: Sequence, kind: str, *,
@@ -284,7 +284,8 @@ def _example_pattern(path: str) -> str:
   """A name pattern for a file, its first number taken as the epoch (numbers
   glued to a letter only when there are no others)."""
   name = os.path.basename(path)
-  suffix = next((s for s in detect.KERAS_SUFFIXES if name.endswith(s)), "")
+  suffix = next((s for s in detect.KERAS_FILE_SUFFIXES if name.endswith(s)),
+                "")
   stem = name[:len(name) - len(suffix)]
   whole = r"(?<!\d)(?<!\d\.)\d+(?!\d|\.\d)"
   alone = r"(?<![A-Za-z])" + whole
