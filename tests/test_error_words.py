@@ -7,7 +7,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from conftest import REPO, write_tf1_series, write_tf2_events
+from conftest import REPO, call_cli, write_tf1_series, write_tf2_events
 
 STEPS = (100, 200, 300)
 
@@ -33,27 +33,18 @@ def series(tmp_path_factory):
 
 def _cli(capsys, *args):
   """`python -m t2t_avg args...` in this process: (exit status, stderr)."""
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from t2t_avg.cli import average  # pylint: disable=import-outside-toplevel
-  flags.FLAGS.unparse_flags()
-  argv = average._parse_flags(["t2t_avg", *map(str, args)])  # pylint: disable=protected-access
-  capsys.readouterr()
-  try:
-    average.main(argv)
-    status = 0
-  except SystemExit as e:
-    status = e.code
-  finally:
-    flags.FLAGS.unparse_flags()
-  return status, capsys.readouterr().err
+  del capsys  # call_cli captures the descriptors itself.
+  result = call_cli(*map(str, args))
+  return result.returncode, result.stderr
 
 
 def _cli_line(capsys, *args):
   status, err = _cli(capsys, *args)
   assert status == 1, err
-  lines = err.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("t2t_avg: error: "), err
-  return lines[0][len("t2t_avg: error: "):]
+  lines = err.strip().splitlines()  # absl's INFO lines, then the error
+  assert lines[-1].startswith("t2t_avg: error: "), err
+  assert "Traceback" not in err, err
+  return lines[-1][len("t2t_avg: error: "):]
 
 
 # --- the template ------------------------------------------------------------
