@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import Optional
 from collections.abc import Iterable, Iterator, Sequence
 
-import ml_dtypes
 import numpy as np
 
 from t2t_avg.engine import streaming
 from t2t_avg.errors import AveragingError
+from t2t_avg.formats import extra_dtypes
 
 _CHUNK = streaming.CHUNK_BYTES // 8  # float64 elements divided at once
 
@@ -27,7 +27,9 @@ def _wide(dtype: np.dtype) -> Optional[type]:
   """float64 or complex128 for a dtype that is averaged; None: copied."""
   if np.issubdtype(dtype, np.complexfloating):
     return np.complex128
-  if np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16:
+  bfloat16 = extra_dtypes.lookup("bfloat16")  # (Only ml_dtypes has it.)
+  if np.issubdtype(dtype, np.floating) or (bfloat16 is not None and
+                                           dtype == bfloat16):
     return np.float64
   return None
 
