@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import error_line, run_cli
+from conftest import assert_same_values, error_line, float64_mean, run_cli
 from t2t_avg import average_checkpoints
 from t2t_avg.errors import ArgumentError, AveragingError
 
@@ -128,21 +128,9 @@ def _expected(paths, weights=None):
         newest.dtype != ml_dtypes.bfloat16):
       expected[name] = newest
       continue
-    total = np.zeros(newest.shape, np.float64)
-    for i, values in enumerate(inputs):
-      value = values[name].astype(np.float64)
-      total += value if weights is None else value * weights[i]
-    if weights is None:
-      total /= len(inputs)
-    expected[name] = total.astype(newest.dtype)
+    expected[name] = float64_mean([values[name] for values in inputs],
+                                  newest.dtype, weights)
   return expected
-
-
-def _assert_values(found, expected):
-  assert sorted(found) == sorted(expected)
-  for name, value in expected.items():
-    assert found[name].dtype == value.dtype, name
-    assert found[name].tobytes() == value.tobytes(), name
 
 
 # --- averages tf_keras loads -------------------------------------------------
@@ -155,7 +143,7 @@ def test_weights_files_average_to_the_mean_tf_keras_loads(runs, tmp_path):
                    f"--output_path={output}")
   assert result.returncode == 0, result.stderr[-2000:]
   expected = _expected(inputs)
-  _assert_values(_datasets(output), expected)
+  assert_same_values(_datasets(output), expected)
   # The newest input's groups and attributes (layer_names, weight_names,
   # backend, keras_version) are the output's.
   assert _attributes(output) == _attributes(inputs[-1])
@@ -163,7 +151,7 @@ def test_weights_files_average_to_the_mean_tf_keras_loads(runs, tmp_path):
   model.load_weights(output)
   resaved = str(tmp_path / "resaved.h5")
   model.save_weights(resaved)
-  _assert_values(_datasets(resaved), expected)
+  assert_same_values(_datasets(resaved), expected)
   x, _ = _data()
   prediction = model.predict(x, verbose=0)
   assert prediction.shape == (len(x), 2) and np.isfinite(prediction).all()
@@ -181,7 +169,7 @@ def test_full_models_average_to_a_model_load_model_restores(runs, tmp_path):
   assert [(r.step, r.step_source) for r in result.rows] == [
       (e * BATCHES, "optimizer_weights/iteration:0") for e in (2, 3)]
   expected = _expected(inputs)
-  _assert_values(_datasets(output), expected)
+  assert_same_values(_datasets(output), expected)
   assert _attributes(output) == _attributes(inputs[-1])  # model_config too
   model = tf_keras.models.load_model(output)
   assert int(model.optimizer.iterations) == EPOCHS * BATCHES
@@ -199,7 +187,7 @@ def test_mixed_float16_keeps_float16_weights(runs, tmp_path):
   average_checkpoints(inputs, output)
   expected = _expected(inputs)
   found = _datasets(output)
-  _assert_values(found, expected)
+  assert_same_values(found, expected)
   assert found["model_weights/half/half/kernel:0"].dtype == np.float16
   assert found["model_weights/d1/d1/kernel:0"].dtype == np.float32
   tf_keras.mixed_precision.set_global_policy("mixed_float16")
@@ -211,7 +199,7 @@ def test_mixed_float16_keeps_float16_weights(runs, tmp_path):
     tf_keras.mixed_precision.set_global_policy("float32")
   # tf_keras restores no LossScaleOptimizer state from .h5 (not even from
   # its own files): the model's weights are what it loads.
-  _assert_values(_datasets(resaved), {
+  assert_same_values(_datasets(resaved), {
       name[len("model_weights/"):]: value for name, value in expected.items()
       if name.startswith("model_weights/")})
 
@@ -232,7 +220,7 @@ def test_bfloat16_weights_stay_bfloat16(tmp_path):
   average_checkpoints(inputs, output)
   expected = _expected(inputs)
   assert expected["b/b/kernel:0"].dtype == ml_dtypes.bfloat16
-  _assert_values(_datasets(output), expected)
+  assert_same_values(_datasets(output), expected)
   with h5py.File(output) as f, h5py.File(inputs[-1]) as newest:
     assert f["b/b/kernel:0"].dtype == newest["b/b/kernel:0"].dtype  # |V2
 
@@ -242,7 +230,7 @@ def test_weighted_average_through_the_library(runs, tmp_path):
   inputs = runs["float32"]["w"][:2]
   output = str(tmp_path / "weighted.h5")
   average_checkpoints(inputs, output, weights=[1, 3])
-  _assert_values(_datasets(output), _expected(inputs, [0.25, 0.75]))
+  assert_same_values(_datasets(output), _expected(inputs, [0.25, 0.75]))
   model = _model(tf_keras)
   model.load_weights(output)
   assert np.isfinite(model.predict(_data()[0], verbose=0)).all()
@@ -268,7 +256,7 @@ def test_optimizer_weights_left_out_give_a_model_without_them(runs,
   average_checkpoints(inputs, output, exclude_variables="^optimizer_weights/")
   expected = {name: value for name, value in _expected(inputs).items()
               if name.startswith("model_weights/")}
-  _assert_values(_datasets(output), expected)
+  assert_same_values(_datasets(output), expected)
   with h5py.File(output) as f:
     assert "optimizer_weights" not in f
   model = tf_keras.models.load_model(output)  # A fresh optimizer.
@@ -325,6 +313,6 @@ def test_keras3_models_saved_to_h5_count_steps_by_the_inner_optimizer(
   assert [(r.step, r.step_source) for r in result.rows] == [
       (e * BATCHES, "optimizer_weights/sgd/iteration") for e in (1, 2)]
   expected = _expected(inputs)
-  _assert_values(_datasets(output), expected)
+  assert_same_values(_datasets(output), expected)
   assert [w.numpy().tobytes() for w in loaded.weights] == [
       value for _, value in _in_load_order(output, expected)[:4]]

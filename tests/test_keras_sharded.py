@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import REPO, error_line, run_cli
+from conftest import REPO, assert_same_values, error_line, float64_mean, run_cli
 from t2t_avg import average_checkpoints
 from t2t_avg.errors import ArgumentError
 
@@ -114,21 +114,9 @@ def _expected(paths, weights=None):
     if newest.dtype.kind in "iub":
       expected[name] = newest
       continue
-    total = np.zeros(newest.shape, np.float64)
-    for i, values in enumerate(inputs):
-      value = values[name].astype(np.float64)
-      total += value if weights is None else value * weights[i]
-    if weights is None:
-      total /= len(inputs)
-    expected[name] = total.astype(newest.dtype)
+    expected[name] = float64_mean([values[name] for values in inputs],
+                                  newest.dtype, weights)
   return expected
-
-
-def _assert_values(found, expected):
-  assert sorted(found) == sorted(expected)
-  for name, value in expected.items():
-    assert found[name].dtype == value.dtype, name
-    assert found[name].tobytes() == value.tobytes(), name
 
 
 def _reloaded(index, dtype=None):
@@ -155,7 +143,7 @@ def test_average_is_sharded_as_the_newest_and_keras_loads_it(runs,
                    f"--output_path={output}")
   assert result.returncode == 0, result.stderr[-2000:]
   expected = _expected(inputs)
-  _assert_values(_datasets(output), expected)
+  assert_same_values(_datasets(output), expected)
   # The newest's shards, one for one, under the output's name.
   shards = _shards(output)
   assert [os.path.basename(s) for s in shards] == [
@@ -167,7 +155,7 @@ def test_average_is_sharded_as_the_newest_and_keras_loads_it(runs,
   with open(output, encoding="utf-8") as f:
     assert f.read() == newest_index.replace('"s-3_', '"avg_')
   found, iterations = _reloaded(output)
-  _assert_values(found, expected)
+  assert_same_values(found, expected)
   assert iterations == EPOCHS * BATCHES
   assert "(from optimizer/vars/0)" in result.stderr
   assert sorted(os.listdir(tmp_path)) == sorted(
@@ -182,9 +170,9 @@ def test_bfloat16_stays_bfloat16(runs, tmp_path):
   average_checkpoints(inputs, output)
   expected = _expected(inputs)
   assert expected["layers/dense/vars/0"].dtype == ml_dtypes.bfloat16
-  _assert_values(_datasets(output), expected)
+  assert_same_values(_datasets(output), expected)
   found, _ = _reloaded(output, "bfloat16")
-  _assert_values(found, expected)
+  assert_same_values(found, expected)
 
 
 def test_weighted_average_through_the_library(runs, tmp_path):
@@ -193,9 +181,9 @@ def test_weighted_average_through_the_library(runs, tmp_path):
   result = average_checkpoints(inputs, output, weights=[3, 1])
   assert [r.weight for r in result.rows] == [0.75, 0.25]
   expected = _expected(inputs, [0.75, 0.25])
-  _assert_values(_datasets(output), expected)
+  assert_same_values(_datasets(output), expected)
   assert len(_shards(output)) == len(_shards(inputs[-1]))
-  _assert_values(_reloaded(output)[0], expected)
+  assert_same_values(_reloaded(output)[0], expected)
 
 
 def test_dry_run_writes_nothing(runs, tmp_path):
@@ -217,7 +205,7 @@ def test_replacing_an_output_leaves_none_of_its_shards(runs, tmp_path):
   average_checkpoints(inputs[:2], output)  # The newest has fewer shards.
   assert len(_shards(output)) < many
   assert sorted(glob.glob(str(tmp_path / "avg_*"))) == _shards(output)
-  _assert_values(_datasets(output), _expected(inputs[:2]))
+  assert_same_values(_datasets(output), _expected(inputs[:2]))
 
 
 def test_names_and_missing_shards_are_one_line(runs, tmp_path):
