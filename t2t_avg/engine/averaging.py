@@ -64,7 +64,7 @@ def average_checkpoints(
     exclude_variables: a regex; variables it matches (re.search) are left
       out, before the inputs are compared.
     allow_nonfinite: average tensors that hold NaN or inf instead of refusing.
-    step_from: 'auto', 'name' or a tensor key (see checkpoints.read_step).
+    step_from: 'auto', 'name' or a tensor key (see `inputs.naming.read_step`).
     write_meta: also write a `.meta` graph of the bare variables (legacy).
     dry_run: validate and return the plan; write nothing.
     update_state_file: point the output directory's `checkpoint` file at the

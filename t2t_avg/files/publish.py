@@ -1,7 +1,7 @@
 """Atomic, durable output: a private temporary directory, fsync, renames; state files.
 
 An output is written whole under temporary names in a directory of its own
-beside it (see `safe_files`), flushed to disk, then published by renames in
+beside it (see `files.shared_dir`), flushed to disk, then published by renames in
 an order the caller gives (for a TF checkpoint: data files, record, index
 last), and the directory is flushed again. A run killed at any moment leaves
 the old output, none, or the new one; the next run removes what it left.

@@ -13,7 +13,7 @@ this user, holding the owner file this module wrote, whose process is gone
 and containing only regular files and directories. Anything else is left
 alone with a warning naming it.
 
-Local paths only: object stores (`gs://`) have no links, so `writer` keeps
+Local paths only: object stores (`gs://`) have no links, so `publish` keeps
 its plain names there.
 """
 import os

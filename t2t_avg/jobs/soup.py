@@ -1,7 +1,7 @@
 """Choosing by the user's own evaluation: the greedy soup, and scores beside an average.
 
 Candidate averages are written into a private temporary directory beside the
-output (see `safe_files`), scored by the user's eval command one at a time
+output (see `files.shared_dir`), scored by the user's eval command one at a time
 and deleted; the directory goes at the end, also on errors and Ctrl-C (one a
 killed run leaves, the next run removes). A single checkpoint is scored as
 it is, without a copy.

@@ -309,7 +309,7 @@ def summaries_directory(output_dir: str) -> str:
   """Where weight summaries go beside outputs, checked before any work.
 
   Raises:
-    AveragingError: the name is a link or another user's (see `safe_files`).
+    AveragingError: the name is a link or another user's (see `files.shared_dir`).
   """
   path = os.path.join(output_dir, SUMMARIES_DIR)
   if paths.is_local(path):
