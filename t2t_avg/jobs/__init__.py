@@ -1,1 +1,1 @@
-"""What a command does end to end: one-shot, continuous, greedy soup, compare, the Keras callback."""
+"""What a command does end to end: one-shot, continuous, soups, compare, the Keras callback."""
