@@ -46,7 +46,7 @@ def render(template: str, values: Mapping[str, object], *,
         return match.group(0)
       return ("--" if as_flags else "") + name
     value = values[name]
-    if isinstance(value, (Phrase, WordedError)):
+    if isinstance(value, Phrase):
       value = value.message(as_flags=as_flags)
     value = formatter.convert_field(value, conversion)
     return formatter.format_field(value, spec or "")
@@ -69,7 +69,7 @@ class Phrase:
     return self.message()
 
 
-class WordedError(Exception):
+class WordedError(Phrase, Exception):
   """An error whose message is a template naming parameters in braces.
 
   Values it quotes are given by keyword, so braces in a value are never read
@@ -79,16 +79,8 @@ class WordedError(Exception):
   """
 
   def __init__(self, template: str, **values: object):
-    super().__init__(template)
-    self.template = template
-    self.values = values
-
-  def message(self, *, as_flags: bool = False) -> str:
-    """The message, naming parameters bare or as `--flags`."""
-    return render(self.template, self.values, as_flags=as_flags)
-
-  def __str__(self) -> str:
-    return self.message()
+    Exception.__init__(self, template)
+    Phrase.__init__(self, template, **values)
 
 
 class AveragingError(WordedError):
